@@ -1,0 +1,67 @@
+"""Resolve a local folder or a Hugging Face Hub repo id to a local checkpoint folder.
+
+Downloads go through ``huggingface_hub.snapshot_download`` (its cache, its auth and its
+``HF_HUB_OFFLINE`` / ``HF_ENDPOINT`` settings). Offline, a repo id that is not already cached
+fails with a :class:`CheckpointError` that says how to point at a local folder instead.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, downloaded or loaded; the message names file and key."""
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+ALLOW_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.jinja",
+    "*.txt",
+    "*.md",
+]
+
+
+def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
+    """Return a local folder for ``path_or_repo_id``.
+
+    Args:
+        path_or_repo_id: an existing folder, or a Hub repo id such as
+            ``deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B``.
+        revision: Hub branch, tag or commit (repo ids only).
+
+    Raises:
+        CheckpointError: the folder does not exist and the name is not a repo id, or the
+            download failed (offline, unknown repo, no access); the message says how to pass a
+            local folder.
+    """
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_repo_id)
+    if path.exists():
+        raise CheckpointError(f"{name} is a file; pass the checkpoint folder that holds it")
+    if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"no such checkpoint folder: {name}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(name, revision=revision, allow_patterns=ALLOW_PATTERNS)
+    except Exception as e:  # offline, 404, 401, connection refused, ...
+        raise CheckpointError(
+            f"could not fetch {name!r} from the Hugging Face Hub ({type(e).__name__}: "
+            f"{_first_line(e)}). If you are offline, download the model elsewhere (for example "
+            f"`huggingface-cli download {name} --local-dir ./model`), copy the folder here and "
+            f"pass its path instead: DeepSeekModel.from_pretrained('./model') or "
+            f"`deepwhale generate --model ./model`."
+        ) from e
+    return Path(local)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""

@@ -1,0 +1,250 @@
+"""Read and write HF-layout safetensors checkpoints (single file or sharded with an index).
+
+Loading builds the model on the ``meta`` device (no random init, no double allocation), reads
+each tensor through safetensors' memory map, dequantizes FP8 block-scaled weights, and assigns
+the tensors in place. Every mismatch is an error that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from deepwhale.checkpoint.hub import CheckpointError
+from deepwhale.checkpoint.keys import dequantize_fp8, hf_to_ours, is_skipped
+from deepwhale.config import ConfigError, ModelConfig
+from deepwhale.model.layers import RotaryEmbedding
+from deepwhale.model.transformer import CausalLM
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_FP32_KEYS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # router math stays fp32
+_FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The safetensors files of a checkpoint folder and, for sharded ones, key -> file.
+
+    Raises:
+        CheckpointError: no safetensors files, a malformed index, or a shard the index names
+            that is missing.
+    """
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed safetensors index ({e})") from e
+        key_to_file = {k: folder / v for k, v in weight_map.items()}
+        files = sorted(set(key_to_file.values()))
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index} names shard {f.name}, which is missing")
+        return files, key_to_file
+    if (folder / SINGLE_NAME).exists():
+        return [folder / SINGLE_NAME], {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        bins = sorted(p.name for p in folder.glob("*.bin"))
+        hint = f" (found {', '.join(bins)}: re-save it as safetensors)" if bins else ""
+        raise CheckpointError(f"{folder}: no *.safetensors files{hint}")
+    return files, {}
+
+
+def _open(path: Path, device: str = "cpu"):
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt"
+        ) from e
+
+
+def load_model(
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> CausalLM:
+    """Load ``config.json`` + safetensors from ``folder`` into a :class:`CausalLM`.
+
+    Args:
+        folder: a local checkpoint folder (see :func:`deepwhale.checkpoint.hub.resolve_checkpoint`).
+        dtype: parameter dtype (router weights stay fp32). FP8 weights are dequantized to it.
+        device: target device.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        ConfigError: config.json is missing, malformed or unsupported.
+        CheckpointError: a truncated or unreadable file, or a missing, unexpected or wrongly
+            shaped tensor (the message names the key and the file).
+    """
+    folder = Path(folder)
+    try:
+        config = ModelConfig.from_json_file(folder / "config.json")
+    except ConfigError:
+        raise
+    files, key_to_file = checkpoint_files(folder)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    expected = model.state_dict()
+    tied = config.tie_word_embeddings
+    block = tuple((config.quantization_config or {}).get("weight_block_size", (128, 128)))
+    load_device = str(device) if str(device).startswith("cuda") else "cpu"
+    loaded: dict[str, torch.Tensor] = {}
+    source: dict[str, Path] = {}
+    unexpected: list[str] = []
+    for file in files:
+        with _open(file, load_device) as f:
+            for key in f.keys():
+                if is_skipped(key, config.num_hidden_layers):
+                    continue
+                tensor = _read(f, key, file)
+                if tensor.dtype in _FP8:
+                    tensor = _dequantize(f, key, tensor, file, key_to_file, block, load_device)
+                for ours, t in hf_to_ours(key, tensor):
+                    if ours not in expected:
+                        unexpected.append(f"{ours} (in {file.name})")
+                        continue
+                    if tied and ours == "lm_head.weight":
+                        continue
+                    want = tuple(expected[ours].shape)
+                    if tuple(t.shape) != want:
+                        raise CheckpointError(
+                            f"{file}: tensor {ours!r} has shape {tuple(t.shape)}, but this "
+                            f"config needs {want}"
+                        )
+                    target = torch.float32 if ours.endswith(_FP32_KEYS) else dtype
+                    loaded[ours] = t.to(target)
+                    source[ours] = file
+    if unexpected:
+        raise CheckpointError(
+            f"{folder}: {len(unexpected)} unexpected tensor(s) for this config, e.g. "
+            + ", ".join(unexpected[:5])
+        )
+    needed = set(expected) - ({"lm_head.weight"} if tied else set())
+    missing = sorted(needed - set(loaded))
+    if missing:
+        raise CheckpointError(
+            f"{folder}: {len(missing)} tensor(s) missing from {', '.join(p.name for p in files)}, "
+            f"e.g. " + ", ".join(missing[:5])
+        )
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = RotaryEmbedding(config, device=load_device)
+    return model.to(device).eval()
+
+
+def _read(f, key: str, file: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except Exception as e:
+        raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from e
+
+
+def _dequantize(f, key, tensor, file, key_to_file, block, device) -> torch.Tensor:
+    scale_key = f"{key}_scale_inv"
+    if scale_key in f.keys():
+        scale = f.get_tensor(scale_key)
+    elif scale_key in key_to_file:
+        with _open(key_to_file[scale_key], device) as g:
+            scale = _read(g, scale_key, key_to_file[scale_key])
+    else:
+        raise CheckpointError(f"{file}: FP8 tensor {key!r} has no {scale_key!r}")
+    try:
+        return dequantize_fp8(tensor, scale, block)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {key!r}: {e}") from e
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as indented JSON atomically."""
+    _atomic_write(
+        path, lambda p: p.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    )
+
+
+def save_model(
+    model: CausalLM,
+    folder: str | Path,
+    max_shard_size: int = 5 * 1024**3,
+    dtype: torch.dtype | None = None,
+) -> list[Path]:
+    """Write ``config.json`` and safetensors in the HF Hub layout (loadable by transformers).
+
+    Args:
+        model: the model to save.
+        folder: output folder (created).
+        max_shard_size: bytes per shard; above it, shards plus ``model.safetensors.index.json``.
+        dtype: cast floating tensors to this dtype (default: keep).
+
+    Returns the written weight files. Each file is written to a temporary name and renamed.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tensors = {}
+    for k, v in state.items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point() and not k.endswith(_FP32_KEYS):
+            v = v.to(dtype)
+        tensors[k] = v.contiguous().clone()
+    shards = _plan_shards(tensors.items(), max_shard_size)
+    written = []
+    if len(shards) == 1:
+        names = [SINGLE_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        path = folder / name
+        _atomic_write(path, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+        written.append(path)
+        weight_map.update({k: name for k in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(
+            folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
+    else:
+        (folder / INDEX_NAME).unlink(missing_ok=True)
+    cfg = model.config.to_hf()
+    cfg["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+    write_json(folder / "config.json", cfg)
+    return written
+
+
+def _plan_shards(items: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> list[dict]:
+    shards: list[dict] = [{}]
+    size = 0
+    for k, t in items:
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards

@@ -1,0 +1,159 @@
+"""Attention: grouped-query attention (LLaMA/Qwen2) and multi-head latent attention (DeepSeek).
+
+Both take the layer's cache as an argument; the cache is allocated outside the module (see
+:mod:`deepwhale.model.cache`). Positions are explicit per sequence, so sequences of different
+lengths can share a batch.
+
+References: GQA (Ainslie et al., arXiv:2305.13245); MLA (DeepSeek-V2, arXiv:2405.04434, §2.1):
+queries and keys/values are projected through low-rank latents; only the latent ``c_kv``
+(``kv_lora_rank`` wide) and the shared RoPE key (``qk_rope_head_dim`` wide) are cached per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepwhale.config import ModelConfig
+from deepwhale.model.cache import KVCache, MLACache
+from deepwhale.model.layers import RMSNorm, apply_rotary, softmax_scale
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Causal mask from explicit positions.
+
+    Args:
+        q_pos: ``(B, T)`` query positions, tokens.
+        k_pos: ``(B, S)`` or ``(S,)`` key positions.
+
+    Returns a bool mask ``(B, 1, T, S)``, True where the query may attend to the key.
+    """
+    if k_pos.dim() == 1:
+        k_pos = k_pos.expand(q_pos.shape[0], -1)
+    return (k_pos[:, None, :] <= q_pos[:, :, None]).unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE (LLaMA, Qwen2, DeepSeek LLM/Coder).
+
+    Attribute names mirror HF checkpoint keys: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
+
+    ``forward(x, cos, sin, positions, cache=None)``:
+        x: ``(B, T, hidden_size)``; cos/sin: ``(B, T, head_dim // 2)``; positions: ``(B, T)``.
+        cache: a :class:`KVCache` (keys/values are written at ``positions``) or None.
+        Returns ``(B, T, hidden_size)``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = d
+        self.interleave = config.rope_interleave
+        self.scale = softmax_scale(config)
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=config.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin, self.interleave)
+        k = apply_rotary(k, cos, sin, self.interleave)
+        if cache is not None:
+            k, v, k_pos = cache.update(positions, k, v)  # (B, Hkv, S, D), (S,)
+        else:
+            k_pos = positions
+        mask = attention_mask(positions, k_pos)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 §2.1), the "naive" form.
+
+    Attribute names mirror HF checkpoint keys: ``q_proj`` (or ``q_a_proj``, ``q_a_layernorm``,
+    ``q_b_proj`` when ``q_lora_rank`` is set), ``kv_a_proj_with_mqa``, ``kv_a_layernorm``,
+    ``kv_b_proj``, ``o_proj``.
+
+    The cache (:class:`MLACache`) holds only the normalised latent ``c_kv`` ``(B, S, kv_lora_rank)``
+    and the rotated shared key ``k_pe`` ``(B, S, qk_rope_head_dim)``; keys and values are
+    re-expanded from it through ``kv_b_proj``.
+
+    ``forward(x, cos, sin, positions, cache=None)``: x ``(B, T, hidden_size)``, cos/sin
+    ``(B, T, qk_rope_head_dim // 2)``, positions ``(B, T)``; returns ``(B, T, hidden_size)``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.qk_dim = self.nope_dim + self.rope_dim
+        self.interleave = config.rope_interleave
+        self.scale = softmax_scale(config)
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.n_heads * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            h, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias
+        )
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=config.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: MLACache | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, self.n_heads, self.qk_dim).transpose(1, 2)  # (B, H, T, nope+rope)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        kv_a = self.kv_a_proj_with_mqa(x)  # (B, T, kv_lora_rank + rope)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, kv_lora_rank)
+        q_pe = apply_rotary(q_pe, cos, sin, self.interleave)
+        k_pe = apply_rotary(k_pe.unsqueeze(1), cos, sin, self.interleave).squeeze(1)  # (B, T, rope)
+        if cache is not None:
+            c_kv, k_pe, k_pos = cache.update(positions, c_kv, k_pe)  # (B, S, r), (B, S, rope)
+        else:
+            k_pos = positions
+        s = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)  # (B, H, S, *)
+        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, self.n_heads, -1, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        mask = attention_mask(positions, k_pos)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))

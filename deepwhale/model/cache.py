@@ -1,0 +1,124 @@
+"""Static per-layer caches, allocated once for ``(max_batch_size, max_seq_len)`` and written in place.
+
+* :class:`KVCache` holds keys and values ``(B, S, n_kv_heads, head_dim)`` for GQA layers.
+* :class:`MLACache` holds MLA's compressed latent ``(B, S, kv_lora_rank)`` and the shared RoPE key
+  ``(B, S, qk_rope_head_dim)`` (DeepSeek-V2 §2.1.2, "low-rank key-value joint compression").
+
+Each sequence ``b`` writes at its own positions, so sequences of different lengths share a batch:
+a query at position ``p`` attends to cache slots ``0..p`` of its own row, and slots past ``p`` left
+over from an earlier, longer sequence are masked out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deepwhale.config import ModelConfig
+
+
+class _StaticCache:
+    """Two aligned buffers indexed ``[batch, position]``; subclasses name them."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.a, self.b = a, b
+        self.max_seq_len = a.shape[1]
+        self.positions = torch.arange(self.max_seq_len, device=a.device)
+
+    def _write(
+        self, positions: torch.Tensor, a_new: torch.Tensor, b_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write ``a_new``/``b_new`` ``(B, T, ...)`` at ``positions`` ``(B, T)``; return the buffers
+        truncated to the longest written length, and their positions ``(S,)``.
+
+        Raises:
+            ValueError: a position at or past ``max_seq_len``, or a batch larger than allocated.
+        """
+        bsz = positions.shape[0]
+        if bsz > self.a.shape[0]:
+            raise ValueError(f"batch of {bsz} exceeds the cache's {self.a.shape[0]} rows")
+        kv_len = int(positions.max()) + 1
+        if kv_len > self.max_seq_len:
+            raise ValueError(
+                f"position {kv_len - 1} is past the cache's max_seq_len {self.max_seq_len}"
+            )
+        rows = torch.arange(bsz, device=positions.device)[:, None]  # (B, 1)
+        self.a[rows, positions] = a_new.to(self.a.dtype)
+        self.b[rows, positions] = b_new.to(self.b.dtype)
+        return self.a[:bsz, :kv_len], self.b[:bsz, :kv_len], self.positions[:kv_len]
+
+
+class KVCache(_StaticCache):
+    """Keys and values of one GQA layer: ``k``, ``v`` each ``(B, S, n_kv_heads, head_dim)``."""
+
+    def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, **kw) -> None:
+        shape = (batch, max_seq_len, n_kv_heads, head_dim)
+        super().__init__(torch.zeros(shape, **kw), torch.zeros(shape, **kw))
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.a
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.b
+
+    def update(
+        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` ``(B, Hkv, T, D)`` at ``positions`` ``(B, T)``.
+
+        Returns ``(k_all, v_all, key_positions)``: ``(B, Hkv, S, D)`` views up to the longest
+        written position and ``(S,)``.
+        """
+        ka, va, pos = self._write(positions, k.transpose(1, 2), v.transpose(1, 2))
+        return ka.transpose(1, 2), va.transpose(1, 2), pos
+
+
+class MLACache(_StaticCache):
+    """Latent cache of one MLA layer: ``c_kv`` ``(B, S, kv_lora_rank)``, ``k_pe`` ``(B, S, rope)``."""
+
+    def __init__(
+        self, batch: int, max_seq_len: int, kv_lora_rank: int, rope_dim: int, **kw
+    ) -> None:
+        super().__init__(
+            torch.zeros(batch, max_seq_len, kv_lora_rank, **kw),
+            torch.zeros(batch, max_seq_len, rope_dim, **kw),
+        )
+
+    @property
+    def c_kv(self) -> torch.Tensor:
+        return self.a
+
+    @property
+    def k_pe(self) -> torch.Tensor:
+        return self.b
+
+    def update(
+        self, positions: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store ``c_kv`` ``(B, T, r)`` and ``k_pe`` ``(B, T, rope)`` at ``positions`` ``(B, T)``."""
+        return self._write(positions, c_kv, k_pe)
+
+
+def make_cache(
+    config: ModelConfig,
+    batch: int,
+    max_seq_len: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> list[KVCache | MLACache]:
+    """Allocate one cache per decoder layer.
+
+    Memory per token and layer: ``2 * n_kv_heads * head_dim`` elements for GQA, and
+    ``kv_lora_rank + qk_rope_head_dim`` for MLA.
+    """
+    kw = {"dtype": dtype, "device": device}
+    if config.is_mla:
+        return [
+            MLACache(batch, max_seq_len, config.kv_lora_rank, config.qk_rope_head_dim, **kw)
+            for _ in range(config.num_hidden_layers)
+        ]
+    return [
+        KVCache(batch, max_seq_len, config.num_key_value_heads, config.head_dim, **kw)
+        for _ in range(config.num_hidden_layers)
+    ]
