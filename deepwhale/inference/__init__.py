@@ -1,0 +1,17 @@
+"""Inference: sampling, generation and the ``DeepSeekModel`` / ``generate_text`` facade.
+
+``from deepwhale.inference import DeepSeekModel, generate_text`` is the import DeepSeek's
+examples use; both live in :mod:`deepwhale.api` and are loaded on first access.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DeepSeekModel", "generate_text"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from deepwhale import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'deepwhale.inference' has no attribute {name!r}")

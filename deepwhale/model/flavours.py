@@ -1,0 +1,85 @@
+"""Named model sizes: tiny debug flavours for tests and docs, and the shapes of real releases.
+
+``debug-v3`` is a DeepSeek-V3-shaped model (MLA with ``q_lora_rank``, DeepSeekMoE with sigmoid
+``noaux_tc`` routing, one dense layer first) small enough that a forward pass takes milliseconds on
+a laptop CPU. Its vocabulary (512) matches the bundled stories260K tokenizer, so a random debug
+model can be paired with a real tokenizer end to end.
+"""
+
+from __future__ import annotations
+
+from deepwhale.config import ConfigError, ModelConfig
+
+FLAVOURS: dict[str, dict] = {
+    "debug-v3": dict(
+        model_type="deepseek_v3",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=32768,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "debug-v2": dict(
+        model_type="deepseek_v2",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=4096,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "debug-llama": dict(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+}
+
+
+def flavour_config(name: str, **overrides) -> ModelConfig:
+    """The :class:`ModelConfig` of a named flavour, with optional field overrides.
+
+    Raises:
+        ConfigError: unknown flavour name (the message lists the known ones).
+    """
+    if name not in FLAVOURS:
+        raise ConfigError(f"unknown flavour {name!r}; known: {', '.join(sorted(FLAVOURS))}")
+    return ModelConfig(**{**FLAVOURS[name], **overrides})
