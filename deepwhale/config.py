@@ -133,7 +133,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    torch_dtype: str | None = None
+    torch_dtype: str | None = field(default=None, compare=False)
     quantization_config: dict[str, Any] | None = None
     num_nextn_predict_layers: int = 0
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
