@@ -102,7 +102,7 @@ def generate_stream(
     generator = params.make_generator(device)
     prompt = torch.tensor([prompt_ids], device=device)
     eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
-    detok = tokenizer.detokenizer(prompt_ids=prompt_ids)
+    detok = tokenizer.detokenizer(prompt_ids=prompt_ids, skip_special_tokens=True)
     needs_history = params.repetition_penalty != 1 or params.presence_penalty
     needs_history = needs_history or params.frequency_penalty
     output: list[int] = []

@@ -1,0 +1,214 @@
+"""The Python facade: ``DeepSeekModel`` and ``generate_text``, under the names DeepSeek's own
+examples use.
+
+    from deepwhale.inference import DeepSeekModel, generate_text
+    model = DeepSeekModel.from_pretrained("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
+    print(model.generate("Once upon a time", max_new_tokens=50))
+    print(generate_text("Once upon a time", max_length=200))   # bundled stories260K model
+
+The server, the evaluation and the CLI are thin layers over this module.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from deepwhale.checkpoint.hub import resolve_checkpoint
+from deepwhale.checkpoint.io import load_model, save_model
+from deepwhale.config import ModelConfig
+from deepwhale.inference.generate import GenerationChunk, PromptTooLongError, generate_stream
+from deepwhale.inference.sampling import SamplingParams
+from deepwhale.model.transformer import CausalLM
+from deepwhale.tokenizer import Tokenizer
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "stories260K"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """``None`` -> fp32 on CPU (bf16 matmul is ~100x slower there), bf16 on CUDA.
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+class DeepSeekModel:
+    """A loaded model with its tokenizer, ready to generate.
+
+    Attributes:
+        module: the :class:`~deepwhale.model.transformer.CausalLM` (a plain ``nn.Module``).
+        tokenizer: the :class:`~deepwhale.tokenizer.Tokenizer`, or None for weights-only folders.
+        path: the local folder it was loaded from (None when built in memory).
+    """
+
+    def __init__(
+        self, module: CausalLM, tokenizer: Tokenizer | None = None, path: Path | None = None
+    ) -> None:
+        self.module = module
+        self.tokenizer = tokenizer
+        self.path = path
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+    ) -> DeepSeekModel:
+        """Load a HF-layout checkpoint folder or Hub repo id (default: the bundled stories260K).
+
+        Args:
+            path_or_repo_id: local folder or ``org/name`` repo id; None for the bundled model.
+            dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, a ``torch.dtype`` or None
+                (fp32 on CPU, bf16 on CUDA). FP8 checkpoints are dequantized to it.
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
+            revision: Hub revision for repo ids.
+
+        Raises:
+            CheckpointError: missing folder, failed download (offline), truncated file, or a
+                missing / unexpected / mis-shaped tensor (names key and file).
+            ConfigError: malformed or unsupported config.json.
+            TokenizerError: a malformed tokenizer.json or tokenizer_config.json.
+        """
+        folder = resolve_checkpoint(path_or_repo_id or DEFAULT_MODEL, revision=revision)
+        device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        module = load_model(folder, dtype=resolve_dtype(dtype, device), device=device)
+        tokenizer = (
+            Tokenizer.from_pretrained(folder) if (folder / "tokenizer.json").exists() else None
+        )
+        return cls(module, tokenizer, folder)
+
+    def save_pretrained(self, folder: str | Path, max_shard_size: int = 5 * 1024**3) -> Path:
+        """Write config.json, safetensors and the tokenizer files to ``folder``.
+
+        transformers' ``AutoModelForCausalLM.from_pretrained(folder)`` loads it back with
+        identical logits. Returns the folder.
+        """
+        folder = Path(folder)
+        save_model(self.module, folder, max_shard_size=max_shard_size)
+        if self.path is not None and self.path.resolve() != folder.resolve():
+            for name in TOKENIZER_FILES:
+                if (self.path / name).exists():
+                    shutil.copyfile(self.path / name, folder / name)
+        return folder
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's :class:`~deepwhale.config.ModelConfig`."""
+        return self.module.config
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live."""
+        return next(self.module.parameters()).device
+
+    def __call__(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits ``(B, T, V)`` for ``input_ids`` ``(B, T)``; see :meth:`CausalLM.forward`."""
+        with torch.inference_mode():
+            return self.module(input_ids.to(self.device), **kwargs)
+
+    # ------------------------------------------------------------------ generation
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path}: no tokenizer.json; text generation needs one")
+        return self.tokenizer
+
+    def encode_prompt(self, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
+        """Token ids for a prompt string, or for chat ``messages`` through the chat template.
+
+        Raises:
+            TokenizerError: chat messages given but the model has no chat template.
+        """
+        tok = self._require_tokenizer()
+        if isinstance(prompt, list):
+            return tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        return tok.encode(prompt)
+
+    def stream(self, prompt: str | list[dict], **sampling) -> Iterator[GenerationChunk]:
+        """Yield :class:`GenerationChunk` deltas for ``prompt`` (a string or chat messages).
+
+        Keyword arguments are :class:`SamplingParams` fields (``max_new_tokens``,
+        ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``...).
+
+        Raises:
+            PromptTooLongError: the prompt does not fit the context.
+            ValueError: an invalid sampling value.
+        """
+        params = SamplingParams(**sampling)
+        ids = self.encode_prompt(prompt)
+        self.module.eval()
+        yield from generate_stream(self.module, self._require_tokenizer(), ids, params)
+
+    def generate(self, prompt: str | list[dict], **sampling) -> str:
+        """Generate and return the new text (prompt excluded); see :meth:`stream`."""
+        return "".join(chunk.text for chunk in self.stream(prompt, **sampling))
+
+
+_DEFAULT: dict[str, DeepSeekModel] = {}
+
+
+def generate_text(
+    prompt: str,
+    max_length: int = 200,
+    model: DeepSeekModel | str | Path | None = None,
+    max_new_tokens: int | None = None,
+    **sampling,
+) -> str:
+    """Generate a continuation of ``prompt``, the way DeepSeek's examples call it.
+
+    Args:
+        prompt: input text.
+        max_length: total length budget in tokens, prompt included (HF ``generate`` semantics).
+        model: a loaded :class:`DeepSeekModel`, a folder or repo id, or None for the bundled
+            stories260K model (loaded once and reused).
+        max_new_tokens: if given, the number of new tokens instead of ``max_length``.
+        **sampling: further :class:`SamplingParams` fields (default greedy: ``temperature=0``).
+
+    Returns:
+        The generated text, without the prompt.
+
+    Raises:
+        PromptTooLongError: the prompt already uses ``max_length`` tokens or the context.
+    """
+    if not isinstance(model, DeepSeekModel):
+        key = str(model or DEFAULT_MODEL)
+        if key not in _DEFAULT:
+            _DEFAULT[key] = DeepSeekModel.from_pretrained(model)
+        model = _DEFAULT[key]
+    if max_new_tokens is None:
+        n_prompt = len(model.encode_prompt(prompt))
+        max_new_tokens = max_length - n_prompt
+        if max_new_tokens < 1:
+            raise PromptTooLongError(
+                f"the prompt is {n_prompt} tokens, which leaves nothing of max_length={max_length}"
+            )
+    sampling.setdefault("temperature", 0.0)
+    return model.generate(prompt, max_new_tokens=max_new_tokens, **sampling)

@@ -1,0 +1,176 @@
+"""``deepwhale <verb>``: one table of verbs, each a typed function; heavy imports happen lazily.
+
+Errors that come from bad input (a missing folder, a malformed config, a prompt that does not
+fit) print one red line and exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="deepwhale: run, serve, train and evaluate DeepSeek-family models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+convert_app = typer.Typer(help="Convert checkpoints from other formats.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+err = Console(stderr=True, soft_wrap=True)
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Checkpoint folder or Hub repo id (default: bundled stories260K)."
+    ),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="cpu, cuda, cuda:1... (default: cuda if present).")
+]
+DtypeOpt = Annotated[
+    str | None, typer.Option(help="float32, bfloat16, float16 (default: fp32 on CPU).")
+]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from deepwhale.checkpoint.hub import CheckpointError
+    from deepwhale.config import ConfigError
+    from deepwhale.tokenizer import TokenizerError
+
+    return (CheckpointError, ConfigError, TokenizerError, ValueError, FileNotFoundError)
+
+
+def _fail(e: BaseException) -> None:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+    raise typer.Exit(2)
+
+
+def _load(model: str | None, device: str | None, dtype: str | None):
+    from deepwhale.api import DeepSeekModel
+
+    return DeepSeekModel.from_pretrained(model, dtype=dtype, device=device)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens at most.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (deterministic).")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, (0, 1].")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    echo: Annotated[bool, typer.Option(help="Print the prompt before the output.")] = True,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Continue PROMPT with a model and stream the text to stdout."""
+    try:
+        m = _load(model, device, dtype)
+        chunks = m.stream(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop or [],
+        )
+        if echo:
+            sys.stdout.write(prompt)
+        for chunk in chunks:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except _user_errors() as e:
+        _fail(e)
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per reply at most.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.6,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Interactive chat using the model's chat template. Type /exit or Ctrl-D to quit, /reset to
+    clear the history. A model without a chat template continues each line as plain text."""
+    try:
+        m = _load(model, device, dtype)
+    except _user_errors() as e:
+        _fail(e)
+    templated = m.tokenizer is not None and m.tokenizer.chat_template is not None
+    if not templated:
+        err.print(
+            "[yellow]This model has no chat template: each line is continued as plain text.[/]"
+        )
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    out = Console()
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            out.print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = history if templated else line
+        reply = []
+        try:
+            for chunk in m.stream(
+                prompt,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+            ):
+                reply.append(chunk.text)
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        except _user_errors() as e:
+            history.pop()
+            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            continue
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+@convert_app.command("llama2c")
+def convert_llama2c(
+    checkpoint: Annotated[Path, typer.Option(help="llama2.c legacy .bin checkpoint.")],
+    tokenizer: Annotated[Path, typer.Option(help="tok512.bin or tokenizer.model of it.")],
+    out: Annotated[Path, typer.Option(help="Output folder (HF LLaMA layout).")],
+) -> None:
+    """Convert a llama2.c checkpoint + tokenizer into a HF LLaMA folder."""
+    from deepwhale.checkpoint.llama2c import convert_llama2c as run
+
+    try:
+        folder = run(checkpoint, tokenizer, out)
+    except _user_errors() as e:
+        _fail(e)
+    Console().print(f"wrote {folder}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
