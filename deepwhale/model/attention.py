@@ -96,7 +96,17 @@ class MLA(nn.Module):
 
     ``forward(x, cos, sin, positions, cache=None)``: x ``(B, T, hidden_size)``, cos/sin
     ``(B, T, qk_rope_head_dim // 2)``, positions ``(B, T)``; returns ``(B, T, hidden_size)``.
+
+    ``attn_impl`` chooses how attention reads the cache: ``"naive"`` re-expands per-head keys
+    and values from the latent; ``"absorb"`` folds ``W_UK`` into the query and ``W_UV`` into the
+    output (DeepSeek-V2 §2.1.3 / appendix), so attention runs as multi-query attention directly
+    over the latent and nothing per-head is materialised for the cached tokens; ``"auto"`` (the
+    default) absorbs for short query blocks (decode) and expands for long ones (prefill), as
+    DeepSeek's reference inference code recommends for each phase.
     """
+
+    #: query blocks up to this many tokens use the absorbed form under ``attn_impl="auto"``
+    ABSORB_MAX_TOKENS = 16
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -124,6 +134,7 @@ class MLA(nn.Module):
             self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False
         )
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=config.attention_bias)
+        self.attn_impl = "auto"
 
     def forward(
         self,
@@ -149,11 +160,38 @@ class MLA(nn.Module):
             c_kv, k_pe, k_pos = cache.update(positions, c_kv, k_pe)  # (B, S, r), (B, S, rope)
         else:
             k_pos = positions
-        s = c_kv.shape[1]
+        mask = attention_mask(positions, k_pos)
+        absorb = self.attn_impl == "absorb" or (
+            self.attn_impl == "auto" and t <= self.ABSORB_MAX_TOKENS and cache is not None
+        )
+        if absorb:
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            out = self._naive(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Expand per-head keys/values from the latent; returns ``(B, H, T, v_head_dim)``."""
+        b, s = c_kv.shape[:2]
         kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)  # (B, H, S, *)
         k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, self.n_heads, -1, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        mask = attention_mask(positions, k_pos)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Attention over the latent with W_UK / W_UV absorbed; returns ``(B, H, T, v_head_dim)``.
+
+        score = (q_nope W_UK) . c_kv + q_pe . k_pe, out = (softmax(score) c_kv) W_UV^T.
+        """
+        b, h, t, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # (B, H, T, r)
+        q_all = torch.cat((q_lat, q_pe), dim=-1).reshape(b, h * t, -1)  # (B, H*T, r + rope)
+        k_all = torch.cat((c_kv, k_pe), dim=-1)  # (B, S, r + rope), shared by all heads
+        scores = torch.bmm(q_all, k_all.transpose(1, 2)) * self.scale  # (B, H*T, S)
+        keep = mask.expand(b, h, t, -1).reshape(b, h * t, -1)
+        probs = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+        o_lat = torch.bmm(probs.to(c_kv.dtype), c_kv).view(b, h, t, -1)  # (B, H, T, r)
+        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv.to(o_lat.dtype))

@@ -23,28 +23,47 @@ class _StaticCache:
         self.a, self.b = a, b
         self.max_seq_len = a.shape[1]
         self.positions = torch.arange(self.max_seq_len, device=a.device)
+        #: first cache row the next forward's batch row 0 maps to (the engine's slot offset)
+        self.row_start = 0
+        #: attend over all ``max_seq_len`` slots (static shapes for torch.compile) instead of
+        #: truncating to the longest written position (less work in eager mode)
+        self.static_len = False
 
     def _write(
         self, positions: torch.Tensor, a_new: torch.Tensor, b_new: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write ``a_new``/``b_new`` ``(B, T, ...)`` at ``positions`` ``(B, T)``; return the buffers
-        truncated to the longest written length, and their positions ``(S,)``.
+        """Write ``a_new``/``b_new`` ``(B, T, ...)`` at ``positions`` ``(B, T)`` into rows
+        ``row_start .. row_start + B``; return views of those rows up to the longest written
+        length (or all ``max_seq_len`` with ``static_len``), and their positions ``(S,)``.
 
         Raises:
-            ValueError: a position at or past ``max_seq_len``, or a batch larger than allocated.
+            ValueError: a position at or past ``max_seq_len``, or rows past the allocated batch.
         """
         bsz = positions.shape[0]
-        if bsz > self.a.shape[0]:
-            raise ValueError(f"batch of {bsz} exceeds the cache's {self.a.shape[0]} rows")
-        kv_len = int(positions.max()) + 1
-        if kv_len > self.max_seq_len:
-            raise ValueError(
-                f"position {kv_len - 1} is past the cache's max_seq_len {self.max_seq_len}"
-            )
-        rows = torch.arange(bsz, device=positions.device)[:, None]  # (B, 1)
+        lo, hi = self.row_start, self.row_start + bsz
+        if hi > self.a.shape[0]:
+            raise ValueError(f"rows {lo}..{hi - 1} exceed the cache's {self.a.shape[0]} rows")
+        if self.static_len:
+            kv_len = self.max_seq_len
+        else:
+            kv_len = int(positions.max()) + 1
+            if kv_len > self.max_seq_len:
+                raise ValueError(
+                    f"position {kv_len - 1} is past the cache's max_seq_len {self.max_seq_len}"
+                )
+        rows = torch.arange(lo, hi, device=positions.device)[:, None]  # (B, 1)
         self.a[rows, positions] = a_new.to(self.a.dtype)
         self.b[rows, positions] = b_new.to(self.b.dtype)
-        return self.a[:bsz, :kv_len], self.b[:bsz, :kv_len], self.positions[:kv_len]
+        return self.a[lo:hi, :kv_len], self.b[lo:hi, :kv_len], self.positions[:kv_len]
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of row ``src`` to row ``dst`` (fork a prefix)."""
+        self.a[dst, :length] = self.a[src, :length]
+        self.b[dst, :length] = self.b[src, :length]
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer's buffers."""
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
 
 
 class KVCache(_StaticCache):
@@ -98,6 +117,25 @@ class MLACache(_StaticCache):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store ``c_kv`` ``(B, T, r)`` and ``k_pe`` ``(B, T, rope)`` at ``positions`` ``(B, T)``."""
         return self._write(positions, c_kv, k_pe)
+
+
+def cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> dict[str, int]:
+    """Cache bytes per token (all layers) for ``config``, and for a same-shape MHA model.
+
+    MLA caches ``kv_lora_rank + qk_rope_head_dim`` values per layer (DeepSeek-V2 §2.1.2, Table 1);
+    multi-head attention of the same shape would cache keys ``n_heads * qk_head_dim`` plus values
+    ``n_heads * v_head_dim``. GQA models cache ``2 * n_kv_heads * head_dim``.
+
+    Returns ``{"cache": bytes, "mha": bytes}`` per token.
+    """
+    layers = config.num_hidden_layers
+    if config.is_mla:
+        ours = config.kv_lora_rank + config.qk_rope_head_dim
+        mha = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+    else:
+        ours = 2 * config.num_key_value_heads * config.head_dim
+        mha = 2 * config.num_attention_heads * config.head_dim
+    return {"cache": ours * layers * dtype_bytes, "mha": mha * layers * dtype_bytes}
 
 
 def make_cache(

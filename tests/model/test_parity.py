@@ -122,3 +122,26 @@ def test_incremental_decode_matches_full_forward(case, tmp_path):
             steps.append(ours(ids[:, t : t + 1], positions=pos, caches=caches))
     inc = torch.cat(steps, dim=1)
     assert (inc - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["v2-greedy-no-qlora", "v3-noaux-tc", "v3-yarn-mscale"])
+def test_absorbed_mla_matches_naive(case, tmp_path):
+    """MLA with W_UK/W_UV absorbed (DeepSeek-V2 §2.1.3) equals the naive expansion in fp32."""
+    model_type, overrides = CASES[case]
+    make_hf_model(model_type, tmp_path, **overrides)
+    ours = load_model(tmp_path)
+    ids = _ids(ours.config.vocab_size, batch=2, length=24)
+    outs = {}
+    for impl in ("naive", "absorb"):
+        for layer in ours.model.layers:
+            layer.self_attn.attn_impl = impl
+        caches = make_cache(ours.config, batch=2, max_seq_len=32)
+        with torch.no_grad():
+            steps = [ours(ids[:, :16], caches=caches)]
+            for t in range(16, 24):
+                steps.append(
+                    ours(ids[:, t : t + 1], positions=torch.full((2, 1), t), caches=caches)
+                )
+        outs[impl] = torch.cat(steps, dim=1)
+    assert (outs["absorb"] - outs["naive"]).abs().max().item() <= 1e-4
+    assert outs["naive"].abs().max() > 0.1
