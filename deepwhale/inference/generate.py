@@ -29,12 +29,16 @@ class GenerationChunk:
     Attributes:
         text: new text (may be empty while a possible stop string is held back).
         token_id: the sampled token id, or None for the final flush.
-        finish_reason: None while running, then ``"stop"`` (EOS or a stop string) or ``"length"``.
+        finish_reason: None while running, then ``"stop"`` (EOS or a stop string), ``"length"``,
+            or ``"cancelled"`` (engine requests only).
+        logprobs: the sampled token's :class:`~deepwhale.inference.engine.TokenLogprob` when
+            the request asked for logprobs, else None.
     """
 
     text: str
     token_id: int | None
     finish_reason: str | None = None
+    logprobs: object | None = None
 
 
 @torch.inference_mode()

@@ -1,0 +1,215 @@
+"""The engine: continuous batching identity, n samples, logprobs, cancellation, chunked prefill."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from deepwhale.api import DeepSeekModel
+from deepwhale.inference.engine import Engine
+from deepwhale.inference.generate import PromptTooLongError, generate_stream
+from deepwhale.inference.sampling import SamplingParams
+from deepwhale.model.cache import cache_bytes_per_token, make_cache
+from deepwhale.model.flavours import flavour_config
+from deepwhale.model.transformer import CausalLM
+
+TEXTS = [
+    "Once",
+    "Once upon a time there was a dog",
+    "The cat sat on the mat and then " * 5,
+    "Lily and Ben went to the park. " * 12,
+    "Tom",
+]
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return DeepSeekModel.from_pretrained()
+
+
+def _alone(model, ids, params):
+    return "".join(c.text for c in generate_stream(model.module, model.tokenizer, ids, params))
+
+
+@pytest.mark.parametrize("batch", [5, 2])
+def test_greedy_batched_equals_alone(stories, batch):
+    """Prompts of 2 to 145 tokens, run together (batch 5) or joining as slots free (batch 2)."""
+    prompts = [stories.tokenizer.encode(t) for t in TEXTS]
+    budgets = [40, 25, 40, 10, 33]
+    params = [SamplingParams(temperature=0, max_new_tokens=n) for n in budgets]
+    alone = [_alone(stories, p, sp) for p, sp in zip(prompts, params, strict=True)]
+    eng = Engine(stories.module, stories.tokenizer, max_batch_size=batch, max_seq_len=256)
+    reqs = eng.generate(prompts, params)
+    assert [r.texts()[0] for r in reqs] == alone
+    assert [len(r.sequences[0].output_ids) for r in reqs] == budgets
+    assert sorted(eng.free_slots) == list(range(batch)) and not eng.running
+
+
+def test_greedy_batched_equals_alone_mla_moe(tmp_path, stories):
+    """The same identity for a DeepSeek-V3-shaped model (absorbed MLA decode, MoE routing)."""
+    model = CausalLM(flavour_config("debug-v3")).eval()
+    model.init_weights(std=0.08, generator=torch.Generator().manual_seed(1))
+    m = DeepSeekModel(model, stories.tokenizer)
+    prompts = [stories.tokenizer.encode(t) for t in TEXTS]
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    alone = [_alone(m, p, params) for p in prompts]
+    m.set_batch_size(3, max_seq_len=256)
+    assert m.generate_batch(TEXTS, temperature=0, max_new_tokens=24) == alone
+
+
+def test_n_samples_fork_the_prompt_and_match_seeded_single_runs(stories):
+    ids = stories.tokenizer.encode("Once upon a time")
+    eng = Engine(stories.module, stories.tokenizer, max_batch_size=4, max_seq_len=128)
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=10, max_new_tokens=20)
+    req = eng.add_request(ids, params, n=3)
+    while eng.has_work():
+        eng.step()
+    texts = req.texts()
+    assert eng.stats["prompt_tokens"] == len(ids)  # one prefill for three samples
+    for i, text in enumerate(texts):
+        single = SamplingParams(temperature=1.0, top_p=0.9, seed=10 + i, max_new_tokens=20)
+        assert text == _alone(stories, ids, single)
+    assert len(set(texts)) > 1
+
+
+def test_logprobs(stories):
+    ids = stories.tokenizer.encode("Once upon a time")
+    eng = Engine(stories.module, stories.tokenizer, max_batch_size=2, max_seq_len=64)
+    req = eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=3), logprobs=5)
+    chunks = []
+    while eng.has_work():
+        chunks += [c for r, _, c in eng.step() if r is req]
+    with torch.no_grad():
+        logits = stories.module(torch.tensor([ids]))[0, -1]
+    expected = torch.log_softmax(logits, -1)
+    first = chunks[0].logprobs
+    assert first.token_id == int(logits.argmax())
+    assert abs(first.logprob - float(expected.max())) < 1e-5
+    assert [t for t, _ in first.top] == expected.topk(5).indices.tolist()
+    assert all(a >= b for (_, a), (_, b) in zip(first.top, first.top[1:], strict=False))
+    assert len(req.sequences[0].logprobs) == 3
+
+
+def test_stop_strings_and_finish_reasons(stories):
+    ids = stories.tokenizer.encode("Once upon a time")
+    eng = Engine(stories.module, stories.tokenizer, max_batch_size=2, max_seq_len=64)
+    a = eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=50, stop=["Lily"]))
+    b = eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=4))
+    while eng.has_work():
+        eng.step()
+    assert a.texts()[0] == ", there was a little girl named "
+    assert a.sequences[0].finish_reason == "stop" and b.sequences[0].finish_reason == "length"
+    # the slot's context bounds generation too
+    long_ids = stories.tokenizer.encode("Once upon a time " * 14)[:60]
+    c = eng.add_request(long_ids, SamplingParams(temperature=0, max_new_tokens=50))
+    while eng.has_work():
+        eng.step()
+    assert len(long_ids) + len(c.sequences[0].output_ids) == 64
+    assert c.sequences[0].finish_reason == "length"
+
+
+def test_cancel_frees_the_slot_and_others_continue(stories):
+    ids = stories.tokenizer.encode("Once upon a time")
+    eng = Engine(stories.module, stories.tokenizer, max_batch_size=1, max_seq_len=512)
+    eng.start()
+    try:
+        long = eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=400))
+        waiting = eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=5))
+        stream = iter(long)
+        next(stream)  # the first request is running and holds the only slot
+        eng.cancel(long)
+        rest = list(stream)
+        assert rest[-1][1].finish_reason == "cancelled"
+        assert len(long.sequences[0].output_ids) < 400
+        done = threading.Event()
+        out = []
+
+        def consume():
+            out.extend(waiting)
+            done.set()
+
+        threading.Thread(target=consume, daemon=True).start()
+        assert done.wait(60)
+        assert out[-1][1].finish_reason == "length"
+        assert waiting.texts()[0].startswith(", there was")
+    finally:
+        eng.shutdown()
+    assert eng.free_slots == [0]
+
+
+def test_bad_requests(stories):
+    eng = Engine(stories.module, stories.tokenizer, max_batch_size=2, max_seq_len=32)
+    with pytest.raises(PromptTooLongError, match="empty"):
+        eng.add_request([])
+    with pytest.raises(PromptTooLongError, match="engine's context is 32 tokens"):
+        eng.add_request([5] * 40)
+    with pytest.raises(ValueError, match="n must be in 1..2"):
+        eng.add_request([5], n=3)
+    with pytest.raises(ValueError, match="logprobs must be in 0..20"):
+        eng.add_request([5], logprobs=21)
+    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 512\)"):
+        eng.add_request([5, 9999])
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Engine(stories.module, stories.tokenizer, max_batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        stories.set_batch_size(0)
+
+
+@pytest.mark.parametrize("flavour", ["debug-v3", "debug-llama"])
+def test_chunked_prefill_matches_one_pass(flavour):
+    model = CausalLM(flavour_config(flavour)).eval()
+    model.init_weights(std=0.08, generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0))
+    eng = Engine(model, None, max_batch_size=2, max_seq_len=512, prefill_chunk=64)
+    chunked = eng._prefill(ids, slot=1)
+    with torch.no_grad():
+        full = model(ids[None])[0, -1]
+    assert (chunked - full).abs().max().item() <= 1e-4
+
+
+def test_long_context_prefill_16k_on_debug_model():
+    """16K tokens through the chunked prefill of the debug DeepSeek-V3 model, then decode."""
+    config = flavour_config("debug-v3", num_hidden_layers=2)
+    model = CausalLM(config).eval()
+    model.init_weights(std=0.08, generator=torch.Generator().manual_seed(3))
+    n = 16 * 1024
+    ids = torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(1))
+    eng = Engine(model, None, max_batch_size=1, max_seq_len=n + 8, prefill_chunk=1024)
+    logits = eng._prefill(ids, slot=0)
+    assert logits.shape == (512,) and torch.isfinite(logits).all()
+    eng.lengths[0] = n
+    nxt = eng._decode_forward(logits.argmax().view(1, 1), torch.tensor([[n]]))
+    assert torch.isfinite(nxt).all()
+    # the latent cache is what the MLA layers hold: kv_lora_rank + rope dims per token
+    assert eng.caches[0].a.shape == (1, n + 8, config.kv_lora_rank)
+
+
+def test_cache_bytes_per_token():
+    v3 = flavour_config("debug-v3")
+    got = cache_bytes_per_token(v3, dtype_bytes=2)
+    assert got["cache"] == (32 + 8) * 3 * 2
+    assert got["mha"] == 4 * (24 + 16) * 3 * 2
+    llama = flavour_config("debug-llama")
+    assert cache_bytes_per_token(llama)["cache"] == 2 * 4 * 8 * 2 * 2
+    caches = make_cache(v3, batch=2, max_seq_len=10)
+    assert sum(c.nbytes() for c in caches) == 2 * 10 * got["cache"] * 2  # fp32 = 2x bf16
+
+
+def test_compiled_decode_matches_eager(stories):
+    """model.compile() wraps the decode step in torch.compile; output is unchanged."""
+    m = DeepSeekModel(stories.module, stories.tokenizer)
+    m.set_batch_size(2, max_seq_len=64)
+    eager = m.generate_batch(["Once upon a time", "Tom"], temperature=0, max_new_tokens=8)
+    m.compile()
+    assert m.generate_batch(["Once upon a time", "Tom"], temperature=0, max_new_tokens=8) == eager
+
+
+def test_tensorrt_says_what_is_missing(stories):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        stories.enable_tensorrt(precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        stories.enable_tensorrt(precision="int4")
