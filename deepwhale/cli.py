@@ -42,7 +42,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from deepwhale.config import ConfigError
     from deepwhale.tokenizer import TokenizerError
 
-    return (CheckpointError, ConfigError, TokenizerError, ValueError, FileNotFoundError)
+    return (CheckpointError, ConfigError, TokenizerError, ValueError, OSError, ImportError)
 
 
 def _fail(e: BaseException) -> None:

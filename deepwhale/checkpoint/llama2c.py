@@ -429,7 +429,8 @@ def _read_tokenizer_model(path: Path, raw: bytes, vocab_size: int) -> Llama2cTok
         from sentencepiece import sentencepiece_model_pb2
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            f"reading {path} needs the 'sentencepiece' package (pip install sentencepiece); "
+            f"reading {path} needs the 'sentencepiece' and 'protobuf' packages "
+            "(pip install sentencepiece protobuf); "
             "or pass the llama2.c tokenizer.bin instead"
         ) from e
     proto = sentencepiece_model_pb2.ModelProto()
