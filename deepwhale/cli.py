@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 convert_app = typer.Typer(help="Convert checkpoints from other formats.", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
+export_app = typer.Typer(help="Export checkpoints to other formats.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 err = Console(stderr=True, soft_wrap=True)
 
 ModelOpt = Annotated[
@@ -165,6 +167,24 @@ def convert_llama2c(
     except _user_errors() as e:
         _fail(e)
     Console().print(f"wrote {folder}")
+
+
+@export_app.command("gguf")
+def export_gguf(
+    out: Annotated[Path, typer.Option(help="Output .gguf file.")],
+    model: ModelOpt = None,
+    dtype: Annotated[str, typer.Option(help="f32 or f16.")] = "f32",
+) -> None:
+    """Export a LLaMA-layout checkpoint to GGUF for llama.cpp."""
+    from deepwhale.api import DEFAULT_MODEL
+    from deepwhale.checkpoint.gguf import export_gguf as run
+    from deepwhale.checkpoint.hub import resolve_checkpoint
+
+    try:
+        path = run(resolve_checkpoint(model or DEFAULT_MODEL), out, dtype=dtype)
+    except _user_errors() as e:
+        _fail(e)
+    Console().print(f"wrote {path}")
 
 
 def main() -> None:
