@@ -288,9 +288,24 @@ class Engine:
         return self.model(tokens, positions=positions, caches=self.caches)[:, -1].float()
 
     def _decode(self, events) -> None:
-        # 1. sample the next token of every running sequence from its pending logits
-        for req, seq in list(self.running):
-            token = self._sample(req, seq)
+        # 1. sample the next token of every running sequence from its pending logits; plain
+        #    greedy rows (no penalties, no logprobs) share one batched argmax
+        running = list(self.running)
+        plain = [
+            i
+            for i, (req, seq) in enumerate(running)
+            if seq.params.greedy
+            and req.logprobs is None
+            and seq.params.repetition_penalty == 1
+            and not seq.params.presence_penalty
+            and not seq.params.frequency_penalty
+        ]
+        tokens_for = {}
+        if plain:
+            stacked = torch.stack([running[i][1].next_logits for i in plain])  # (G, V)
+            tokens_for = dict(zip(plain, stacked.argmax(dim=-1).tolist(), strict=True))
+        for i, (req, seq) in enumerate(running):
+            token = tokens_for[i] if i in tokens_for else self._sample(req, seq)
             self._append(req, seq, token, events)
         if not self.running:
             return
