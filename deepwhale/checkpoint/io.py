@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from deepwhale.checkpoint.hub import CheckpointError
 from deepwhale.checkpoint.keys import dequantize_fp8, hf_to_ours, is_skipped
-from deepwhale.config import ConfigError, ModelConfig
+from deepwhale.config import ModelConfig
 from deepwhale.model.layers import RotaryEmbedding
 from deepwhale.model.transformer import CausalLM
 
@@ -88,10 +88,7 @@ def load_model(
             shaped tensor (the message names the key and the file).
     """
     folder = Path(folder)
-    try:
-        config = ModelConfig.from_json_file(folder / "config.json")
-    except ConfigError:
-        raise
+    config = ModelConfig.from_json_file(folder / "config.json")
     files, key_to_file = checkpoint_files(folder)
     with torch.device("meta"):
         model = CausalLM(config)
@@ -232,6 +229,8 @@ def save_model(
     else:
         (folder / INDEX_NAME).unlink(missing_ok=True)
     cfg = model.config.to_hf()
+    # weights are written as they are in memory: an FP8 source was dequantized on load
+    cfg.pop("quantization_config", None)
     cfg["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     write_json(folder / "config.json", cfg)
     return written

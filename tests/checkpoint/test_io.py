@@ -106,6 +106,11 @@ def test_fp8_block_scaled_checkpoint(tmp_path):
     # e4m3 keeps 3 mantissa bits: near the fp32 model (these random weights amplify the error)
     assert ((got - ref).norm() / ref.norm()).item() < 0.3
     assert not torch.equal(got, ref)
+    # re-saving writes the dequantized weights, so the FP8 quantization_config must go
+    save_model(loaded, tmp_path / "resaved")
+    assert "quantization_config" not in json.loads(
+        (tmp_path / "resaved" / "config.json").read_text()
+    )
 
 
 def test_fp8_errors(tmp_path):
