@@ -149,6 +149,7 @@ class ModelConfig:
             raise ConfigError(
                 f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(SUPPORTED_ACT)}"
             )
+        self._check_types()
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             _positive(key, getattr(self, key))
         if self.num_key_value_heads is None:
@@ -159,8 +160,7 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.rms_norm_eps <= 0:
-            raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+
         if self.qkv_bias is None:
             self.qkv_bias = self.model_type == "qwen2" or (
                 self.model_type == "llama" and self.attention_bias
@@ -182,6 +182,55 @@ class ModelConfig:
         self._validate_rope()
         if self.n_routed_experts:
             self._validate_moe()
+
+    def _check_types(self) -> None:
+        """Reject values of the wrong type or range before any arithmetic sees them (a string
+        "false" must not count as true; NaN or a negative size must not reach the model)."""
+        for key in ("intermediate_size", "max_position_embeddings"):
+            _positive(key, getattr(self, key))
+        for key in (
+            "num_key_value_heads",
+            "head_dim",
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "n_group",
+            "topk_group",
+        ):
+            if getattr(self, key) is not None:
+                _positive(key, getattr(self, key))
+        for key in ("first_k_dense_replace", "num_nextn_predict_layers"):
+            _non_negative(key, getattr(self, key))
+        if self.n_shared_experts is not None:
+            _non_negative("n_shared_experts", self.n_shared_experts)
+        _positive("moe_layer_freq", self.moe_layer_freq)
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "seq_aux"):
+            _boolean(key, getattr(self, key))
+        for key in ("rope_interleave", "qkv_bias", "norm_topk_prob"):
+            if getattr(self, key) is not None:
+                _boolean(key, getattr(self, key))
+        for key in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
+            _finite_positive(key, getattr(self, key))
+        _finite(key="aux_loss_alpha", value=self.aux_loss_alpha)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
+        if self.quantization_config is not None:
+            if not isinstance(self.quantization_config, dict):
+                raise ConfigError(
+                    f"quantization_config must be an object, got {self.quantization_config!r}"
+                )
+            block = self.quantization_config.get("weight_block_size", [128, 128])
+            if not (isinstance(block, list | tuple) and len(block) == 2):
+                raise ConfigError(
+                    f"quantization_config.weight_block_size must be [rows, cols], got {block!r}"
+                )
+            for b in block:
+                _positive("quantization_config.weight_block_size", b)
 
     @property
     def is_mla(self) -> bool:
@@ -279,8 +328,6 @@ class ModelConfig:
                 )
 
     def _validate_rope(self) -> None:
-        if self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
         rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
@@ -289,9 +336,25 @@ class ModelConfig:
             )
         if rope_type == "default":
             return
-        factor = self.rope_scaling.get("factor")
-        if factor is None or not factor > 0:
-            raise ConfigError(f"rope_scaling {rope_type!r} needs a positive 'factor', got {factor}")
+        rs = self.rope_scaling
+        factor = rs.get("factor")
+        if not _is_number(factor) or not math.isfinite(factor) or factor <= 0:
+            raise ConfigError(
+                f"rope_scaling {rope_type!r} needs a positive 'factor', got {factor!r}"
+            )
+        for key in ("original_max_position_embeddings",):
+            if rs.get(key) is not None:
+                _positive(f"rope_scaling.{key}", rs[key])
+        for key in ("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor"):
+            if rs.get(key) is not None:
+                _finite_positive(f"rope_scaling.{key}", rs[key])
+        for key in ("mscale", "mscale_all_dim", "attention_factor"):
+            if rs.get(key) is not None:
+                _finite(f"rope_scaling.{key}", rs[key])
+                if rs[key] < 0:
+                    raise ConfigError(f"rope_scaling.{key} must be >= 0, got {rs[key]!r}")
+        if rs.get("truncate") is not None:
+            _boolean("rope_scaling.truncate", rs["truncate"])
         if rope_type == "llama3":
             for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 if key not in self.rope_scaling:
@@ -332,6 +395,9 @@ class ModelConfig:
 
         rope_scaling = hf.pop("rope_scaling", None)
         rope_params = hf.pop("rope_parameters", None)
+        for key, value in (("rope_scaling", rope_scaling), ("rope_parameters", rope_params)):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{key} must be an object or null, got {value!r}")
         if rope_params:
             rope_params = dict(rope_params)
             if "rope_theta" in rope_params:
@@ -439,6 +505,31 @@ _MLA_MOE_KEYS = {
 def _positive(key: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _non_negative(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
+
+
+def _boolean(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite(key: str, value: Any) -> None:
+    if not _is_number(value) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+
+
+def _finite_positive(key: str, value: Any) -> None:
+    _finite(key, value)
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -40,8 +40,12 @@ def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, Path]]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: malformed safetensors index ({e})") from e
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
         key_to_file = {k: folder / v for k, v in weight_map.items()}
         files = sorted(set(key_to_file.values()))
         for f in files:
@@ -99,26 +103,43 @@ def load_model(
     loaded: dict[str, torch.Tensor] = {}
     source: dict[str, Path] = {}
     unexpected: list[str] = []
+    mtp = config.num_nextn_predict_layers if config.model_type == "deepseek_v3" else 0
     for file in files:
         with _open(file, load_device) as f:
             for key in f.keys():
-                if is_skipped(key, config.num_hidden_layers):
+                if key_to_file and key_to_file.get(key) != file:
+                    where = key_to_file.get(key)
+                    raise CheckpointError(
+                        f"{file}: holds tensor {key!r}, but the index maps it to "
+                        f"{where.name if where else 'no file'}; the index and shards disagree"
+                    )
+                if is_skipped(key, config.num_hidden_layers, mtp):
                     continue
                 tensor = _read(f, key, file)
                 if tensor.dtype in _FP8:
                     tensor = _dequantize(f, key, tensor, file, key_to_file, block, load_device)
+                elif not tensor.is_floating_point():
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r} has dtype {tensor.dtype}; weights must be "
+                        "floating point (fp32/bf16/fp16, or FP8 with weight_scale_inv)"
+                    )
                 for ours, t in hf_to_ours(key, tensor):
                     if ours not in expected:
                         unexpected.append(f"{ours} (in {file.name})")
                         continue
-                    if tied and ours == "lm_head.weight":
-                        continue
+                    if ours in source:
+                        raise CheckpointError(
+                            f"tensor {ours!r} is in both {source[ours].name} and {file.name}; "
+                            "remove the stale file or add a model.safetensors.index.json"
+                        )
                     want = tuple(expected[ours].shape)
                     if tuple(t.shape) != want:
                         raise CheckpointError(
                             f"{file}: tensor {ours!r} has shape {tuple(t.shape)}, but this "
                             f"config needs {want}"
                         )
+                    if not bool(torch.isfinite(t).all()):
+                        raise CheckpointError(f"{file}: tensor {ours!r} contains NaN or Inf values")
                     target = torch.float32 if ours.endswith(_FP32_KEYS) else dtype
                     loaded[ours] = t.to(target)
                     source[ours] = file
@@ -134,6 +155,13 @@ def load_model(
             f"{folder}: {len(missing)} tensor(s) missing from {', '.join(p.name for p in files)}, "
             f"e.g. " + ", ".join(missing[:5])
         )
+    if tied and "lm_head.weight" in loaded:
+        head = loaded.pop("lm_head.weight")
+        if not torch.equal(head, loaded["model.embed_tokens.weight"]):
+            raise CheckpointError(
+                f"{source['lm_head.weight']}: config.json sets tie_word_embeddings=true but "
+                "lm_head.weight differs from model.embed_tokens.weight; set it to false"
+            )
     model.load_state_dict(loaded, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -169,6 +197,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -198,6 +229,10 @@ def save_model(
 
     Returns the written weight files. Each file is written to a temporary name and renamed.
     """
+    if not isinstance(max_shard_size, int) or max_shard_size <= 0:
+        raise ValueError(
+            f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -228,6 +263,9 @@ def save_model(
         )
     else:
         (folder / INDEX_NAME).unlink(missing_ok=True)
+    for stale in folder.glob("model-*-of-*.safetensors"):  # shards of an earlier save
+        if stale.name not in names:
+            stale.unlink()
     cfg = model.config.to_hf()
     # weights are written as they are in memory: an FP8 source was dequantized on load
     cfg.pop("quantization_config", None)

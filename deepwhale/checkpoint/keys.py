@@ -51,12 +51,14 @@ def hf_to_ours(key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tens
             yield f"{prefix}.{j}.down_proj.weight", tensor[j]
 
 
-def is_skipped(key: str, num_hidden_layers: int) -> bool:
-    """True for keys inference ignores: MTP layers, rotary caches, FP8 scale tensors."""
+def is_skipped(key: str, num_hidden_layers: int, num_mtp_layers: int = 0) -> bool:
+    """True for keys inference ignores: rotary caches, FP8 scale tensors, and DeepSeek-V3's
+    multi-token-prediction layers ``num_hidden_layers .. num_hidden_layers + num_mtp_layers - 1``.
+    Any other layer past the config's depth is not skipped, so it is reported as unexpected."""
     if key.endswith(IGNORED_SUFFIXES) or key.endswith("weight_scale_inv"):
         return True
     idx = layer_index(key)
-    return idx is not None and idx >= num_hidden_layers
+    return idx is not None and num_hidden_layers <= idx < num_hidden_layers + num_mtp_layers
 
 
 def dequantize_fp8(

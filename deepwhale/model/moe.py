@@ -21,8 +21,14 @@ class Gate(nn.Module):
     the buffer ``e_score_correction_bias`` ``(E,)``.
 
     ``forward(x)`` takes ``(N, H)`` tokens and returns ``(weights, indices, scores)``:
-    ``(N, k)`` fp32 gate weights (already multiplied by ``routed_scaling_factor``), ``(N, k)``
-    expert ids, and the ``(N, E)`` fp32 scores (for the auxiliary balance loss).
+    ``(N, k)`` fp32 gate weights, ``(N, k)`` expert ids, and the ``(N, E)`` fp32 scores (for the
+    auxiliary balance loss).
+
+    Weights follow each generation's reference code: DeepSeek-V2 renormalises the top-k weights
+    when ``norm_topk_prob`` and ``k > 1`` and otherwise multiplies them by
+    ``routed_scaling_factor`` (never both; transformers' V2 port ignores ``norm_topk_prob``, which
+    agrees for every released V2 config, all of which set it false); DeepSeek-V3 renormalises when
+    ``norm_topk_prob`` (for any k) and then multiplies by ``routed_scaling_factor``.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -35,6 +41,8 @@ class Gate(nn.Module):
         self.topk_group = config.topk_group or 1
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
+        # DeepSeek-V2's reference gate renormalises *or* scales; V3's renormalises, then scales
+        self.normalize_or_scale = config.model_type == "deepseek_v2"
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         if self.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
@@ -64,7 +72,11 @@ class Gate(nn.Module):
             choice = choice.masked_fill(~expert_mask, fill)
         indices = choice.topk(self.top_k, dim=-1).indices  # (N, k)
         weights = scores.gather(1, indices)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.normalize_or_scale:  # DeepSeek-V2 modeling code: normalise if k > 1, else scale
+            if self.norm_topk_prob and self.top_k > 1:
+                return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), indices, scores
+            return weights * self.routed_scaling_factor, indices, scores
+        if self.norm_topk_prob:  # DeepSeek-V3 (inference/model.py, transformers): any k
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.routed_scaling_factor, indices, scores
 

@@ -131,7 +131,7 @@ def test_fp8_errors(tmp_path):
 
 
 def test_mtp_layers_and_rotary_buffers_are_skipped(tmp_path):
-    ours = _random_model("debug-v3")
+    ours = _random_model("debug-v3", num_nextn_predict_layers=1)
     save_model(ours, tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     n = ours.config.num_hidden_layers
@@ -220,3 +220,80 @@ def test_resolve_checkpoint_errors(tmp_path, monkeypatch):
         CheckpointError, match=r"could not fetch 'deepseek-ai/DeepSeek-V3'.*pass its path"
     ):
         resolve_checkpoint("deepseek-ai/DeepSeek-V3")
+
+
+def test_layers_beyond_the_config_are_unexpected(tmp_path):
+    """Only DeepSeek-V3's MTP layers may sit past num_hidden_layers; others are an error."""
+    ours = _random_model("debug-llama")
+    save_model(ours, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\).*model\.layers\.1\."):
+        load_model(tmp_path)
+
+
+def test_tied_config_with_a_different_lm_head_is_an_error(tmp_path):
+    ours = _random_model("debug-llama")  # untied
+    save_model(ours, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.embed_tokens"):
+        load_model(tmp_path)
+    # a tied checkpoint that stores an identical lm_head copy loads (some Qwen2 releases do)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    tied = load_model(tmp_path)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
+def test_duplicate_tensor_across_files_and_index_mismatch(tmp_path):
+    ours = _random_model("debug-llama")
+    save_model(ours, tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").rename(tmp_path / "a.safetensors")
+    save_file(
+        {"model.norm.weight": state["model.norm.weight"] * 2}, str(tmp_path / "b.safetensors")
+    )
+    with pytest.raises(
+        CheckpointError, match="'model.norm.weight' is in both a.safetensors and b.safetensors"
+    ):
+        load_model(tmp_path)
+    index = {"weight_map": {k: "a.safetensors" for k in state}}
+    (tmp_path / INDEX_NAME).write_text(json.dumps(index))
+    load_model(tmp_path)  # the index names the shards: the stray b.safetensors is not read
+    index["weight_map"]["model.norm.weight"] = "b.safetensors"
+    (tmp_path / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="index maps it to b.safetensors"):
+        load_model(tmp_path)
+    (tmp_path / INDEX_NAME).write_text('{"weight_map": [1, 2]}')
+    with pytest.raises(CheckpointError, match="weight_map must map tensor names"):
+        load_model(tmp_path)
+
+
+def test_wrong_dtype_and_nan_weights(saved):
+    state = load_file(str(saved / "model.safetensors"))
+    good = state["model.norm.weight"]
+    state["model.norm.weight"] = good.to(torch.int32)
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="'model.norm.weight' has dtype torch.int32"):
+        load_model(saved)
+    bad = good.clone()
+    bad[3] = float("nan")
+    state["model.norm.weight"] = bad
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="'model.norm.weight' contains NaN or Inf"):
+        load_model(saved)
+
+
+def test_save_housekeeping(tmp_path):
+    ours = _random_model("debug-v3")
+    save_model(ours, tmp_path, max_shard_size=200_000)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+    save_model(ours, tmp_path)
+    assert not list(tmp_path.glob("model-*-of-*.safetensors"))
+    assert (tmp_path / "config.json").stat().st_mode & 0o044  # readable by others (umask 022)
+    with pytest.raises(ValueError, match="max_shard_size must be a positive"):
+        save_model(ours, tmp_path, max_shard_size=0)

@@ -145,3 +145,50 @@ def test_absorbed_mla_matches_naive(case, tmp_path):
         outs[impl] = torch.cat(steps, dim=1)
     assert (outs["absorb"] - outs["naive"]).abs().max().item() <= 1e-4
     assert outs["naive"].abs().max() > 0.1
+
+
+def test_v3_single_expert_normalises_like_transformers(tmp_path):
+    """V3 renormalises even with k=1 (transformers and DeepSeek-V3 inference/model.py)."""
+    hf = make_hf_model(
+        "deepseek_v3",
+        tmp_path,
+        num_experts_per_tok=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+    )
+    ours = load_model(tmp_path)
+    ids = _ids(hf.config.vocab_size)
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_v2_normalise_or_scale_follows_the_reference():
+    """DeepSeek-V2's gate: renormalise if norm_topk_prob and k > 1, otherwise scale."""
+    from deepwhale.config import ModelConfig
+    from deepwhale.model.moe import Gate
+
+    base = dict(
+        model_type="deepseek_v2",
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        kv_lora_rank=4,
+        qk_nope_head_dim=2,
+        qk_rope_head_dim=2,
+        v_head_dim=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=4,
+        routed_scaling_factor=3.0,
+    )
+    x = torch.randn(5, 8)
+    for norm in (True, False):
+        gate = Gate(ModelConfig(**base, norm_topk_prob=norm))
+        torch.nn.init.normal_(gate.weight)
+        w, idx, scores = gate(x)
+        raw = scores.gather(1, idx)
+        expected = raw / raw.sum(-1, keepdim=True) if norm else raw * 3.0
+        assert torch.allclose(w, expected)
