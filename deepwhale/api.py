@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from deepwhale.checkpoint.hub import resolve_checkpoint
+from deepwhale.checkpoint.hub import CheckpointError, resolve_checkpoint
 from deepwhale.checkpoint.io import load_model, save_model
 from deepwhale.config import ModelConfig
 from deepwhale.inference.engine import Engine, Request
@@ -43,13 +43,35 @@ _DTYPES = {
 }
 
 
+def resolve_device(device: str | torch.device | None) -> str:
+    """``None`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``.
+
+    Raises:
+        ValueError: an unknown device string, a device type other than cpu/cuda, or CUDA asked
+            for where none is available.
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return str(dev)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """``None`` -> fp32 on CPU (bf16 matmul is ~100x slower there), bf16 on CUDA.
 
     Raises:
-        ValueError: an unknown dtype name.
+        ValueError: an unknown dtype name, or a non-floating dtype.
     """
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point type, got {dtype}")
         return dtype
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -103,8 +125,10 @@ class DeepSeekModel:
             ConfigError: malformed or unsupported config.json.
             TokenizerError: a malformed tokenizer.json or tokenizer_config.json.
         """
+        if path_or_repo_id is not None and not str(path_or_repo_id).strip():
+            raise CheckpointError("the model path is empty; pass a folder or a repo id")
         folder = resolve_checkpoint(path_or_repo_id or DEFAULT_MODEL, revision=revision)
-        device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         module = load_model(folder, dtype=resolve_dtype(dtype, device), device=device)
         tokenizer = (
             Tokenizer.from_pretrained(folder) if (folder / "tokenizer.json").exists() else None
@@ -146,16 +170,31 @@ class DeepSeekModel:
             raise ValueError(f"{self.path}: no tokenizer.json; text generation needs one")
         return self.tokenizer
 
-    def encode_prompt(self, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
-        """Token ids for a prompt string, or for chat ``messages`` through the chat template.
+    def encode_prompt(self, prompt: str | list[dict] | list[int]) -> list[int]:
+        """Token ids for a prompt: a string, chat ``messages`` (through the chat template), or
+        token ids (used as they are).
 
         Raises:
-            TokenizerError: chat messages given but the model has no chat template.
+            TokenizerError: chat messages given but the model has no chat template, or text
+                that is not valid Unicode.
+            ValueError: a prompt of another type, or token ids outside the vocabulary.
         """
         tok = self._require_tokenizer()
-        if isinstance(prompt, list):
+        if isinstance(prompt, str):
+            return tok.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             return tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        return tok.encode(prompt)
+        if isinstance(prompt, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in prompt
+        ):
+            vocab = self.config.vocab_size
+            if any(not 0 <= i < vocab for i in prompt):
+                raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            return list(prompt)
+        raise ValueError(
+            "prompt must be a string, a list of chat messages ({'role': ..., 'content': ...}) "
+            f"or a list of token ids; got {type(prompt).__name__}"
+        )
 
     def stream(self, prompt: str | list[dict], **sampling) -> Iterator[GenerationChunk]:
         """Yield :class:`GenerationChunk` deltas for ``prompt`` (a string or chat messages).
@@ -170,7 +209,7 @@ class DeepSeekModel:
         params = SamplingParams(**sampling)
         ids = self.encode_prompt(prompt)
         self.module.eval()
-        yield from generate_stream(self.module, self._require_tokenizer(), ids, params)
+        return generate_stream(self.module, self._require_tokenizer(), ids, params)
 
     def generate(self, prompt: str | list[dict], **sampling) -> str:
         """Generate and return the new text (prompt excluded); see :meth:`stream`."""

@@ -107,15 +107,21 @@ def chat(
 ) -> None:
     """Interactive chat using the model's chat template. Type /exit or Ctrl-D to quit, /reset to
     clear the history. A model without a chat template continues each line as plain text."""
+    from deepwhale.inference.sampling import SamplingParams
+
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     try:
+        SamplingParams(**sampling)  # bad values fail now, not after the first line
         m = _load(model, device, dtype)
+        templated = m.tokenizer is not None and bool(m.tokenizer.chat_templates)
+        if templated:  # a broken template fails at start-up, not at every turn
+            m.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     except _user_errors() as e:
         _fail(e)
-    templated = m.tokenizer is not None and m.tokenizer.chat_template is not None
     if not templated:
-        err.print(
-            "[yellow]This model has no chat template: each line is continued as plain text.[/]"
-        )
+        err.print("[yellow]This model has no chat template: each line is continued as text.[/]")
+        if system:
+            err.print("[yellow]--system is ignored without a chat template.[/]")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     out = Console()
     while True:
@@ -135,13 +141,7 @@ def chat(
         prompt = history if templated else line
         reply = []
         try:
-            for chunk in m.stream(
-                prompt,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-            ):
+            for chunk in m.stream(prompt, **sampling):
                 reply.append(chunk.text)
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()

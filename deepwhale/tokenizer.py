@@ -504,10 +504,22 @@ class Tokenizer:
 
         Raises:
             TypeError: ``text`` is not a ``str``.
+            TokenizerError: ``text`` is not valid Unicode (a lone surrogate, e.g. from bytes
+                that were not UTF-8).
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be str, not {type(text).__name__}")
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise TokenizerError(
+                    f"text is not valid Unicode: {e.reason} at position {e.start} "
+                    "(was the input UTF-8?)"
+                ) from e
+            raise
         if add_special_tokens:
             bos = self._ids["bos_token"]
             if self._add_bos_token and bos is not None:

@@ -189,3 +189,38 @@ def test_chat_with_r1_template_and_v3_shaped_model(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert r.output.count(">>> ") == 3  # two turns, then EOF
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seed", "99999999999999999999"], "seed must be an integer"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--device", "meta"], "device must be cpu or cuda"),
+        (["--model", ""], "the model path is empty"),
+        (["--prompt", "Once \udcff"], "not valid Unicode"),
+    ],
+)
+def test_more_bad_input_is_one_line(args, message):
+    r = runner.invoke(app, ["generate", *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_errors_do_not_echo_the_prompt_first():
+    r = runner.invoke(app, ["generate", "--prompt", "Once", "--temperature", "-1"])
+    assert r.exit_code == 2 and not r.stdout.startswith("Once")
+
+
+def test_chat_bad_settings_fail_at_start():
+    r = runner.invoke(app, ["chat", "--max-new-tokens", "0"], input="hello\n")
+    assert r.exit_code == 2 and "max_new_tokens must be >= 1" in r.output
+    assert ">>>" not in r.output
+
+
+def test_tiny_temperature_is_greedy():
+    r = runner.invoke(
+        app,
+        ["generate", "-p", "Once upon a time", "--temperature", "1e-45", "--max-new-tokens", "10"],
+    )
+    assert r.exit_code == 0 and r.stdout.startswith("Once upon a time, there was a little girl")

@@ -182,6 +182,33 @@ def test_transformers5_rope_parameters_spelling():
         ({"hidden_size": "4096"}, "hidden_size must be a positive integer"),
         ({"use_sliding_window": True}, "use_sliding_window=true is not supported"),
         ({"n_routed_experts": 8}, "has no MoE"),
+        ({"intermediate_size": -1}, "intermediate_size must be a positive integer"),
+        ({"intermediate_size": 172.0}, "intermediate_size must be a positive integer"),
+        ({"head_dim": 0}, "head_dim must be a positive integer"),
+        ({"max_position_embeddings": "512"}, "max_position_embeddings must be a positive"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+        ({"rope_interleave": "false"}, "rope_interleave must be true or false"),
+        ({"attention_bias": 0}, "attention_bias must be true or false"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number"),
+        ({"rope_theta": float("inf")}, "rope_theta must be a finite number"),
+        ({"rope_scaling": [1, 2]}, "rope_scaling must be an object or null"),
+        ({"rope_scaling": "yarn"}, "rope_scaling must be an object or null"),
+        (
+            {
+                "rope_scaling": {
+                    "type": "yarn",
+                    "factor": 4,
+                    "original_max_position_embeddings": "256",
+                }
+            },
+            "original_max_position_embeddings must be a positive integer",
+        ),
+        (
+            {"rope_scaling": {"type": "yarn", "factor": 4, "beta_fast": "32"}},
+            "beta_fast must be a finite number",
+        ),
+        ({"rope_scaling": {"type": "yarn", "factor": 4, "mscale": -1}}, "mscale must be >= 0"),
+        ({"quantization_config": "fp8"}, "quantization_config must be an object"),
     ],
 )
 def test_bad_llama_configs(change, message):
@@ -200,6 +227,12 @@ def test_bad_llama_configs(change, message):
         ({"kv_lora_rank": None}, "kv_lora_rank must be a positive integer"),
         ({"qk_rope_head_dim": 63}, "qk_rope_head_dim must be even"),
         ({"n_group": None}, "needs n_group and topk_group"),
+        ({"first_k_dense_replace": "1"}, "first_k_dense_replace must be a non-negative integer"),
+        ({"n_shared_experts": -1}, "n_shared_experts must be a non-negative integer"),
+        ({"routed_scaling_factor": "2.5"}, "routed_scaling_factor must be a finite number"),
+        ({"routed_scaling_factor": -2.5}, "routed_scaling_factor must be > 0"),
+        ({"norm_topk_prob": "false"}, "norm_topk_prob must be true or false"),
+        ({"quantization_config": {"weight_block_size": [128]}}, "weight_block_size must be"),
     ],
 )
 def test_bad_moe_configs(change, message):

@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 import torch
 
 from deepwhale.inference.generate import GenerationChunk, PromptTooLongError, stop_holdback
-from deepwhale.inference.sampling import SamplingParams, apply_penalties, sample
+from deepwhale.inference.sampling import (
+    NonFiniteLogitsError,
+    SamplingParams,
+    apply_penalties,
+    sample,
+)
 from deepwhale.model.cache import make_cache
 from deepwhale.model.transformer import CausalLM
 
@@ -303,6 +308,8 @@ class Engine:
         tokens_for = {}
         if plain:
             stacked = torch.stack([running[i][1].next_logits for i in plain])  # (G, V)
+            if bool(torch.isnan(stacked).any()):
+                raise NonFiniteLogitsError("the model produced NaN logits; check the weights")
             tokens_for = dict(zip(plain, stacked.argmax(dim=-1).tolist(), strict=True))
         for i, (req, seq) in enumerate(running):
             token = tokens_for[i] if i in tokens_for else self._sample(req, seq)

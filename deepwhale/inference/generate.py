@@ -88,7 +88,8 @@ def generate_stream(
         concatenated ``text`` equals the decoded output up to (excluding) any stop string.
 
     Raises:
-        PromptTooLongError: the prompt is empty or leaves no room for one new token.
+        PromptTooLongError: the prompt is empty or leaves no room for one new token (raised
+            when called, before the first chunk).
     """
     ctx = model.config.max_position_embeddings
     n_prompt = len(prompt_ids)
@@ -99,7 +100,13 @@ def generate_stream(
             f"the prompt is {n_prompt} tokens, but the model's context is {ctx} tokens "
             "(max_position_embeddings); shorten the prompt"
         )
-    budget = min(params.max_new_tokens, ctx - n_prompt)
+    return _generate(
+        model, tokenizer, prompt_ids, params, min(params.max_new_tokens, ctx - n_prompt)
+    )
+
+
+def _generate(model, tokenizer, prompt_ids, params, budget) -> Iterator[GenerationChunk]:
+    n_prompt = len(prompt_ids)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     caches = make_cache(model.config, 1, n_prompt + budget, dtype=dtype, device=device)

@@ -8,9 +8,17 @@ frequency penalties as the OpenAI API defines them
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+#: temperatures below this sample greedily
+GREEDY_TEMPERATURE = 1e-5
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """The model produced NaN logits: broken weights or an unstable dtype, never a valid token."""
 
 
 @dataclass
@@ -47,9 +55,40 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, list | tuple) or not all(
+            isinstance(s, str) for s in self.stop
+        ):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = [s for s in self.stop if s]
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+            ):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not -(2**63) <= self.seed < 2**64
+        ):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         checks = [
             ("temperature", self.temperature >= 0, ">= 0"),
             ("top_k", self.top_k >= 0, ">= 0"),
@@ -66,8 +105,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when sampling reduces to argmax."""
-        return self.temperature == 0 or self.top_k == 1
+        """True when sampling reduces to argmax: ``top_k == 1`` or a temperature below 1e-5
+        (as vLLM does; dividing logits by a tinier temperature overflows to inf)."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """A generator seeded with ``seed``, or None to use the global RNG."""
@@ -151,6 +191,10 @@ def sample(
     Returns ``(B,)`` int64 token ids.
     """
     logits = logits.float()
+    if bool(torch.isnan(logits).any()):
+        raise NonFiniteLogitsError(
+            "the model produced NaN logits; check the weights (a corrupt file?) and the dtype"
+        )
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, params).softmax(dim=-1)
