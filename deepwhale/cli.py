@@ -6,6 +6,7 @@ fit) print one red line and exit with status 2 instead of a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -188,7 +189,13 @@ def export_gguf(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy: spinning OpenMP threads
+    stall small matrix products for milliseconds on shared or virtual CPUs (measured on a 2-vCPU
+    VM: 7.8 ms instead of 0.13 ms per decode GEMV). torch is imported lazily, after this.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 
