@@ -129,7 +129,7 @@ class DeepSeekModel:
             raise CheckpointError("the model path is empty; pass a folder or a repo id")
         folder = resolve_checkpoint(path_or_repo_id or DEFAULT_MODEL, revision=revision)
         device = resolve_device(device)
-        module = load_model(folder, dtype=resolve_dtype(dtype, device), device=device)
+        module = _load_module(folder, resolve_dtype(dtype, device), device)
         tokenizer = (
             Tokenizer.from_pretrained(folder) if (folder / "tokenizer.json").exists() else None
         )
@@ -142,7 +142,12 @@ class DeepSeekModel:
         identical logits. Returns the folder.
         """
         folder = Path(folder)
-        save_model(self.module, folder, max_shard_size=max_shard_size)
+        if getattr(self.module, "quantization", None):
+            from deepwhale.inference.quantize import save_quantized
+
+            save_quantized(self.module, folder, max_shard_size=max_shard_size)
+        else:
+            save_model(self.module, folder, max_shard_size=max_shard_size)
         if self.path is not None and self.path.resolve() != folder.resolve():
             for name in TOKENIZER_FILES:
                 if (self.path / name).exists():
@@ -267,6 +272,28 @@ class DeepSeekModel:
         return [r.texts()[0] for r in self.engine.generate(ids, params)]
 
     # ------------------------------------------------------------------ acceleration
+    def quantize(self, mode: str = "int8", lm_head: bool = False) -> DeepSeekModel:
+        """Quantize the linear layers to int8 in place (a model-to-model transform).
+
+        Args:
+            mode: ``"int8"`` (weight-only: int8 weights with per-channel scales) or
+                ``"int8-dynamic"`` (W8A8: activations quantized per token at run time). The
+                kernel is the fastest measured per device; see :mod:`deepwhale.inference.quantize`.
+            lm_head: also quantize the output head (faster decode, ~0.1% perplexity).
+
+        ``save_pretrained`` then writes an int8 checkpoint that ``from_pretrained`` loads back
+        with identical logits. Returns ``self``.
+
+        Raises:
+            ValueError: an unknown mode, or a model that is already quantized.
+        """
+        from deepwhale.inference.quantize import quantize_model
+
+        if getattr(self.module, "quantization", None):
+            raise ValueError(f"the model is already quantized ({self.module.quantization['mode']})")
+        quantize_model(self.module, mode, lm_head=lm_head)
+        return self
+
     def compile(self, mode: str | None = None) -> DeepSeekModel:
         """``torch.compile`` the engine's decode step (its function boundary; static cache shapes).
 
@@ -312,6 +339,15 @@ class DeepSeekModel:
             options={"enabled_precisions": {precisions[precision]}},
         )
         return self
+
+
+def _load_module(folder: Path, dtype: torch.dtype, device: str) -> CausalLM:
+    """A plain or deepwhale-int8 checkpoint, by its ``quantization_config``."""
+    from deepwhale.inference.quantize import is_quantized_checkpoint, load_quantized
+
+    if is_quantized_checkpoint(ModelConfig.from_json_file(folder / "config.json")):
+        return load_quantized(folder, device=device, dtype=dtype)
+    return load_model(folder, dtype=dtype, device=device)
 
 
 _DEFAULT: dict[str, DeepSeekModel] = {}

@@ -170,6 +170,22 @@ def convert_llama2c(
     Console().print(f"wrote {folder}")
 
 
+@app.command()
+def quantize(
+    out: Annotated[Path, typer.Option(help="Output folder for the int8 checkpoint.")],
+    model: ModelOpt = None,
+    mode: Annotated[str, typer.Option(help="int8 (weight-only) or int8-dynamic (W8A8).")] = "int8",
+    lm_head: Annotated[bool, typer.Option(help="Also quantize the output head.")] = False,
+) -> None:
+    """Quantize a checkpoint to int8 and save it; `--model OUT` then loads it back."""
+    try:
+        m = _load(model, "cpu", "float32").quantize(mode, lm_head=lm_head)
+        m.save_pretrained(out)
+    except _user_errors() as e:
+        _fail(e)
+    Console().print(f"wrote {out} ({mode}, kernels {m.module.quantization.get('kernels')})")
+
+
 @export_app.command("gguf")
 def export_gguf(
     out: Annotated[Path, typer.Option(help="Output .gguf file.")],

@@ -185,7 +185,10 @@ class MLA(nn.Module):
         score = (q_nope W_UK) . c_kv + q_pe . k_pe, out = (softmax(score) c_kv) W_UV^T.
         """
         b, h, t, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w = self.kv_b_proj.weight
+        if not w.is_floating_point():  # an int8 layer: per-output-channel scales
+            w = w.float() * self.kv_b_proj.weight_scale[:, None]
+        w = w.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # (B, H, T, r)
         q_all = torch.cat((q_lat, q_pe), dim=-1).reshape(b, h * t, -1)  # (B, H*T, r + rope)

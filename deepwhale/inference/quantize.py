@@ -1,0 +1,860 @@
+"""INT8 quantization as a model-to-model transform: ``quantize_model(CausalLM, mode) -> CausalLM``.
+
+Two modes, both with int8 weights and one fp32 scale per output channel (symmetric absmax,
+``scale = max|W[o, :]| / 127``, values in ``[-127, 127]``):
+
+* ``"int8"``: weight-only (W8A16-style). Activations stay in the model's float dtype; the int8
+  weight is multiplied in with its scale (gpt-fast ``quantize.py`` ``WeightOnlyInt8Linear``;
+  torchao ``Int8WeightOnlyConfig``).
+* ``"int8-dynamic"``: W8A8. Each activation row (token) is quantized on the fly to int8 with its
+  own absmax scale, multiplied in int8 with int32 accumulation, and rescaled by
+  ``row_scale * channel_scale`` (the vector-wise scheme of LLM.int8(), Dettmers et al.
+  arXiv:2208.07339 §3, without its fp16 outlier path; torchao
+  ``Int8DynamicActivationInt8WeightConfig``).
+
+Every ``nn.Linear`` of attention and MLP / experts becomes an :class:`Int8Linear`. Embeddings,
+norms, the MoE router (``mlp.gate``, a parameter, not a Linear) and, by default, ``lm_head`` stay
+in float. The module keeps its forward signature, so the generation code runs it unchanged, and
+remembers its mode in ``module.quantization``.
+
+Kernels: an :class:`Int8Linear` stores only ``weight`` (int8) and ``weight_scale`` (fp32); the
+matrix multiply is one of the maintained PyTorch ops in :data:`KERNELS`, picked per device from
+:data:`KERNEL_ORDER`. A kernel that is missing or broken in the installed PyTorch (probed once per
+process) is skipped with a ``RuntimeWarning`` naming it and the next one is used; every list ends
+in a pure-ATen kernel with the same numerics contract (int8 weights, and int8 activations in
+``int8-dynamic``), so a removed API makes the model slower, never silently fp32.
+
+Choice per device, measured with ``benchmarks/int8_candidates.py``: a 58.07M-parameter LLaMA
+(random weights, vocab 32000, hidden 512, 8 layers, untied head), batch 1, greedy decode after a
+16-token prompt; tok/s is one over the median decode step, best of 5 interleaved rounds. CPU:
+this project's 2-core AMD EPYC (AVX2 only), torch 2.13.0+cpu, torchao 0.18.0, one thread (the
+machine is shared; run-to-run spread is about +-25%, two-thread figures in brackets). CUDA: one
+H200, torch 2.11.0+cu130, bf16 activations, eager, best of 3.
+
+=============================================  ===============  ============
+candidate (``lm_head`` in float)               CPU tok/s        H200 tok/s
+=============================================  ===============  ============
+fp32 / bf16 baseline                           57.4 (76.4)      106-141
+int8 ``dequant``                               **41.8** (64.0)  **100-107**
+int8 ``weight_int8pack_mm``                    32.8 (30.4)      79-109
+int8-dynamic ``fbgemm``                        **90.3** (111.8) --
+int8-dynamic ``int_mm``                        72.3 (77.3)      **44-61**
+int8-dynamic ``dequant-w8a8`` (fallback)       47.6 (73.8)      50-66
+int8-dynamic ``fbgemm`` + ``lm_head=True``     140.6 (183.7)    59 (int_mm)
+torchao ``Int8WeightOnlyConfig``               49.1 (84.2)      63
+torchao ``Int8DynamicActivationInt8Weight``    40.1 (42.7)      2.3
+``torch.ao.quantization.quantize_dynamic``     84.4 (91.4)      --
+=============================================  ===============  ============
+
+Bold: the default (first in :data:`KERNEL_ORDER`). On the H200 a 58M model is launch-bound, so
+CUDA was decided on 7B-shaped layers (CUDA-graph replay, one token, microseconds per call for
+4096x4096 / 11008x4096 / 4096x11008): bf16 9.5 / 24 / 27, ``dequant`` 58 / 148 / 148,
+``weight_int8pack_mm`` 124 / 252 / 408, ``int_mm`` 34 / 43 / 54, ``dequant-w8a8`` 96 / 204 /
+198. Eager int8 is slower than bf16 on that GPU at every shape (the activation quantization and
+rescaling are separate kernels); under ``torch.compile`` ``int_mm`` reaches 15 / 21 us. On both
+devices int8 is first a memory saving; on this CPU ``int8-dynamic`` is also 1.6x fp32.
+
+Weight bytes (:func:`weight_bytes`) of that model: attention/MLP Linears 0.252 of fp32 (int8 plus
+an fp32 scale per row); whole model 0.674 (embeddings and ``lm_head`` are 56% of its parameters
+and stay fp32), 0.463 with ``lm_head=True``. Perplexity of the bundled stories260K on the
+TinyStories sample (fp32 3.548, 1804 tokens), ratio to fp32: ``int8`` 1.0010 (1.0009 with the
+head), ``int8-dynamic`` 1.0007 (1.0006 with the head), 1.0061 token by token through fbgemm.
+
+Caveats: weight-only int8 is slower than fp32 on this AVX2 CPU (every candidate widens the
+weights to float per call; ``torch._weight_int8pack_mm`` has no AVX2-vectorised kernel), and so
+is the same model's torchao path. fbgemm quantizes a whole call per tensor (asymmetric, 7 bits
+with ``reduce_range``), so it serves one-row inputs (batch-1 decode), where that is per token;
+multi-row inputs (prefill, batched decode) go through ``torch._int_mm`` with per-token scales.
+fbgemm keeps its own packed copy of each weight (resident memory about 2 bytes per weight more
+than :func:`weight_bytes` counts), and PyTorch 2.13 marks the quantized-tensor API it needs as
+deprecated (pytorch/pytorch#184982; ``torch.ao.quantization`` itself warns that it "will be
+removed"); ``int_mm`` is its fallback. On CUDA ``torch._int_mm`` needs in/out features divisible
+by 8; other layers use ``dequant-w8a8`` (stories260K's 172-wide MLP does).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from deepwhale.checkpoint.hub import CheckpointError
+from deepwhale.checkpoint.io import INDEX_NAME, SINGLE_NAME, checkpoint_files, write_json
+from deepwhale.config import ModelConfig
+from deepwhale.model.cache import make_cache
+from deepwhale.model.layers import RotaryEmbedding
+from deepwhale.model.transformer import CausalLM
+
+QUANT_METHOD = "deepwhale-int8"
+MODES = ("int8", "int8-dynamic")
+SCALE_SUFFIX = "_scale"  # ``X.weight`` -> ``X.weight_scale``
+_FP32_KEYS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # router math stays fp32
+_EPS = 1e-8  # smallest absmax before dividing by it (all-zero rows and tokens)
+_CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM in torch._int_mm wants more than 16 rows
+
+
+# ---------------------------------------------------------------------------- quantizers
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 quantization of a linear weight.
+
+    Args:
+        weight: ``(out_features, in_features)`` float weight (any float dtype; math in fp32).
+
+    Returns:
+        ``(q, scale)``: ``q`` int8 ``(out, in)`` in ``[-127, 127]``, ``scale`` fp32 ``(out,)`` with
+        ``weight ~= q * scale[:, None]`` (gpt-fast ``dynamically_quantize_per_channel``, symmetric).
+
+    Raises:
+        ValueError: ``weight`` is not 2-D.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D linear weight, got shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=_EPS) / 127  # (out,)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+    return q, scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-row (per-token) int8 quantization of activations.
+
+    Args:
+        x: ``(N, K)`` float activations.
+
+    Returns:
+        ``(xq, scale)``: int8 ``(N, K)`` in ``[-127, 127]`` and fp32 ``(N, 1)``,
+        ``x ~= xq * scale`` (LLM.int8() vector-wise absmax quantization).
+    """
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS) / 127  # (N, 1)
+    return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+# ---------------------------------------------------------------------------- kernels
+def _dequant(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    # gpt-fast WeightOnlyInt8Linear: F.linear(x, int8 -> x.dtype) * scales
+    return F.linear(x, layer.weight.to(x.dtype)) * layer.weight_scale.to(x.dtype)
+
+
+def _weight_int8pack_mm(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x.contiguous(), layer.weight, layer.weight_scale.to(x.dtype))
+
+
+def _dequant_w8a8(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    xq, xs = quantize_rows(x)  # (N, K), (N, 1)
+    acc = F.linear(xq.float(), layer.weight.float())  # (N, out): int products summed in fp32
+    return (acc * xs * layer.weight_scale).to(x.dtype)
+
+
+def _int_mm(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    xq, xs = quantize_rows(x)  # (N, K) int8, (N, 1) fp32
+    n = xq.shape[0]
+    if xq.is_cuda and n < _CUDA_INT_MM_MIN_ROWS:
+        xq = F.pad(xq, (0, 0, 0, _CUDA_INT_MM_MIN_ROWS - n))
+    acc = torch._int_mm(xq, layer.weight.t())[:n]  # (N, out) int32
+    return (acc.float() * xs * layer.weight_scale).to(x.dtype)
+
+
+def _fbgemm(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] != 1:  # fbgemm quantizes a call per tensor: per token only for one row
+        return _int_mm(layer, x)
+    if layer._packed is None:
+        layer._packed = _fbgemm_pack(layer.weight, layer.weight_scale)
+    if x.dtype != torch.float32:
+        return torch.ops.quantized.linear_dynamic(x.float(), layer._packed, True).to(x.dtype)
+    return torch.ops.quantized.linear_dynamic(x, layer._packed, True)  # reduce_range: 7-bit x
+
+
+def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor):
+    """Pack int8 ``(out, in)`` + fp32 ``(out,)`` scales into fbgemm/x86 linear params."""
+    with warnings.catch_warnings():  # documented above: the qint8 tensor API is deprecated
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        qw = torch._make_per_channel_quantized_tensor(
+            q.cpu(), scale.cpu().double(), torch.zeros(q.shape[0], dtype=torch.long), 0
+        )
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def _fits_cuda_int_mm(in_features: int, out_features: int, device_type: str) -> bool:
+    return device_type != "cuda" or (in_features % 8 == 0 and out_features % 8 == 0)
+
+
+def _fits_any(in_features: int, out_features: int, device_type: str) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One way to run an :class:`Int8Linear`.
+
+    Attributes:
+        name: the key in :data:`KERNELS` (and the ``kernel=`` argument of :func:`quantize_model`).
+        mode: ``"int8"`` or ``"int8-dynamic"``.
+        op: the maintained operator it calls.
+        devices: device types it supports (``"cpu"``, ``"cuda"``, ...); empty means any.
+        run: ``(layer, x (N, in)) -> (N, out)`` in ``x.dtype``, bias not added.
+        fits: ``(in_features, out_features, device_type) -> bool``; layers that do not fit use
+            the next kernel in :data:`KERNEL_ORDER`.
+    """
+
+    name: str
+    mode: str
+    op: str
+    devices: tuple[str, ...]
+    run: Callable[[Int8Linear, torch.Tensor], torch.Tensor]
+    fits: Callable[[int, int, str], bool] = _fits_any
+
+
+KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in (
+        Kernel("dequant", "int8", "F.linear(x, W.to(x.dtype)) * scale", (), _dequant),
+        Kernel(
+            "weight_int8pack_mm",
+            "int8",
+            "torch._weight_int8pack_mm",
+            ("cpu", "cuda", "mps"),
+            _weight_int8pack_mm,
+        ),
+        Kernel(
+            "fbgemm",
+            "int8-dynamic",
+            "torch.ops.quantized.linear_dynamic (one row) + torch._int_mm (more rows)",
+            ("cpu",),
+            _fbgemm,
+        ),
+        Kernel(
+            "int_mm", "int8-dynamic", "torch._int_mm", ("cpu", "cuda"), _int_mm, _fits_cuda_int_mm
+        ),
+        Kernel("dequant-w8a8", "int8-dynamic", "F.linear on int8 values", (), _dequant_w8a8),
+    )
+}
+
+# Fastest first, as measured (module docstring); "*" is any other device type.
+KERNEL_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
+    ("int8", "cpu"): ("dequant", "weight_int8pack_mm"),
+    ("int8", "cuda"): ("dequant", "weight_int8pack_mm"),
+    ("int8", "*"): ("dequant",),
+    ("int8-dynamic", "cpu"): ("fbgemm", "int_mm", "dequant-w8a8"),
+    ("int8-dynamic", "cuda"): ("int_mm", "dequant-w8a8"),
+    ("int8-dynamic", "*"): ("dequant-w8a8",),
+}
+
+
+@functools.cache
+def _probe(name: str, device: str) -> str | None:
+    """Run kernel ``name`` once on a tiny layer on ``device``; None if it works, else the error."""
+    kernel = KERNELS[name]
+    if kernel.devices and torch.device(device).type not in kernel.devices:
+        return f"it does not run on {device}"
+    try:
+        g = torch.Generator().manual_seed(0)
+        layer = Int8Linear.from_linear(_tiny_linear(g), kernel.mode).to(device)
+        x = torch.randn(2, 32, generator=g).to(device)
+        want = _dequant_w8a8(layer, x) if kernel.mode == "int8-dynamic" else _dequant(layer, x)
+        for rows in (x[:1], x):
+            got = kernel.run(layer, rows)
+            if got.shape != (rows.shape[0], 32) or not torch.allclose(
+                got, want[: rows.shape[0]], rtol=0.05, atol=0.05
+            ):
+                return f"wrong result on a probe ({tuple(got.shape)})"
+    except Exception as e:  # a removed or broken op: report it, use the next kernel
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    return None
+
+
+def _tiny_linear(g: torch.Generator) -> nn.Linear:
+    layer = nn.Linear(32, 32, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(32, 32, generator=g) * 0.1)
+    return layer
+
+
+@functools.cache
+def _working_kernels(mode: str, device: str, prefer: str | None) -> tuple[str, ...]:
+    """The kernels to try for ``mode`` on ``device``, in order, with broken ones dropped.
+
+    Raises:
+        RuntimeError: ``prefer`` was asked for explicitly and does not work here, or no kernel
+            works (never happens with ATen present: the last ones are plain ``F.linear``).
+    """
+    device_type = torch.device(device).type
+    order = KERNEL_ORDER.get((mode, device_type), KERNEL_ORDER[(mode, "*")])
+    if prefer is not None:
+        err = _probe(prefer, device)
+        if err is not None:
+            raise RuntimeError(f"int8 kernel {prefer!r} does not work on {device}: {err}")
+        order = (prefer, *(k for k in order if k != prefer))
+    working = []
+    for name in order:
+        err = _probe(name, device)
+        if err is None:
+            working.append(name)
+        elif not working:  # the preferred one is gone: say so once, use the next
+            warnings.warn(
+                f"deepwhale {mode}: kernel {name!r} ({KERNELS[name].op}) is unavailable on "
+                f"{device} ({err}); falling back to the next candidate",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    if not working:
+        raise RuntimeError(f"no int8 kernel for mode {mode!r} works on {device}")
+    return tuple(working)
+
+
+# ---------------------------------------------------------------------------- the layer
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights and per-output-channel fp32 scales.
+
+    State (what is saved): ``weight`` int8 ``(out_features, in_features)``, ``weight_scale``
+    fp32 ``(out_features,)`` and ``bias`` (float parameter) when the original had one.
+
+    ``forward(x)``: ``(..., in_features) -> (..., out_features)`` in ``x``'s dtype. The kernel is
+    chosen per device type on first use (see :data:`KERNEL_ORDER`) and recorded in
+    :attr:`kernels`.
+
+    Args:
+        in_features, out_features: sizes.
+        bias: whether there is a bias.
+        mode: ``"int8"`` or ``"int8-dynamic"``.
+        prefer: a kernel name to try first (None: the per-device order).
+        device, dtype: where to allocate, and the bias dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        mode: str,
+        prefer: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        check_mode(mode)
+        self.in_features, self.out_features = in_features, out_features
+        self.mode = mode
+        self.prefer = prefer
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer(
+            "weight_scale", torch.empty(out_features, dtype=torch.float32, device=device)
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        )
+        self.kernels: dict[str, str] = {}  # device -> kernel name, filled on first use
+        self._runs: dict[torch.device, Callable] = {}  # the same, as functions (hot path)
+        self._packed = None  # a kernel's private packed weight (fbgemm), never saved
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str, prefer: str | None = None) -> Int8Linear:
+        """Quantize an ``nn.Linear`` (see :func:`quantize_weight`); the bias is kept as is."""
+        w = linear.weight
+        layer = cls(
+            w.shape[1],
+            w.shape[0],
+            linear.bias is not None,
+            mode,
+            prefer,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        q, scale = quantize_weight(w)
+        layer.weight.copy_(q)
+        layer.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def kernel_for(self, device: torch.device) -> str:
+        """The kernel name this layer uses on ``device``: the first working one in
+        :data:`KERNEL_ORDER` that fits its shape, else the last working one (resolved once).
+
+        Raises:
+            RuntimeError: the layer's ``prefer`` kernel does not work on ``device``.
+        """
+        key = str(device)
+        if key not in self.kernels:
+            working = _working_kernels(self.mode, key, self.prefer)
+            fits = [
+                k
+                for k in working
+                if KERNELS[k].fits(self.in_features, self.out_features, device.type)
+            ]
+            self.kernels[key] = fits[0] if fits else working[-1]
+        return self.kernels[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run = self._runs.get(x.device)
+        if run is None:
+            run = self._runs[x.device] = KERNELS[self.kernel_for(x.device)].run
+        out = run(self, x.reshape(-1, self.in_features))  # (N, out)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.view(x.shape[:-1] + (self.out_features,))
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # moved or cast: repack lazily
+        self._runs = {}
+        scale = self.weight_scale
+        out = super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:  # model.to(bf16): scales stay exact fp32
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, mode={self.mode!r}"
+        )
+
+
+# ---------------------------------------------------------------------------- the transform
+def check_mode(mode: str) -> str:
+    """Return ``mode`` if it is one of :data:`MODES`.
+
+    Raises:
+        ValueError: an unknown mode (the message lists the known ones).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
+    return mode
+
+
+def _targets(module: CausalLM, lm_head: bool) -> list[tuple[nn.Module, str, str]]:
+    """``(parent, attribute, qualified name)`` of every Linear to quantize."""
+    out = []
+    for name, parent in module.model.layers.named_modules(prefix="model.layers"):
+        for attr, child in parent.named_children():
+            if type(child) is nn.Linear:
+                out.append((parent, attr, f"{name}.{attr}"))
+    if lm_head and type(module.lm_head) is nn.Linear:
+        out.append((module, "lm_head", "lm_head"))
+    return out
+
+
+def quantize_model(
+    module: CausalLM, mode: str, lm_head: bool = False, kernel: str | None = None
+) -> CausalLM:
+    """Quantize a :class:`CausalLM` to int8 in place and return it.
+
+    Every ``nn.Linear`` under ``model.layers`` (attention and MLP / expert projections) becomes
+    an :class:`Int8Linear`; embeddings, norms and the MoE router stay in float, and so does
+    ``lm_head`` unless ``lm_head=True`` (with tied embeddings the embedding stays float and the
+    head gets its own int8 copy). The forward signature is unchanged. Afterwards
+    ``module.quantization == {"quant_method": "deepwhale-int8", "mode": mode, "lm_head": ...,
+    "kernels": {kernel name: number of layers}}``.
+
+    Args:
+        module: the model (fp32, bf16 or fp16; any device but ``meta``).
+        mode: ``"int8"`` (weight-only, W8A16) or ``"int8-dynamic"`` (W8A8, per-token
+            activations).
+        lm_head: also quantize ``lm_head``.
+        kernel: force a kernel from :data:`KERNELS` (default: the fastest for the device).
+
+    Returns:
+        ``module`` itself.
+
+    Raises:
+        ValueError: unknown mode, unknown kernel or one of the other mode, an already quantized
+            or ``meta`` module.
+        RuntimeError: ``kernel`` was forced and does not work on this device.
+    """
+    check_mode(mode)
+    if kernel is not None and (kernel not in KERNELS or KERNELS[kernel].mode != mode):
+        names = [k for k, v in KERNELS.items() if v.mode == mode]
+        raise ValueError(f"unknown kernel {kernel!r} for mode {mode!r}; use one of {names}")
+    if getattr(module, "quantization", None):
+        raise ValueError(f"the model is already quantized ({module.quantization['mode']})")
+    device = module.lm_head.weight.device
+    if device.type == "meta":
+        raise ValueError("cannot quantize a model on the meta device; load its weights first")
+    with torch.no_grad():
+        for parent, attr, _ in _targets(module, lm_head):
+            setattr(parent, attr, Int8Linear.from_linear(getattr(parent, attr), mode, kernel))
+    _finish(module, mode, lm_head)
+    return module
+
+
+def _finish(module: CausalLM, mode: str, lm_head: bool) -> None:
+    """Record the mode, resolve each layer's kernel for its device and pack what needs it."""
+    counts: dict[str, int] = {}
+    for layer in module.modules():
+        if isinstance(layer, Int8Linear):
+            name = layer.kernel_for(layer.weight.device)
+            counts[name] = counts.get(name, 0) + 1
+            if name == "fbgemm":
+                layer._packed = _fbgemm_pack(layer.weight, layer.weight_scale)
+    module.quantization = {
+        "quant_method": QUANT_METHOD,
+        "mode": mode,
+        "lm_head": lm_head,
+        "kernels": counts,
+    }
+
+
+def quantization_config(module: CausalLM) -> dict:
+    """The ``quantization_config`` written to ``config.json`` for a quantized module.
+
+    Raises:
+        ValueError: ``module`` was not quantized by :func:`quantize_model` / :func:`load_quantized`.
+    """
+    q = getattr(module, "quantization", None)
+    if not q:
+        raise ValueError("the model is not quantized; call quantize_model(module, mode) first")
+    return {"quant_method": QUANT_METHOD, "mode": q["mode"], "lm_head": bool(q["lm_head"])}
+
+
+def weight_bytes(module: nn.Module, linear_only: bool = False) -> int:
+    """Bytes of the model's weights: parameters, int8 weights and scales, persistent buffers.
+
+    Tied tensors count once; non-persistent buffers (RoPE tables) and caches are not weights.
+
+    Args:
+        module: a :class:`CausalLM`, quantized or not (torchao tensor subclasses count their
+            plain-tensor parts).
+        linear_only: count only the Linear layers under ``model.layers`` (attention and
+            MLP / experts; not ``lm_head``, embeddings, norms or the router).
+
+    Returns:
+        Size in bytes.
+    """
+    if linear_only:
+        parts, names = [], set()
+        for name, m in module.model.layers.named_modules():
+            linear = isinstance(m, (nn.Linear, Int8Linear)) or hasattr(m, "_packed_params")
+            if linear and name.rpartition(".")[0] not in names:  # not torch.ao's inner params
+                parts.append(m)
+                names.add(name)
+    else:
+        parts = [module]
+    unique = {}  # id -> tensor; holding them keeps ids from being reused
+    for part in parts:
+        for t in part.state_dict(keep_vars=True).values():
+            unique.setdefault(id(t), t)
+    return sum(_tensor_bytes(t) for t in unique.values())
+
+
+def _tensor_bytes(t) -> int:
+    if isinstance(t, tuple):  # torch.ao dynamic Linear's packed params: (qweight, bias)
+        return sum(_tensor_bytes(x) for x in t)
+    if not isinstance(t, torch.Tensor):
+        return 0
+    if hasattr(t, "__tensor_flatten__"):  # a torchao tensor subclass: count its plain parts
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+# ---------------------------------------------------------------------------- save and load
+def save_quantized(
+    module: CausalLM, folder: str | Path, max_shard_size: int = 5 * 1024**3
+) -> list[Path]:
+    """Write a quantized model as a HF-style folder.
+
+    ``config.json`` gets ``quantization_config = {"quant_method": "deepwhale-int8", "mode": ...,
+    "lm_head": ...}``; the safetensors hold each quantized ``X.weight`` as int8 ``(out, in)`` with
+    ``X.weight_scale`` fp32 ``(out,)``, everything else as in :func:`~deepwhale.checkpoint.io.
+    save_model` (tied ``lm_head.weight`` omitted unless the head is quantized). Files are written
+    to a temporary name and renamed; above ``max_shard_size`` bytes, shards plus
+    ``model.safetensors.index.json``.
+
+    Returns:
+        The written weight files.
+
+    Raises:
+        ValueError: the module is not quantized.
+    """
+    qcfg = quantization_config(module)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = module.state_dict()
+    if module.config.tie_word_embeddings and not qcfg["lm_head"]:
+        state.pop("lm_head.weight", None)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    shards = _plan_shards(tensors.items(), max_shard_size)
+    if len(shards) == 1:
+        names = [SINGLE_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    written, weight_map = [], {}
+    for name, shard in zip(names, shards, strict=True):
+        _atomic(folder / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+        written.append(folder / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(
+            folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
+    else:
+        (folder / INDEX_NAME).unlink(missing_ok=True)
+    cfg = module.config.to_hf()
+    cfg["quantization_config"] = qcfg
+    cfg["torch_dtype"] = str(module.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    write_json(folder / "config.json", cfg)
+    return written
+
+
+def _plan_shards(items: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> list[dict]:
+    shards: list[dict] = [{}]
+    size = 0
+    for k, t in items:
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_quantized_checkpoint(config: ModelConfig) -> bool:
+    """True when ``config.quantization_config`` names ``quant_method: "deepwhale-int8"``.
+
+    For the loader's dispatch: ``if is_quantized_checkpoint(config): return load_quantized(...)``.
+    """
+    qc = config.quantization_config
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def _read_qconfig(config: ModelConfig, source: Path) -> tuple[str, bool]:
+    qc = config.quantization_config
+    if not is_quantized_checkpoint(config):
+        raise CheckpointError(
+            f"{source}: quantization_config.quant_method must be {QUANT_METHOD!r}, got "
+            f"{(qc or {}).get('quant_method') if isinstance(qc, dict) else qc!r}"
+        )
+    mode = qc.get("mode")
+    if mode not in MODES:
+        raise CheckpointError(
+            f"{source}: unknown quantization mode {mode!r} in quantization_config; "
+            f"use one of {', '.join(MODES)}"
+        )
+    lm_head = qc.get("lm_head", False)
+    if not isinstance(lm_head, bool):
+        raise CheckpointError(f"{source}: quantization_config.lm_head must be true or false")
+    return mode, lm_head
+
+
+def load_quantized(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> CausalLM:
+    """Load a folder written by :func:`save_quantized`.
+
+    The model is built on the ``meta`` device from ``config.json``, its Linears replaced by
+    :class:`Int8Linear`, and the int8 weights, fp32 scales and float tensors are read through
+    safetensors' memory map and assigned. Logits are bitwise identical to the saved module's
+    on the same device and kernel.
+
+    Args:
+        folder: the checkpoint folder.
+        device: target device; kernels are chosen for it.
+        dtype: dtype of the float tensors (default: the saved ``torch_dtype``; router stays fp32).
+
+    Returns:
+        The quantized :class:`CausalLM` in eval mode, with ``.quantization`` set.
+
+    Raises:
+        ConfigError: config.json missing or malformed.
+        CheckpointError (a ``ValueError``): an unknown ``quant_method`` or mode; a missing,
+            unexpected or wrongly shaped tensor; a quantized weight that is not int8 or whose
+            ``weight_scale`` is missing or not fp32 (the message names the key and the file).
+    """
+    folder = Path(folder)
+    config = ModelConfig.from_json_file(folder / "config.json")
+    mode, lm_head = _read_qconfig(config, folder / "config.json")
+    if dtype is None:
+        dtype = getattr(torch, config.torch_dtype or "float32", None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise CheckpointError(
+                f"{folder / 'config.json'}: bad torch_dtype {config.torch_dtype!r}"
+            )
+    files, _ = checkpoint_files(folder)
+    with torch.device("meta"):
+        model = CausalLM(config)
+        for parent, attr, _ in _targets(model, lm_head):
+            old = getattr(parent, attr)
+            new = Int8Linear(old.in_features, old.out_features, old.bias is not None, mode)
+            setattr(parent, attr, new)
+    expected = model.state_dict()
+    tied = config.tie_word_embeddings and not lm_head
+    needed = set(expected) - ({"lm_head.weight"} if tied else set())
+    quantized = {k for k in expected if k + SCALE_SUFFIX in expected}
+    load_device = str(device) if str(device).startswith("cuda") else "cpu"
+    loaded: dict[str, torch.Tensor] = {}
+    source: dict[str, Path] = {}
+    unexpected: list[str] = []
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device=load_device)
+        except Exception as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+        with handle as f:
+            for key in f.keys():
+                if key not in needed:
+                    unexpected.append(f"{key} (in {file.name})")
+                    continue
+                try:
+                    t = f.get_tensor(key)
+                except Exception as e:
+                    raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from e
+                loaded[key] = _check_tensor(key, t, expected[key], quantized, file, dtype)
+                source[key] = file
+    if unexpected:
+        raise CheckpointError(
+            f"{folder}: {len(unexpected)} unexpected tensor(s) for this config, e.g. "
+            + ", ".join(unexpected[:5])
+        )
+    missing = sorted(needed - set(loaded))
+    for key in missing:
+        weight = key.removesuffix(SCALE_SUFFIX)
+        if key.endswith(".weight" + SCALE_SUFFIX) and weight in source:
+            raise CheckpointError(
+                f"{source[weight]}: quantized weight {weight!r} has no scale {key!r}"
+            )
+    if missing:
+        raise CheckpointError(
+            f"{folder}: {len(missing)} tensor(s) missing from "
+            f"{', '.join(p.name for p in files)}, e.g. {', '.join(missing[:5])}"
+        )
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = RotaryEmbedding(config, device=load_device)
+    model = model.to(device).eval()
+    _finish(model, mode, lm_head)
+    return model
+
+
+def _check_tensor(
+    key: str,
+    t: torch.Tensor,
+    want: torch.Tensor,
+    quantized: set[str],
+    file: Path,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    if tuple(t.shape) != tuple(want.shape):
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has shape {tuple(t.shape)}, but this config needs "
+            f"{tuple(want.shape)}"
+        )
+    if key in quantized or key.endswith(".weight" + SCALE_SUFFIX):
+        need = torch.int8 if key in quantized else torch.float32
+        if t.dtype != need:
+            raise CheckpointError(
+                f"{file}: quantized tensor {key!r} has dtype {t.dtype}, expected {need}"
+            )
+        return t
+    if not t.is_floating_point():
+        raise CheckpointError(f"{file}: tensor {key!r} has dtype {t.dtype}, expected a float")
+    return t.to(torch.float32 if key.endswith(_FP32_KEYS) else dtype)
+
+
+# ---------------------------------------------------------------------------- quality
+@torch.inference_mode()
+def perplexity(module: CausalLM, sequences: Iterable[list[int]], stepwise: bool = False) -> float:
+    """Perplexity ``exp(mean NLL)`` of next-token prediction over token sequences.
+
+    Each sequence is scored on its own from its first token, in windows of at most
+    ``max_position_embeddings`` tokens; the first token of each window is context only.
+
+    Args:
+        module: the model (quantized or not).
+        sequences: token id lists (e.g. one per document, BOS included).
+        stepwise: score through the decode path, one token per forward with a KV cache (this
+            exercises the one-row kernels, e.g. fbgemm), instead of one forward per window.
+
+    Returns:
+        Perplexity (a float >= 1; lower is better).
+
+    Raises:
+        ValueError: no sequence has two or more tokens.
+    """
+    ctx = module.config.max_position_embeddings
+    param = next(module.parameters())  # the cache's device and dtype, as in generation
+    nll, count = 0.0, 0
+    for seq in sequences:
+        for start in range(0, max(len(seq) - 1, 0), ctx):
+            ids = torch.tensor([seq[start : start + ctx]], device=param.device)  # (1, T)
+            if ids.shape[1] < 2:
+                continue
+            if stepwise:
+                caches = make_cache(
+                    module.config, 1, ids.shape[1], dtype=param.dtype, device=param.device
+                )
+                logits = torch.cat(
+                    [
+                        module(
+                            ids[:, i : i + 1], torch.full((1, 1), i, device=param.device), caches
+                        )
+                        for i in range(ids.shape[1] - 1)
+                    ],
+                    dim=1,
+                )  # (1, T-1, V)
+            else:
+                logits = module(ids)[:, :-1]  # (1, T-1, V)
+            nll += F.cross_entropy(logits[0].float(), ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+    if count == 0:
+        raise ValueError("perplexity needs at least one sequence of two or more tokens")
+    return math.exp(nll / count)
+
+
+def read_documents(path: str | Path, separator: str = "<|endoftext|>") -> list[str]:
+    """The non-empty documents of a text file split on ``separator`` (TinyStories' layout)."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [d.strip() for d in text.split(separator) if d.strip()]
+
+
+__all__ = [
+    "KERNELS",
+    "KERNEL_ORDER",
+    "MODES",
+    "QUANT_METHOD",
+    "Int8Linear",
+    "Kernel",
+    "check_mode",
+    "is_quantized_checkpoint",
+    "load_quantized",
+    "perplexity",
+    "quantization_config",
+    "quantize_model",
+    "quantize_rows",
+    "quantize_weight",
+    "read_documents",
+    "save_quantized",
+    "weight_bytes",
+]
