@@ -169,7 +169,10 @@ def main() -> None:
         comp = eng.generate(prompts, p)
         torch.cuda.synchronize()
         t_comp = time.perf_counter() - t0
-        same = [a.sequences[0].output_ids == b.sequences[0].output_ids for a, b in zip(eager, comp)]
+        same = [
+            a.sequences[0].output_ids == b.sequences[0].output_ids
+            for a, b in zip(eager, comp, strict=True)
+        ]
         return {
             "eager_s": t_eager,
             "compiled_s": t_comp,
