@@ -115,9 +115,8 @@ class CausalLM(nn.Module):
             raise ValueError(
                 f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}"
             )
-        if input_ids.numel() and (
-            int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size
-        ):
+        checked = input_ids.numel() and not torch.compiler.is_compiling()  # no graph break
+        if checked and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(
                 f"token ids must be in [0, {self.config.vocab_size}), got "
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]"
