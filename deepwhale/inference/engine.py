@@ -287,9 +287,11 @@ class Engine:
                 c.row_start = 0
         return logits[0, -1].float()
 
-    @torch.inference_mode()
     def _decode_forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One decode step over cache rows ``0..B-1``: ``(B, 1)`` tokens -> ``(B, V)`` logits."""
+        """One decode step over cache rows ``0..B-1``: ``(B, 1)`` tokens -> ``(B, V)`` logits.
+
+        Called under ``torch.no_grad`` (not inference mode, which torch.compile cannot trace
+        through the in-place cache writes)."""
         return self.model(tokens, positions=positions, caches=self.caches)[:, -1].float()
 
     def _decode(self, events) -> None:
@@ -323,7 +325,8 @@ class Engine:
         for _, seq in self.running:
             tokens[seq.slot, 0] = seq.output_ids[-1]
             positions[seq.slot, 0] = self.lengths[seq.slot]
-        logits = self.decode_fn(tokens, positions)  # (width, V)
+        with torch.no_grad():
+            logits = self.decode_fn(tokens, positions)  # (width, V)
         for _, seq in self.running:
             self.lengths[seq.slot] += 1
             seq.next_logits = logits[seq.slot]

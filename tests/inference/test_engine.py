@@ -180,7 +180,8 @@ def test_long_context_prefill_16k_on_debug_model():
     logits = eng._prefill(ids, slot=0)
     assert logits.shape == (512,) and torch.isfinite(logits).all()
     eng.lengths[0] = n
-    nxt = eng._decode_forward(logits.argmax().view(1, 1), torch.tensor([[n]]))
+    with torch.no_grad():
+        nxt = eng._decode_forward(logits.argmax().view(1, 1), torch.tensor([[n]]))
     assert torch.isfinite(nxt).all()
     # the latent cache is what the MLA layers hold: kv_lora_rank + rope dims per token
     assert eng.caches[0].a.shape == (1, n + 8, config.kv_lora_rank)
