@@ -228,6 +228,34 @@ def save_model(
         dtype: cast floating tensors to this dtype (default: keep).
 
     Returns the written weight files. Each file is written to a temporary name and renamed.
+
+    Raises:
+        ValueError: ``max_shard_size`` is not a positive integer.
+    """
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tensors = {}
+    for k, v in state.items():
+        if dtype is not None and v.is_floating_point() and not k.endswith(_FP32_KEYS):
+            v = v.to(dtype)
+        tensors[k] = v
+    cfg = model.config.to_hf()
+    # weights are written as they are in memory: an FP8 source was dequantized on load
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+    return write_checkpoint(folder, tensors, cfg, max_shard_size)
+
+
+def write_checkpoint(
+    folder: str | Path, tensors: dict[str, torch.Tensor], config: dict, max_shard_size: int
+) -> list[Path]:
+    """Write ``tensors`` as safetensors (sharded above ``max_shard_size`` bytes, with an index)
+    and ``config`` as ``config.json`` into ``folder``, each file atomically; shards left by an
+    earlier save of another size are removed. Returns the weight files.
+
+    Raises:
+        ValueError: ``max_shard_size`` is not a positive integer.
     """
     if not isinstance(max_shard_size, int) or max_shard_size <= 0:
         raise ValueError(
@@ -235,27 +263,18 @@ def save_model(
         )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    tensors = {}
-    for k, v in state.items():
-        v = v.detach().to("cpu")
-        if dtype is not None and v.is_floating_point() and not k.endswith(_FP32_KEYS):
-            v = v.to(dtype)
-        tensors[k] = v.contiguous().clone()
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     shards = _plan_shards(tensors.items(), max_shard_size)
-    written = []
     if len(shards) == 1:
         names = [SINGLE_NAME]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
+    written, weight_map = [], {}
     for name, shard in zip(names, shards, strict=True):
         path = folder / name
         _atomic_write(path, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
         written.append(path)
-        weight_map.update({k: name for k in shard})
+        weight_map.update(dict.fromkeys(shard, name))
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         write_json(
@@ -266,11 +285,7 @@ def save_model(
     for stale in folder.glob("model-*-of-*.safetensors"):  # shards of an earlier save
         if stale.name not in names:
             stale.unlink()
-    cfg = model.config.to_hf()
-    # weights are written as they are in memory: an FP8 source was dequantized on load
-    cfg.pop("quantization_config", None)
-    cfg["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
-    write_json(folder / "config.json", cfg)
+    write_json(folder / "config.json", config)
     return written
 
 

@@ -76,8 +76,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -86,11 +84,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from deepwhale.checkpoint.hub import CheckpointError
-from deepwhale.checkpoint.io import INDEX_NAME, SINGLE_NAME, checkpoint_files, write_json
+from deepwhale.checkpoint.io import checkpoint_files, write_checkpoint
 from deepwhale.config import ModelConfig
 from deepwhale.model.cache import make_cache
 from deepwhale.model.layers import RotaryEmbedding
@@ -584,58 +581,13 @@ def save_quantized(
         ValueError: the module is not quantized.
     """
     qcfg = quantization_config(module)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = module.state_dict()
     if module.config.tie_word_embeddings and not qcfg["lm_head"]:
         state.pop("lm_head.weight", None)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    shards = _plan_shards(tensors.items(), max_shard_size)
-    if len(shards) == 1:
-        names = [SINGLE_NAME]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    written, weight_map = [], {}
-    for name, shard in zip(names, shards, strict=True):
-        _atomic(folder / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
-        written.append(folder / name)
-        weight_map.update(dict.fromkeys(shard, name))
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json(
-            folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
-        )
-    else:
-        (folder / INDEX_NAME).unlink(missing_ok=True)
     cfg = module.config.to_hf()
     cfg["quantization_config"] = qcfg
     cfg["torch_dtype"] = str(module.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    write_json(folder / "config.json", cfg)
-    return written
-
-
-def _plan_shards(items: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> list[dict]:
-    shards: list[dict] = [{}]
-    size = 0
-    for k, t in items:
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = t
-        size += n
-    return shards
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return write_checkpoint(folder, state, cfg, max_shard_size)
 
 
 def is_quantized_checkpoint(config: ModelConfig) -> bool:
