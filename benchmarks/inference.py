@@ -43,44 +43,11 @@ from deepwhale.config import ModelConfig  # noqa: E402
 from deepwhale.inference.engine import Engine  # noqa: E402
 from deepwhale.inference.sampling import SamplingParams  # noqa: E402
 from deepwhale.model.cache import cache_bytes_per_token, make_cache  # noqa: E402
-from deepwhale.model.flavours import flavour_config  # noqa: E402
+from deepwhale.model.flavours import FLAVOURS, flavour_config  # noqa: E402
 from deepwhale.model.transformer import CausalLM  # noqa: E402
 
-LLAMA_58M = dict(
-    model_type="llama",
-    vocab_size=32000,
-    hidden_size=512,
-    intermediate_size=1376,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    max_position_embeddings=4096,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-V3_100M = dict(
-    model_type="deepseek_v3",
-    vocab_size=32000,
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    max_position_embeddings=4096,
-    q_lora_rank=192,
-    kv_lora_rank=128,
-    qk_nope_head_dim=64,
-    qk_rope_head_dim=32,
-    v_head_dim=64,
-    n_routed_experts=16,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    moe_intermediate_size=512,
-    first_k_dense_replace=1,
-    n_group=4,
-    topk_group=2,
-    routed_scaling_factor=2.5,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+LLAMA_58M = FLAVOURS["bench-llama-58m"]
+V3_100M = FLAVOURS["bench-v3-134m"]
 
 
 class Progress:

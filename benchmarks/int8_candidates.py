@@ -43,6 +43,7 @@ from deepwhale.config import ModelConfig
 from deepwhale.inference import quantize as Q
 from deepwhale.inference.generate import decode_one_token, prefill
 from deepwhale.model.cache import make_cache
+from deepwhale.model.flavours import flavour_config
 from deepwhale.model.transformer import CausalLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,18 +57,7 @@ MAX_ROUND_S = 3.0  # a round stops early after this many seconds (at least 8 ste
 
 def llama_58m() -> ModelConfig:
     """The benchmark model: 58.07M parameters (32.8M of them embeddings and head)."""
-    return ModelConfig(
-        model_type="llama",
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    return flavour_config("bench-llama-58m", max_position_embeddings=2048)
 
 
 def decode_tok_s(model: nn.Module, config: ModelConfig, device: str, tokens: int) -> float:

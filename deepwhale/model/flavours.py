@@ -11,6 +11,43 @@ from __future__ import annotations
 from deepwhale.config import ConfigError, ModelConfig
 
 FLAVOURS: dict[str, dict] = {
+    # benchmark shapes: the 58M LLaMA PLATFORM.md measured llama.cpp on, and a DeepSeek-V3-shaped
+    # model of the same width (134M parameters with its 16 experts)
+    "bench-llama-58m": dict(
+        model_type="llama",
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "bench-v3-134m": dict(
+        model_type="deepseek_v3",
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        max_position_embeddings=4096,
+        q_lora_rank=192,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=512,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     "debug-v3": dict(
         model_type="deepseek_v3",
         vocab_size=512,
