@@ -72,18 +72,30 @@ def random_checkpoint(spec: dict, folder: Path, seed: int = 0) -> CausalLM:
     return model
 
 
-@torch.inference_mode()
-def ours_decode_tps(model: CausalLM, prompt: torch.Tensor, n: int, repeats: int = 2) -> float:
-    """Batch-1 greedy decode tokens/s: prefill, then ``n - 1`` single-token steps."""
+@torch.no_grad()
+def ours_decode_tps(
+    model: CausalLM, prompt: torch.Tensor, n: int, repeats: int = 2, compiled: bool = False
+) -> float:
+    """Batch-1 greedy decode tokens/s: prefill, then ``n - 1`` single-token steps.
+
+    With ``compiled``, the decode step is ``torch.compile``d (static cache shapes), as
+    ``DeepSeekModel.compile()`` does; the compile itself happens in the warm-up pass.
+    """
+    caches = make_cache(model.config, 1, prompt.shape[1] + n)
+    for c in caches:
+        c.static_len = compiled
+
+    def step(token, pos):
+        return model(token, positions=pos, caches=caches)[:, -1].argmax(-1, keepdim=True)
+
+    fn = torch.compile(step, dynamic=False) if compiled else step
     best = 0.0
-    for _ in range(repeats + 1):  # first pass warms up
-        caches = make_cache(model.config, 1, prompt.shape[1] + n)
+    for _ in range(repeats + 1):  # first pass warms up (and compiles)
         t0 = time.perf_counter()
         logits = model(prompt, caches=caches, last_only=True)
         token = logits[:, -1].argmax(-1, keepdim=True)
         for i in range(n - 1):
-            pos = torch.tensor([[prompt.shape[1] + i]])
-            token = model(token, positions=pos, caches=caches)[:, -1].argmax(-1, keepdim=True)
+            token = fn(token, torch.tensor([[prompt.shape[1] + i]]))
         best = max(best, n / (time.perf_counter() - t0))
     return best
 
@@ -269,6 +281,10 @@ def main() -> None:
         res["decode_tps"] = ours_decode_tps(llama, prompt, n)
         res["hf_decode_tps"] = hf_decode_tps(tmp / "llama", prompt, n)
         res["ratio_vs_hf"] = res["hf_decode_tps"] and res["decode_tps"] / res["hf_decode_tps"]
+        res["decode_tps_compiled"] = ours_decode_tps(llama, prompt, n, compiled=True)
+        res["compiled_ratio_vs_hf"] = res["hf_decode_tps"] and (
+            res["decode_tps_compiled"] / res["hf_decode_tps"]
+        )
         step("llama-58m: llama.cpp")
         res["llamacpp_decode_tps"] = llamacpp_decode_tps(
             llama, tmp / "llama", prompt[0].tolist(), n
@@ -276,12 +292,16 @@ def main() -> None:
         res["ratio_vs_llamacpp"] = (
             res["llamacpp_decode_tps"] and res["decode_tps"] / res["llamacpp_decode_tps"]
         )
+        res["compiled_ratio_vs_llamacpp"] = (
+            res["llamacpp_decode_tps"] and res["decode_tps_compiled"] / res["llamacpp_decode_tps"]
+        )
         step("memory bandwidth")
         bw = read_bandwidth_gbs()
         wb = weight_bytes_per_token(llama)
         res["read_bandwidth_gbs"] = bw
         res["weight_bytes_per_token"] = wb
         res["bandwidth_fraction"] = wb * res["decode_tps"] / 1e9 / bw
+        res["bandwidth_fraction_compiled"] = wb * res["decode_tps_compiled"] / 1e9 / bw
         step("v3-100m: deepwhale vs transformers")
         v3 = random_checkpoint(V3_100M, tmp / "v3")
         res["v3_params"] = sum(p.numel() for p in v3.parameters())
