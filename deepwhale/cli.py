@@ -204,6 +204,41 @@ def export_gguf(
     Console().print(f"wrote {path}")
 
 
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (0.0.0.0 exposes it).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    batch_size: Annotated[int, typer.Option(help="Concurrent sequences (engine cache slots).")] = 8,
+    max_seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per slot (default: the model's context, <= 4096).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Model id clients pass (default: the folder's name).")
+    ] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Serve a model over HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions (SSE
+    streaming), /v1/models, plus /generate and /health. Needs the serve extra (fastapi, uvicorn,
+    sse-starlette)."""
+    try:
+        import uvicorn
+
+        from deepwhale.serve import create_app
+
+        m = _load(model, device, dtype)
+        m.set_batch_size(batch_size, max_seq_len)
+        local = model is not None and Path(model).exists()
+        served = name or (Path(model).name if local else model or "stories260K")
+        app_ = create_app(m, served)
+    except _user_errors() as e:
+        _fail(e)
+    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
 def main() -> None:
     """Console-script entry point.
 

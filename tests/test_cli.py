@@ -224,3 +224,10 @@ def test_tiny_temperature_is_greedy():
         ["generate", "-p", "Once upon a time", "--temperature", "1e-45", "--max-new-tokens", "10"],
     )
     assert r.exit_code == 0 and r.stdout.startswith("Once upon a time, there was a little girl")
+
+
+def test_serve_bad_model_is_one_line():
+    r = runner.invoke(app, ["serve", "--model", "/no/such/folder"])
+    assert r.exit_code == 2 and "no such checkpoint folder" in r.output
+    r = runner.invoke(app, ["serve", "--batch-size", "0"])
+    assert r.exit_code == 2 and "batch_size must be a positive integer" in r.output

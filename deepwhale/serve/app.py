@@ -1,0 +1,505 @@
+"""The FastAPI app: OpenAI-compatible completions and chat over one continuous-batching engine.
+
+Endpoints (shapes from the OpenAI API reference, https://platform.openai.com/docs/api-reference):
+
+* ``POST /v1/completions``, ``POST /v1/chat/completions``: non-streaming JSON, or server-sent
+  events (``stream: true``) of ``text_completion`` / ``chat.completion.chunk`` objects ending in
+  ``data: [DONE]``; ``stream_options.include_usage`` adds a last chunk with empty ``choices``.
+* ``POST /generate``: ``{prompt, max_length, temperature, top_p}`` -> ``{output, usage}``, the
+  shape of DeepSeek's FastAPI serving example.
+* ``GET /v1/models``, ``GET /health``.
+
+Every request is submitted to the model's one :class:`~deepwhale.inference.engine.Engine`, whose
+scheduler runs in a background thread (started and stopped with the app), so concurrent clients
+share decode steps. A request's blocking chunk iterator is pumped by a small thread into an
+``asyncio.Queue`` (``loop.call_soon_threadsafe``), so the event loop never blocks; a client that
+disconnects mid-stream cancels its engine request, which frees its cache slot.
+
+Bad input never yields a 500: exception handlers turn validation errors, malformed JSON, prompts
+that do not fit, unknown model names and invalid sampling values into 4xx responses in OpenAI's
+error shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deepwhale.api import DeepSeekModel
+from deepwhale.inference.engine import Request as EngineRequest
+from deepwhale.inference.engine import TokenLogprob
+from deepwhale.inference.generate import GenerationChunk, PromptTooLongError
+from deepwhale.inference.sampling import SamplingParams
+from deepwhale.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    _Sampling,
+)
+
+_END = object()
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``
+    (OpenAI's error object)."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = (
+            message,
+            status,
+            type,
+            param,
+            code,
+        )
+
+
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    """A JSON response in OpenAI's error shape."""
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Map exceptions to OpenAI-shaped errors: user errors -> 4xx, anything else -> 500."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON: {first.get('msg')}")
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        where = f"'{param}': " if param else ""
+        return error_response(
+            400, f"invalid {where}{first.get('msg', 'invalid request')}", param=param
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(e.status_code, str(e.detail), kind)
+
+    @app.exception_handler(PromptTooLongError)
+    async def _too_long(_: Request, e: PromptTooLongError) -> JSONResponse:
+        return error_response(400, str(e), param="prompt", code="context_length_exceeded")
+
+    @app.exception_handler(ValueError)  # SamplingParams, TokenizerError, engine.add_request
+    async def _value(_: Request, e: ValueError) -> JSONResponse:
+        return error_response(400, str(e))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+class _Server:
+    """Request handling shared by the routes: validation, submission, streaming, formatting."""
+
+    def __init__(self, model: DeepSeekModel, model_name: str) -> None:
+        self.model = model
+        self.model_name = model_name
+        self.active: set[EngineRequest] = set()
+
+    # ------------------------------------------------------------------ validation
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                f"The model '{name}' does not exist; this server serves '{self.model_name}'",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def budget(self, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
+        """New-token budget: ``max_tokens`` checked against the context, or all that is left."""
+        ctx = self.model.engine.max_seq_len
+        if len(prompt_ids) >= ctx:
+            raise PromptTooLongError(
+                f"the prompt is {len(prompt_ids)} tokens, but this model's context is {ctx} "
+                "tokens; shorten the prompt"
+            )
+        if max_tokens is None:
+            return ctx - len(prompt_ids)
+        if max_tokens < 1:
+            raise APIError(f"{param} must be >= 1, got {max_tokens}", param=param)
+        if len(prompt_ids) + max_tokens > ctx:
+            raise APIError(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, "
+                f"{max_tokens} for the completion). Reduce the prompt or {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    @staticmethod
+    def sampling(body: _Sampling | GenerateRequest, max_new_tokens: int) -> dict:
+        """SamplingParams fields from a body; raises ValueError (-> 400) for bad values."""
+        fields = dict(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            max_new_tokens=max_new_tokens,
+            stop=body.stop,
+            seed=body.seed,
+            ignore_eos=getattr(body, "ignore_eos", False),
+        )
+        SamplingParams(**fields)
+        return fields
+
+    def submit(self, ids: list[int], n: int, logprobs: int | None, sampling: dict):
+        return self.model.submit(ids, n=n, logprobs=logprobs, **sampling)
+
+    # ------------------------------------------------------------------ the async bridge
+    async def events(self, req: EngineRequest) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        """Yield ``(index, chunk)`` from the engine without blocking the loop; cancels the
+        engine request if the consumer stops early (client disconnect, error)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed (server shutting down)
+                pass
+
+        def pump() -> None:
+            try:
+                for item in req:
+                    put(item)
+            except BaseException as e:  # engine failure for this request
+                put(e)
+            put(_END)
+
+        self.active.add(req)
+        threading.Thread(target=pump, name=f"serve-{req.request_id}", daemon=True).start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.active.discard(req)
+            if not req.finished:
+                self.model.engine.cancel(req)
+
+    async def drain(self, req: EngineRequest) -> None:
+        """Wait until ``req`` finished (non-streaming responses)."""
+        async with aclosing(self.events(req)) as events:
+            async for _ in events:
+                pass
+
+    # ------------------------------------------------------------------ formatting
+    def token_text(self, token_id: int) -> str:
+        return self.model.tokenizer.decode([token_id])
+
+    def completion_logprobs(self, lps: list[TokenLogprob], offset: int = 0) -> dict:
+        """OpenAI legacy ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset."""
+        tokens, offsets = [], []
+        for lp in lps:
+            tokens.append(self.token_text(lp.token_id))
+            offsets.append(offset)
+            offset += len(tokens[-1])
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+
+    def chat_logprobs(self, lps: list[TokenLogprob]) -> dict:
+        """OpenAI chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {
+            "content": [
+                {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                for lp in lps
+            ]
+        }
+
+    @staticmethod
+    def usage(req: EngineRequest) -> dict:
+        prompt, completion = len(req.prompt_ids), req.num_generated
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def stream(
+        self,
+        req: EngineRequest,
+        obj: str,
+        chat: bool,
+        include_usage: bool,
+        logprobs: bool,
+    ) -> EventSourceResponse:
+        """SSE response of ``obj`` chunks for ``req``, ending with ``data: [DONE]``.
+
+        A client disconnect makes sse-starlette cancel the generator; the ``CancelledError``
+        unwinds through :meth:`events`, whose ``finally`` cancels the engine request.
+        """
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        offsets = [0] * req.n
+
+        def event(choices: list[dict], usage: dict | None = None) -> dict:
+            body = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+            }
+            if include_usage:
+                body["usage"] = usage
+            return {"data": json.dumps(body, ensure_ascii=False)}
+
+        def choice(i: int, chunk: GenerationChunk) -> dict:
+            lps = [chunk.logprobs] if logprobs and chunk.logprobs is not None else None
+            if chat:
+                delta = {"content": chunk.text} if chunk.text else {}
+                lp = self.chat_logprobs(lps) if lps else None
+                return {
+                    "index": i,
+                    "delta": delta,
+                    "logprobs": lp,
+                    "finish_reason": chunk.finish_reason,
+                }
+            lp = self.completion_logprobs(lps, offsets[i]) if lps else None
+            offsets[i] += len(chunk.text)
+            return {
+                "index": i,
+                "text": chunk.text,
+                "logprobs": lp,
+                "finish_reason": chunk.finish_reason,
+            }
+
+        async def generator():
+            async with aclosing(self.events(req)) as events:
+                if chat:
+                    for i in range(req.n):
+                        first = {"role": "assistant", "content": ""}
+                        yield event(
+                            [{"index": i, "delta": first, "logprobs": None, "finish_reason": None}]
+                        )
+                try:
+                    async for i, chunk in events:
+                        if chunk.finish_reason == "cancelled":
+                            continue
+                        if chunk.text or chunk.finish_reason or (logprobs and chunk.logprobs):
+                            yield event([choice(i, chunk)])
+                except Exception as e:  # the engine failed mid-stream: tell the client, then stop
+                    err = {"message": f"{type(e).__name__}: {e}", "type": "server_error"}
+                    yield {"data": json.dumps({"error": {**err, "param": None, "code": None}})}
+                    return
+            if include_usage:
+                yield event([], self.usage(req))
+            yield {"data": "[DONE]"}
+
+        return EventSourceResponse(generator(), ping=15)
+
+
+def create_app(model: DeepSeekModel, model_name: str = "deepwhale") -> FastAPI:
+    """Build the FastAPI app serving ``model`` under ``model_name``.
+
+    Args:
+        model: a loaded :class:`~deepwhale.api.DeepSeekModel` with a tokenizer; its engine (with
+            the batch size set by ``model.set_batch_size``) is started when the app starts and
+            shut down when it stops.
+        model_name: the id clients pass as ``model`` and ``/v1/models`` lists.
+
+    Returns:
+        The :class:`fastapi.FastAPI` app (run it with uvicorn).
+
+    Raises:
+        ValueError: the model has no tokenizer.
+    """
+    if model.tokenizer is None:
+        raise ValueError(f"{model.path}: no tokenizer.json; serving needs one")
+    server = _Server(model, model_name)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine = model.engine
+        engine.start()
+        try:
+            yield
+        finally:
+            for req in list(server.active):
+                engine.cancel(req)
+            engine.shutdown()
+
+    app = FastAPI(title="deepwhale", version="0.1.0", lifespan=lifespan)
+    app.state.server = server
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness, with the engine's free slots and waiting requests."""
+        engine = model.engine
+        return {
+            "status": "ok",
+            "model": model_name,
+            "free_slots": len(engine.free_slots),
+            "waiting": len(engine.waiting),
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        """OpenAI ``GET /v1/models``: the one model served."""
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "deepwhale"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        """OpenAI ``POST /v1/completions`` (one string prompt)."""
+        server.check_model(body.model)
+        if not body.prompt:
+            raise APIError("prompt must not be empty", param="prompt")
+        ids = model.encode_prompt(body.prompt)
+        sampling = server.sampling(body, server.budget(ids, body.max_tokens, "max_tokens"))
+        req = server.submit(ids, body.n, body.logprobs, sampling)
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return server.stream(req, "text_completion", False, include, body.logprobs is not None)
+        await server.drain(req)
+        choices = []
+        for seq, text in zip(req.sequences, req.texts(), strict=True):
+            lp = server.completion_logprobs(seq.logprobs) if body.logprobs is not None else None
+            choices.append(
+                {
+                    "index": seq.index,
+                    "text": text,
+                    "logprobs": lp,
+                    "finish_reason": seq.finish_reason,
+                }
+            )
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": server.usage(req),
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        """OpenAI ``POST /v1/chat/completions`` through the model's chat template."""
+        server.check_model(body.model)
+        if not model.tokenizer.chat_templates:
+            raise APIError(
+                f"the model '{model_name}' has no chat template; use /v1/completions with a "
+                "plain text prompt",
+                param="messages",
+                code="no_chat_template",
+            )
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
+        messages = [_message(m) for m in body.messages]
+        ids = model.encode_prompt(messages)
+        max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
+        sampling = server.sampling(body, server.budget(ids, max_tokens, "max_tokens"))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        req = server.submit(ids, body.n, logprobs, sampling)
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return server.stream(req, "chat.completion.chunk", True, include, body.logprobs)
+        await server.drain(req)
+        choices = []
+        for seq, text in zip(req.sequences, req.texts(), strict=True):
+            choices.append(
+                {
+                    "index": seq.index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": server.chat_logprobs(seq.logprobs) if body.logprobs else None,
+                    "finish_reason": seq.finish_reason,
+                }
+            )
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": server.usage(req),
+        }
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest) -> dict:
+        """DeepSeek's FastAPI example: ``{prompt, max_length, ...}`` -> ``{output, usage}``;
+        ``max_length`` counts the prompt, like :func:`deepwhale.api.generate_text`."""
+        if not body.prompt:
+            raise APIError("prompt must not be empty", param="prompt")
+        ids = model.encode_prompt(body.prompt)
+        if body.max_new_tokens is not None:
+            new, param = body.max_new_tokens, "max_new_tokens"
+        else:
+            new, param = body.max_length - len(ids), "max_length"
+            if new < 1:
+                raise PromptTooLongError(
+                    f"the prompt is {len(ids)} tokens, which leaves nothing of "
+                    f"max_length={body.max_length}"
+                )
+        sampling = server.sampling(body, server.budget(ids, new, param))
+        req = server.submit(ids, 1, None, sampling)
+        await server.drain(req)
+        return {"output": req.texts()[0], "usage": server.usage(req)}
+
+    return app
+
+
+def _message(m) -> dict:
+    """A chat message as the template expects it; text parts of list content are joined."""
+    content = m.content
+    if isinstance(content, list):
+        content = "".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    out = {"role": m.role, "content": content}
+    if m.name is not None:
+        out["name"] = m.name
+    return out

