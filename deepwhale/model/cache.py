@@ -75,10 +75,12 @@ class KVCache(_StaticCache):
 
     @property
     def k(self) -> torch.Tensor:
+        """Keys ``(B, S, n_kv_heads, head_dim)``."""
         return self.a
 
     @property
     def v(self) -> torch.Tensor:
+        """Values ``(B, S, n_kv_heads, head_dim)``."""
         return self.b
 
     def update(
@@ -106,10 +108,12 @@ class MLACache(_StaticCache):
 
     @property
     def c_kv(self) -> torch.Tensor:
+        """Normalised latents ``(B, S, kv_lora_rank)``."""
         return self.a
 
     @property
     def k_pe(self) -> torch.Tensor:
+        """Rotated shared RoPE keys ``(B, S, qk_rope_head_dim)``."""
         return self.b
 
     def update(
