@@ -34,6 +34,58 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return (k_pos[:, None, :] <= q_pos[:, :, None]).unsqueeze(1)
 
 
+#: key-block size of :func:`blocked_attention`; query blocks attend in blocks beyond 2x this
+ATTN_BLOCK = 4096
+
+
+def blocked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    block: int = ATTN_BLOCK,
+) -> torch.Tensor:
+    """Causal attention over key blocks with an online softmax (the FlashAttention recurrence,
+    Dao et al., arXiv:2205.14135), so memory is ``O(T * block)`` instead of ``O(T * S)``.
+
+    Args:
+        q: ``(B, H, T, D)`` queries; ``H`` a multiple of the key heads (GQA: query head ``h``
+            reads key head ``h // (H / Hk)``, as ``scaled_dot_product_attention(enable_gqa)``).
+        k: ``(B, Hk, S, D)`` keys; v: ``(B, Hk, S, Dv)`` values.
+        q_pos: ``(B, T)`` query positions; k_pos: ``(S,)`` or ``(B, S)`` key positions (a
+            query attends to keys at positions ``<=`` its own).
+        scale: logit scale.
+        block: keys per block.
+
+    Returns ``(B, H, T, Dv)`` in ``q``'s dtype (accumulated in fp32).
+    """
+    b, h, t, d = q.shape
+    hk, s = k.shape[1], k.shape[2]
+    g = h // hk
+    qf = q.float().reshape(b, hk, g * t, d)  # (B, Hk, G*T, D): head-major like enable_gqa
+    qp = q_pos[:, None, :].expand(b, g, t).reshape(b, 1, g * t, 1)
+    if k_pos.dim() == 1:
+        k_pos = k_pos.expand(b, -1)
+    m = torch.full((b, hk, g * t, 1), float("-inf"), device=q.device)
+    denom = torch.zeros(b, hk, g * t, 1, device=q.device)
+    acc = torch.zeros(b, hk, g * t, v.shape[-1], device=q.device)
+    for s0 in range(0, s, block):
+        kb, vb = k[:, :, s0 : s0 + block].float(), v[:, :, s0 : s0 + block].float()
+        scores = torch.matmul(qf, kb.transpose(-1, -2)) * scale  # (B, Hk, G*T, Kb)
+        allowed = k_pos[:, None, None, s0 : s0 + block] <= qp
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(scores - m_safe)
+        corr = torch.exp(m - m_safe)
+        denom = denom * corr + p.sum(dim=-1, keepdim=True)
+        acc = acc * corr + torch.matmul(p, vb)
+        m = m_new
+    return (acc / denom).view(b, h, t, -1).to(q.dtype)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE (LLaMA, Qwen2, DeepSeek LLM/Coder).
 
@@ -76,10 +128,18 @@ class Attention(nn.Module):
             k, v, k_pos = cache.update(positions, k, v)  # (B, Hkv, S, D), (S,)
         else:
             k_pos = positions
-        mask = attention_mask(positions, k_pos)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (B, H, T, D)
+        if t > 1 and k.shape[2] > 2 * ATTN_BLOCK:  # long prefill: bounded memory
+            out = blocked_attention(q, k, v, positions, k_pos, self.scale, ATTN_BLOCK)
+        else:
+            mask = attention_mask(positions, k_pos)
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -160,14 +220,16 @@ class MLA(nn.Module):
             c_kv, k_pe, k_pos = cache.update(positions, c_kv, k_pe)  # (B, S, r), (B, S, rope)
         else:
             k_pos = positions
-        mask = attention_mask(positions, k_pos)
+        long = c_kv.shape[1] > 2 * ATTN_BLOCK
         absorb = self.attn_impl == "absorb" or (
-            self.attn_impl == "auto" and t <= self.ABSORB_MAX_TOKENS and cache is not None
+            self.attn_impl == "auto" and cache is not None and (t <= self.ABSORB_MAX_TOKENS or long)
         )
-        if absorb:
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        if absorb and long:  # long prefill: latent attention over key blocks, bounded memory
+            out = self._absorbed_blocked(q_nope, q_pe, c_kv, k_pe, positions, k_pos)
+        elif absorb:
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask(positions, k_pos))
         else:
-            out = self._naive(q_nope, q_pe, c_kv, k_pe, mask)
+            out = self._naive(q_nope, q_pe, c_kv, k_pe, attention_mask(positions, k_pos))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
@@ -179,17 +241,32 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK`` ``(H, nope, r)`` and ``W_UV`` ``(H, v, r)`` from ``kv_b_proj``."""
+        w = self.kv_b_proj.weight
+        if not w.is_floating_point():  # an int8 layer: per-output-channel scales
+            w = w.float() * self.kv_b_proj.weight_scale[:, None]
+        w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def _absorbed_blocked(self, q_nope, q_pe, c_kv, k_pe, q_pos, k_pos) -> torch.Tensor:
+        """The absorbed form through :func:`blocked_attention`: the latent is one key/value
+        head shared by all query heads. Returns ``(B, H, T, v_head_dim)``."""
+        b, h, t, _ = q_nope.shape
+        w_uk, w_uv = self._absorbed_weights()
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # (B, H, T, r)
+        q_all = torch.cat((q_lat, q_pe), dim=-1)  # (B, H, T, r + rope)
+        k_all = torch.cat((c_kv, k_pe), dim=-1)[:, None]  # (B, 1, S, r + rope)
+        o_lat = blocked_attention(q_all, k_all, c_kv[:, None], q_pos, k_pos, self.scale, ATTN_BLOCK)
+        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv.to(o_lat.dtype))
+
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Attention over the latent with W_UK / W_UV absorbed; returns ``(B, H, T, v_head_dim)``.
 
         score = (q_nope W_UK) . c_kv + q_pe . k_pe, out = (softmax(score) c_kv) W_UV^T.
         """
         b, h, t, _ = q_nope.shape
-        w = self.kv_b_proj.weight
-        if not w.is_floating_point():  # an int8 layer: per-output-channel scales
-            w = w.float() * self.kv_b_proj.weight_scale[:, None]
-        w = w.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, r), (H, v, r)
+        w_uk, w_uv = self._absorbed_weights()  # (H, nope, r), (H, v, r)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # (B, H, T, r)
         q_all = torch.cat((q_lat, q_pe), dim=-1).reshape(b, h * t, -1)  # (B, H*T, r + rope)
         k_all = torch.cat((c_kv, k_pe), dim=-1)  # (B, S, r + rope), shared by all heads
