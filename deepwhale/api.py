@@ -257,9 +257,12 @@ class DeepSeekModel:
     def submit(
         self, prompt: str | list[dict], n: int = 1, logprobs: int | None = None, **sampling
     ) -> Request:
-        """Queue ``prompt`` on the engine; returns the :class:`Request` (iterate it to stream)."""
+        """Queue ``prompt`` on the engine and make sure its background loop runs; returns the
+        :class:`Request` (iterate it to stream ``(sample_index, chunk)``)."""
         ids = self.encode_prompt(prompt)
-        return self.engine.add_request(ids, SamplingParams(**sampling), n=n, logprobs=logprobs)
+        req = self.engine.add_request(ids, SamplingParams(**sampling), n=n, logprobs=logprobs)
+        self.engine.start()
+        return req
 
     def generate_batch(self, prompts: list[str | list[dict]], **sampling) -> list[str]:
         """Generate for many prompts at once with continuous batching; returns one text each.

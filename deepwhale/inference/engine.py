@@ -67,6 +67,10 @@ class Sequence:
     next_logits: torch.Tensor | None = None  # (V,) logits for the next token to sample
 
 
+class SamplingError(ValueError):
+    """Sampling produced no valid distribution for one request (e.g. extreme penalties)."""
+
+
 class Request:
     """A submitted prompt with ``n`` samples. Iterate it to stream ``(index, chunk)`` pairs.
 
@@ -103,6 +107,8 @@ class Request:
             self.sequences.append(Sequence(i, params, gen, detok))
         self._queue: queue.Queue = queue.Queue()
         self.prompt_tensor = torch.tensor(self.prompt_ids, device=device)
+        #: the exception that failed this request (its samples stop), or None
+        self.error: BaseException | None = None
 
     @property
     def finished(self) -> bool:
@@ -115,7 +121,13 @@ class Request:
         return sum(len(s.output_ids) for s in self.sequences)
 
     def texts(self) -> list[str]:
-        """The final text of each sample (stop strings excluded)."""
+        """The final text of each sample (stop strings excluded).
+
+        Raises:
+            Exception: the error that failed this request, if any.
+        """
+        if self.error is not None:
+            raise self.error
         return [s.text[: s.emitted] for s in self.sequences]
 
     def __iter__(self) -> Iterator[tuple[int, GenerationChunk]]:
@@ -199,8 +211,12 @@ class Engine:
                 f"the prompt is {len(prompt_ids)} tokens, but the engine's context is "
                 f"{self.max_seq_len} tokens; shorten the prompt"
             )
-        if not 1 <= n <= self.max_batch_size:
+        if not isinstance(n, int) or not 1 <= n <= self.max_batch_size:
             raise ValueError(f"n must be in 1..{self.max_batch_size} (the batch size), got {n}")
+        if params.seed is not None and params.seed + n - 1 >= 2**64:
+            raise ValueError(
+                f"seed must be below 2**64 - {n - 1} with n={n} (sample i uses seed + i)"
+            )
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError(f"logprobs must be in 0..20, got {logprobs}")
         vocab = self.model.config.vocab_size
@@ -258,9 +274,9 @@ class Engine:
             try:
                 logits = self._prefill(req.prompt_tensor, slots[0])
             except Exception as e:  # keep the engine alive; fail this request only
-                self.free_slots.extend(slots)
-                req._queue.put(e)
-                req._queue.put(_DONE)
+                with self._lock:
+                    self.free_slots.extend(slots)
+                self._fail_request(req, e)
                 continue
             for slot in slots[1:]:
                 for c in self.caches:
@@ -314,7 +330,13 @@ class Engine:
                 raise NonFiniteLogitsError("the model produced NaN logits; check the weights")
             tokens_for = dict(zip(plain, stacked.argmax(dim=-1).tolist(), strict=True))
         for i, (req, seq) in enumerate(running):
-            token = tokens_for[i] if i in tokens_for else self._sample(req, seq)
+            if req.error is not None:  # a sibling sample already failed this request
+                continue
+            try:
+                token = tokens_for[i] if i in tokens_for else self._sample(req, seq)
+            except (RuntimeError, ValueError, ArithmeticError) as e:  # this request only
+                self._fail_request(req, SamplingError(f"sampling failed: {e}"))
+                continue
             self._append(req, seq, token, events)
         if not self.running:
             return
@@ -375,6 +397,23 @@ class Engine:
         seq.emitted = max(seq.emitted, safe)
         self._emit(req, seq, chunk, events)
 
+    def _fail_request(self, req: Request, error: BaseException) -> None:
+        """Stop every sample of ``req`` with ``error``: free its slots, wake its stream."""
+        req.error = error
+        for seq in req.sequences:
+            if seq.finish_reason is None:
+                seq.finish_reason = "error"
+            if seq.slot is not None:
+                self.running.remove((req, seq))
+                with self._lock:
+                    self.free_slots.append(seq.slot)
+                seq.slot = None
+        with self._lock:
+            if req in self.waiting:
+                self.waiting.remove(req)
+        req._queue.put(error)
+        req._queue.put(_DONE)
+
     def _emit(self, req: Request, seq: Sequence, chunk: GenerationChunk, events) -> None:
         if req.logprobs is not None and chunk.token_id is not None and seq.logprobs:
             chunk.logprobs = seq.logprobs[-1]
@@ -418,12 +457,21 @@ class Engine:
 
         More prompts than ``max_batch_size`` queue and join as slots free up.
         """
-        if self._thread is not None:
-            raise RuntimeError("the engine runs in a background thread; submit with add_request")
         plist = params if isinstance(params, list) else [params] * len(prompts)
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
-        while self.has_work():
-            self.step()
+        if self._thread is not None:  # the background loop drives them: wait for each
+            for req in reqs:
+                for _ in req:
+                    pass
+            return reqs
+        try:
+            while self.has_work():
+                self.step()
+        except BaseException as e:  # leave the engine usable: nothing stays running
+            self._fail_all(e)
+            for req in list(self.waiting):
+                self._fail_request(req, e)
+            raise
         return reqs
 
     def start(self) -> None:
@@ -443,12 +491,13 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as e:  # a bug must not hang the clients: fail everything running
-                for req, seq in list(self.running):
-                    self.running.remove((req, seq))
-                    self.free_slots.append(seq.slot)
-                    req._queue.put(e)
-                    req._queue.put(_DONE)
+            except Exception as e:  # a model-wide failure must not hang the clients
+                self._fail_all(e)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail every running request with ``error`` (e.g. NaN logits from the model)."""
+        for req in {id(r): r for r, _ in self.running}.values():
+            self._fail_request(req, error)
 
     def shutdown(self) -> None:
         """Stop the background thread (running requests are left as they are)."""

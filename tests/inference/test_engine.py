@@ -214,3 +214,53 @@ def test_tensorrt_says_what_is_missing(stories):
         stories.enable_tensorrt(precision="fp16")
     with pytest.raises(ValueError, match="precision must be one of"):
         stories.enable_tensorrt(precision="int4")
+
+
+def test_a_failing_request_fails_alone_and_the_engine_stays_usable(stories):
+    """A sampling error fails only its own request; a model-wide error leaves no slot taken."""
+    from deepwhale.inference.engine import SamplingError
+
+    class Flaky(Engine):
+        def _sample(self, req, seq):
+            if req.request_id == "bad":
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+            return super()._sample(req, seq)
+
+    ids = stories.tokenizer.encode("Once upon a time")
+    eng = Flaky(stories.module, stories.tokenizer, max_batch_size=2, max_seq_len=64)
+    good = eng.add_request(ids, SamplingParams(temperature=0.5, seed=1, max_new_tokens=8))
+    bad = eng.add_request(
+        ids, SamplingParams(temperature=0.5, seed=2, max_new_tokens=8), request_id="bad"
+    )
+    while eng.has_work():
+        eng.step()
+    assert len(good.sequences[0].output_ids) == 8 and good.texts()[0]
+    with pytest.raises(SamplingError, match="sampling failed"):
+        bad.texts()
+    assert sorted(eng.free_slots) == [0, 1] and not eng.running
+
+    class Broken(Engine):
+        def _decode_forward(self, tokens, positions):
+            raise FloatingPointError("NaN logits")
+
+    eng = Broken(stories.module, stories.tokenizer, max_batch_size=2, max_seq_len=64)
+    with pytest.raises(FloatingPointError):
+        eng.generate([ids, ids], SamplingParams(temperature=0, max_new_tokens=4))
+    assert sorted(eng.free_slots) == [0, 1] and not eng.running and not eng.waiting
+
+
+def test_submit_starts_the_engine_and_generate_works_alongside(stories):
+    m = DeepSeekModel(stories.module, stories.tokenizer)
+    m.set_batch_size(4, max_seq_len=64)
+    try:
+        req = m.submit("Once upon a time", n=2, temperature=0.8, seed=1, max_new_tokens=5)
+        chunks = list(req)
+        assert [c.finish_reason for _, c in chunks if c.finish_reason] == ["length", "length"]
+        # the synchronous helpers keep working while the loop runs
+        assert m.generate_batch(["Once upon a time"], temperature=0, max_new_tokens=6)[
+            0
+        ].startswith(", there was")
+        with pytest.raises(ValueError, match="seed must be below"):
+            m.submit("Once", n=2, seed=2**64 - 1)
+    finally:
+        m.engine.shutdown()
