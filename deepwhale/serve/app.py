@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -49,6 +50,9 @@ from deepwhale.serve.schemas import (
 )
 
 _END = object()
+
+
+logger = logging.getLogger("deepwhale.serve")
 
 
 class APIError(Exception):
@@ -118,9 +122,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _value(_: Request, e: ValueError) -> JSONResponse:
         return error_response(400, str(e))
 
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+    @app.middleware("http")
+    async def _internal(request: Request, call_next):
+        # A middleware, not an exception handler: Starlette re-raises after a catch-all
+        # handler, and uvicorn then drops the keep-alive connection of the client.
+        try:
+            return await call_next(request)
+        except Exception as e:
+            logger.exception("internal error on %s", request.url.path)
+            return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
 
 class _Server:

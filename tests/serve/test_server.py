@@ -295,3 +295,32 @@ def test_wrong_method_and_sampling_message(stories):
     assert r.status_code == 405 and r.json()["error"]["message"]
     r = httpx.post(f"{stories[1]}/v1/completions", json={"prompt": "x", "temperature": -1})
     assert r.json()["error"]["message"] == "temperature must be >= 0, got -1.0"
+
+
+def test_internal_errors_are_json_500s(monkeypatch):
+    """An unexpected exception answers a 500 in OpenAI's shape (via middleware, so the
+    connection is not dropped) and the next request is served normally."""
+    from fastapi.testclient import TestClient
+
+    from deepwhale.api import DeepSeekModel
+    from deepwhale.serve import create_app
+
+    model = DeepSeekModel.from_pretrained()
+    model.set_batch_size(2, max_seq_len=64)
+    app = create_app(model, "stories260K")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        real = model.encode_prompt
+        monkeypatch.setattr(
+            model, "encode_prompt", lambda p: (_ for _ in ()).throw(RuntimeError("boom"))
+        )
+        r = client.post("/v1/completions", json={"model": "stories260K", "prompt": "Once"})
+        assert r.status_code == 500
+        assert (
+            r.json()["error"]["type"] == "server_error" and "boom" in r.json()["error"]["message"]
+        )
+        monkeypatch.setattr(model, "encode_prompt", real)
+        r = client.post(
+            "/v1/completions",
+            json={"model": "stories260K", "prompt": "Once", "max_tokens": 3, "temperature": 0},
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
