@@ -33,7 +33,7 @@ from contextlib import aclosing, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -42,6 +42,7 @@ from deepwhale.inference.engine import Request as EngineRequest
 from deepwhale.inference.engine import TokenLogprob
 from deepwhale.inference.generate import GenerationChunk, PromptTooLongError
 from deepwhale.inference.sampling import SamplingParams
+from deepwhale.serve.metrics import Metrics
 from deepwhale.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -140,6 +141,7 @@ class _Server:
         self.model = model
         self.model_name = model_name
         self.active: set[EngineRequest] = set()
+        self.metrics = Metrics(lambda: model.engine)
 
     # ------------------------------------------------------------------ validation
     def check_model(self, name: str | None) -> None:
@@ -218,6 +220,8 @@ class _Server:
 
         self.active.add(req)
         threading.Thread(target=pump, name=f"serve-{req.request_id}", daemon=True).start()
+        last = start = time.perf_counter()
+        first = True
         try:
             while True:
                 item = await queue.get()
@@ -225,11 +229,19 @@ class _Server:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                now = time.perf_counter()
+                if item[1].token_id is not None:
+                    (self.metrics.ttft if first else self.metrics.itl).observe(
+                        now - (start if first else last)
+                    )
+                    first, last = False, now
                 yield item
         finally:
             self.active.discard(req)
             if not req.finished:
                 self.model.engine.cancel(req)
+            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+            self.metrics.generated_tokens.inc(req.num_generated)
 
     async def drain(self, req: EngineRequest) -> None:
         """Wait until ``req`` finished (non-streaming responses)."""
@@ -385,6 +397,29 @@ def create_app(model: DeepSeekModel, model_name: str = "deepwhale") -> FastAPI:
     app = FastAPI(title="deepwhale", version="0.1.0", lifespan=lifespan)
     app.state.server = server
     _install_error_handlers(app)
+    routes = {
+        "/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+    }
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.url.path if request.url.path in routes else "other"
+        server.metrics.request_latency.labels(route).observe(time.perf_counter() - start)
+        server.metrics.requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus exposition of the server's metrics."""
+        body, content_type = server.metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/health")
     async def health() -> dict:

@@ -324,3 +324,38 @@ def test_internal_errors_are_json_500s(monkeypatch):
             json={"model": "stories260K", "prompt": "Once", "max_tokens": 3, "temperature": 0},
         )
         assert r.status_code == 200 and r.json()["choices"][0]["text"]
+
+
+def test_prometheus_metrics():
+    """/metrics exposes latency, TTFT and inter-token histograms, token and request counters,
+    and the engine's queue and batch gauges, updated by real requests."""
+    from fastapi.testclient import TestClient
+
+    from deepwhale.api import DeepSeekModel
+    from deepwhale.serve import create_app
+
+    model = DeepSeekModel.from_pretrained()
+    model.set_batch_size(2, max_seq_len=64)
+    with TestClient(create_app(model, "stories260K")) as client:
+        body = {
+            "model": "stories260K",
+            "prompt": "Once upon a time",
+            "max_tokens": 5,
+            "temperature": 0,
+        }
+        assert client.post("/v1/completions", json=body).status_code == 200
+        assert client.post("/v1/completions", json={**body, "max_tokens": -1}).status_code == 400
+        text = client.get("/metrics").text
+    lines = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    assert lines['deepwhale_requests_total{route="/v1/completions",status="200"}'] == "1.0"
+    assert lines['deepwhale_requests_total{route="/v1/completions",status="400"}'] == "1.0"
+    assert lines["deepwhale_time_to_first_token_seconds_count"] == "1.0"
+    assert lines["deepwhale_inter_token_latency_seconds_count"] == "4.0"
+    assert lines["deepwhale_generation_tokens_total"] == "5.0"
+    assert float(lines["deepwhale_prompt_tokens_total"]) == len(
+        model.tokenizer.encode("Once upon a time")
+    )
+    assert lines["deepwhale_queue_depth"] == "0.0" and lines["deepwhale_running_sequences"] == "0.0"
+    assert 'deepwhale_request_latency_seconds_count{route="/v1/completions"}' in lines
