@@ -7,6 +7,7 @@ fit) print one red line and exit with status 2 instead of a traceback.
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +25,10 @@ convert_app = typer.Typer(help="Convert checkpoints from other formats.", no_arg
 app.add_typer(convert_app, name="convert")
 export_app = typer.Typer(help="Export checkpoints to other formats.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+keys_app = typer.Typer(help="Create, list and revoke API keys for `serve`.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+audit_app = typer.Typer(help="Check and export the serving audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 err = Console(stderr=True, soft_wrap=True)
 
 ModelOpt = Annotated[
@@ -37,6 +42,12 @@ DeviceOpt = Annotated[
 ]
 DtypeOpt = Annotated[
     str | None, typer.Option(help="float32, bfloat16, float16 (default: fp32 on CPU).")
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder of keys.sqlite and audit.sqlite (default: $DEEPWHALE_HOME, else ~/.deepwhale)."
+    ),
 ]
 
 
@@ -220,23 +231,144 @@ def serve(
     ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    data_dir: DataDirOpt = None,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Serve without API keys (anyone can call it).")
+    ] = False,
+    audit_prompts: Annotated[
+        bool, typer.Option("--audit-prompts", help="Also store prompt text in the audit log.")
+    ] = False,
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions (SSE
-    streaming), /v1/models, plus /generate and /health. Needs the serve extra (fastapi, uvicorn,
-    sse-starlette)."""
+    streaming), /v1/models, plus /generate, /metrics and /health. Every route but /health needs
+    an API key (`deepwhale keys create`) unless --no-auth; every request is appended to the
+    audit log in the data folder. Needs the serve extra (fastapi, uvicorn, sse-starlette)."""
     try:
         import uvicorn
 
         from deepwhale.serve import create_app
+        from deepwhale.serve.auth import KEYS_FILE, KeyStore, data_home
 
         m = _load(model, device, dtype)
         m.set_batch_size(batch_size, max_seq_len)
+        home = data_home(data_dir)
+        if no_auth:
+            err.print(
+                "[bold yellow]WARNING: --no-auth: this server accepts requests without a key.[/]"
+            )
+        elif not any(k.active for k in KeyStore(home / KEYS_FILE).list()):
+            raise ValueError(
+                f"no active API key in {home / KEYS_FILE}; create one with "
+                f"`deepwhale keys create --name NAME --role user --data-dir {home}`, "
+                "or serve with --no-auth"
+            )
         local = model is not None and Path(model).exists()
         served = name or (Path(model).name if local else model or "stories260K")
-        app_ = create_app(m, served)
+        app_ = create_app(
+            m, served, data_dir=home, auth=not no_auth, audit=True, audit_prompts=audit_prompts
+        )
     except _user_errors() as e:
         _fail(e)
     uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
+def _keys(data_dir: Path | None):
+    from deepwhale.serve.auth import KEYS_FILE, KeyStore, data_home
+
+    return KeyStore(data_home(data_dir) / KEYS_FILE)
+
+
+def _audit_path(data_dir: Path | None) -> Path:
+    from deepwhale.serve.auth import AUDIT_FILE, data_home
+
+    return data_home(data_dir) / AUDIT_FILE
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A label for the key's owner.")],
+    role: Annotated[
+        str, typer.Option(help="admin, user (generation) or viewer (/metrics).")
+    ] = "user",
+    models: Annotated[
+        str, typer.Option(help="Comma-separated model ids the key may use; * = all.")
+    ] = "*",
+    rate_limit: Annotated[
+        int | None, typer.Option(help="Requests per minute at most (default: no limit).")
+    ] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Create an API key and print it once: only its SHA-256 hash is stored."""
+    try:
+        plain, key = _keys(data_dir).create(name, role, models.split(","), rate_limit)
+    except _user_errors() as e:
+        _fail(e)
+    err.print(f"created {key.id} ({key.role}); store this key now, it is not shown again:")
+    print(plain)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDirOpt = None) -> None:
+    """List API keys (id, name, role, models, rate limit, created, revoked); never the keys."""
+    from rich.table import Table
+
+    try:
+        keys = _keys(data_dir).list()
+    except _user_errors() as e:
+        _fail(e)
+    table = Table("id", "name", "role", "models", "per min", "created", "revoked")
+    for k in keys:
+        rate = "-" if k.rate_limit is None else str(k.rate_limit)
+        table.add_row(
+            k.id, k.name, k.role, ",".join(k.models), rate, k.created_at, k.revoked_at or ""
+        )
+    Console(width=200).print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(metavar="ID", help="The key's id (see `keys list`).")],
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Revoke an API key; a running server refuses it from its next request."""
+    try:
+        key = _keys(data_dir).revoke(key_id)
+    except KeyError as e:
+        _fail(ValueError(e.args[0]))
+    except _user_errors() as e:
+        _fail(e)
+    Console().print(f"revoked {key.id} at {key.revoked_at}")
+
+
+@audit_app.command("verify")
+def audit_verify(data_dir: DataDirOpt = None) -> None:
+    """Check the audit log's hash chain: exit 0 if intact, 1 naming the first edited or deleted
+    row otherwise."""
+    from deepwhale.serve.audit import verify
+
+    try:
+        result = verify(_audit_path(data_dir))
+    except (*_user_errors(), sqlite3.DatabaseError) as e:
+        _fail(e)
+    if not result.ok:
+        err.print(f"[bold red]audit log broken at row {result.bad_id}:[/] {result.reason}")
+        raise typer.Exit(1)
+    Console().print(f"audit log intact: {result.rows} rows")
+
+
+@audit_app.command("export")
+def audit_export(
+    out: Annotated[Path, typer.Option(help="Output JSONL file (written atomically).")],
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Export every audit row, hashes included, as JSON lines."""
+    from deepwhale.serve.audit import export
+
+    try:
+        n = export(_audit_path(data_dir), out)
+    except (*_user_errors(), sqlite3.DatabaseError) as e:
+        _fail(e)
+    Console().print(f"wrote {n} rows to {out}")
 
 
 def main() -> None:

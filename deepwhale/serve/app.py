@@ -9,6 +9,12 @@ Endpoints (shapes from the OpenAI API reference, https://platform.openai.com/doc
   shape of DeepSeek's FastAPI serving example.
 * ``GET /v1/models``, ``GET /health``.
 
+With ``auth=True`` every route but ``/health`` (and the OpenAPI docs) needs an API key from
+:class:`~deepwhale.serve.auth.KeyStore` (``Authorization: Bearer <key>``): 401 for a missing, bad
+or revoked key, 403 for the wrong role or a model the key may not use, 429 with ``Retry-After``
+(RFC 6585) past the key's per-minute limit. With a data folder (or ``audit=True``) every request
+appends one hash-chained row to :class:`~deepwhale.serve.audit.AuditLog`.
+
 Every request is submitted to the model's one :class:`~deepwhale.inference.engine.Engine`, whose
 scheduler runs in a background thread (started and stopped with the app), so concurrent clients
 share decode steps. A request's blocking chunk iterator is pumped by a small thread into an
@@ -30,6 +36,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
+from os import PathLike
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +49,16 @@ from deepwhale.inference.engine import Request as EngineRequest
 from deepwhale.inference.engine import TokenLogprob
 from deepwhale.inference.generate import GenerationChunk, PromptTooLongError
 from deepwhale.inference.sampling import SamplingParams
+from deepwhale.serve.audit import AuditLog
+from deepwhale.serve.auth import (
+    AUDIT_FILE,
+    KEYS_FILE,
+    KeyStore,
+    RateLimiter,
+    bearer_token,
+    data_home,
+    route_roles,
+)
 from deepwhale.serve.metrics import Metrics
 from deepwhale.serve.schemas import (
     ChatCompletionRequest,
@@ -144,6 +161,25 @@ class _Server:
         self.metrics = Metrics(lambda: model.engine)
 
     # ------------------------------------------------------------------ validation
+    def authorize(self, request: Request, name: str | None, prompt) -> None:
+        """Note the request's model and prompt for the audit log, and refuse (403,
+        ``model_not_allowed``) a model the request's API key may not use."""
+        state = request.state
+        state.audit_model = name or self.model_name
+        state.audit_prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        key = getattr(state, "api_key", None)
+        if key is None:
+            return
+        for m in dict.fromkeys((name or self.model_name, self.model_name)):
+            if not key.allows_model(m):
+                raise APIError(
+                    f"the API key '{key.id}' may not use the model '{m}'",
+                    status=403,
+                    type="permission_error",
+                    param="model",
+                    code="model_not_allowed",
+                )
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
             raise APIError(
@@ -364,7 +400,15 @@ class _Server:
         return EventSourceResponse(generator(), ping=15)
 
 
-def create_app(model: DeepSeekModel, model_name: str = "deepwhale") -> FastAPI:
+def create_app(
+    model: DeepSeekModel,
+    model_name: str = "deepwhale",
+    *,
+    data_dir: str | PathLike | None = None,
+    auth: bool = False,
+    audit: bool | None = None,
+    audit_prompts: bool = False,
+) -> FastAPI:
     """Build the FastAPI app serving ``model`` under ``model_name``.
 
     Args:
@@ -372,16 +416,29 @@ def create_app(model: DeepSeekModel, model_name: str = "deepwhale") -> FastAPI:
             the batch size set by ``model.set_batch_size``) is started when the app starts and
             shut down when it stops.
         model_name: the id clients pass as ``model`` and ``/v1/models`` lists.
+        data_dir: folder of ``keys.sqlite`` and ``audit.sqlite`` (default: ``$DEEPWHALE_HOME``,
+            else ``~/.deepwhale``; see :func:`~deepwhale.serve.auth.data_home`).
+        auth: require API keys (off by default for library use; ``deepwhale serve`` turns it
+            on unless ``--no-auth``). Off logs a WARNING.
+        audit: append every request to ``audit.sqlite`` (default: on when ``data_dir`` is given).
+        audit_prompts: also store prompt text in the audit log (off: counts only).
 
     Returns:
         The :class:`fastapi.FastAPI` app (run it with uvicorn).
 
     Raises:
         ValueError: the model has no tokenizer.
+        OSError: the data folder cannot be created.
     """
     if model.tokenizer is None:
         raise ValueError(f"{model.path}: no tokenizer.json; serving needs one")
     server = _Server(model, model_name)
+    audit = data_dir is not None if audit is None else audit
+    home = data_home(data_dir) if auth or audit else None
+    if not auth:
+        logger.warning(
+            "!!! API key authentication is OFF: anyone who can reach this server can use it !!!"
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -397,6 +454,8 @@ def create_app(model: DeepSeekModel, model_name: str = "deepwhale") -> FastAPI:
     app = FastAPI(title="deepwhale", version="0.1.0", lifespan=lifespan)
     app.state.server = server
     _install_error_handlers(app)
+    if auth:
+        _install_auth(app, KeyStore(home / KEYS_FILE))
     routes = {
         "/generate",
         "/v1/completions",
@@ -414,6 +473,9 @@ def create_app(model: DeepSeekModel, model_name: str = "deepwhale") -> FastAPI:
         server.metrics.request_latency.labels(route).observe(time.perf_counter() - start)
         server.metrics.requests.labels(route, str(response.status_code)).inc()
         return response
+
+    if audit:  # outermost, so it records the final status and the time to the last byte
+        app.add_middleware(_AuditMiddleware, log=AuditLog(home / AUDIT_FILE), prompts=audit_prompts)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -439,14 +501,16 @@ def create_app(model: DeepSeekModel, model_name: str = "deepwhale") -> FastAPI:
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         """OpenAI ``POST /v1/completions`` (one string prompt)."""
+        server.authorize(request, body.model, body.prompt)
         server.check_model(body.model)
         if not body.prompt:
             raise APIError("prompt must not be empty", param="prompt")
         ids = model.encode_prompt(body.prompt)
         sampling = server.sampling(body, server.budget(ids, body.max_tokens, "max_tokens"))
         req = server.submit(ids, body.n, body.logprobs, sampling)
+        request.state.audit_request = req
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return server.stream(req, "text_completion", False, include, body.logprobs is not None)
@@ -472,8 +536,10 @@ def create_app(model: DeepSeekModel, model_name: str = "deepwhale") -> FastAPI:
         }
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         """OpenAI ``POST /v1/chat/completions`` through the model's chat template."""
+        messages = [_message(m) for m in body.messages]
+        server.authorize(request, body.model, messages)
         server.check_model(body.model)
         if not model.tokenizer.chat_templates:
             raise APIError(
@@ -484,12 +550,12 @@ def create_app(model: DeepSeekModel, model_name: str = "deepwhale") -> FastAPI:
             )
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = [_message(m) for m in body.messages]
         ids = model.encode_prompt(messages)
         max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
         sampling = server.sampling(body, server.budget(ids, max_tokens, "max_tokens"))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         req = server.submit(ids, body.n, logprobs, sampling)
+        request.state.audit_request = req
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return server.stream(req, "chat.completion.chunk", True, include, body.logprobs)
@@ -514,9 +580,10 @@ def create_app(model: DeepSeekModel, model_name: str = "deepwhale") -> FastAPI:
         }
 
     @app.post("/generate")
-    async def generate(body: GenerateRequest) -> dict:
+    async def generate(body: GenerateRequest, request: Request) -> dict:
         """DeepSeek's FastAPI example: ``{prompt, max_length, ...}`` -> ``{output, usage}``;
         ``max_length`` counts the prompt, like :func:`deepwhale.api.generate_text`."""
+        server.authorize(request, None, body.prompt)
         if not body.prompt:
             raise APIError("prompt must not be empty", param="prompt")
         ids = model.encode_prompt(body.prompt)
@@ -531,10 +598,102 @@ def create_app(model: DeepSeekModel, model_name: str = "deepwhale") -> FastAPI:
                 )
         sampling = server.sampling(body, server.budget(ids, new, param))
         req = server.submit(ids, 1, None, sampling)
+        request.state.audit_request = req
         await server.drain(req)
         return {"output": req.texts()[0], "usage": server.usage(req)}
 
     return app
+
+
+def _install_auth(app: FastAPI, keys: KeyStore) -> None:
+    """Check the API key of every request against ``keys`` (see :mod:`deepwhale.serve.auth`).
+
+    401 ``invalid_api_key`` (with ``WWW-Authenticate: Bearer``, RFC 6750) for a missing, unknown
+    or revoked key; 403 ``insufficient_permissions`` for a role not allowed on the route; 429
+    ``rate_limit_exceeded`` with ``Retry-After`` in seconds (RFC 6585 section 4) past the key's
+    requests per minute. The key is left in ``request.state.api_key`` for the routes and audit.
+    """
+    limiter = RateLimiter()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        roles = route_roles(request.url.path)
+        if roles is None:
+            return await call_next(request)
+        token = bearer_token(request.headers.get("authorization"))
+        key = None if token is None else keys.verify(token)
+        if key is None:
+            why = (
+                "Missing API key: send 'Authorization: Bearer <key>'"
+                if token is None
+                else "Incorrect API key provided (unknown or revoked)"
+            )
+            response = error_response(401, why, code="invalid_api_key")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        request.state.api_key = key
+        if key.role not in roles:
+            return error_response(
+                403,
+                f"the API key '{key.id}' has role '{key.role}'; {request.url.path} needs one of "
+                f"{', '.join(sorted(roles))}",
+                type="permission_error",
+                code="insufficient_permissions",
+            )
+        retry = limiter.check(key.id, key.rate_limit)
+        if retry is not None:
+            response = error_response(
+                429,
+                f"Rate limit reached for API key '{key.id}': {key.rate_limit} requests per "
+                f"minute. Retry after {retry} s.",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+            )
+            response.headers["Retry-After"] = str(retry)
+            return response
+        return await call_next(request)
+
+
+class _AuditMiddleware:
+    """Pure ASGI middleware appending one audit row per HTTP request once its last byte is
+    sent (streams included), with the status sent and the latency in milliseconds. Routes leave
+    the model, prompt and engine request in ``request.state`` (``audit_*``)."""
+
+    def __init__(self, app, log: AuditLog, prompts: bool) -> None:
+        self.app, self.log, self.prompts = app, log, prompts
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            state = scope.get("state", {})
+            key, req = state.get("api_key"), state.get("audit_request")
+            row = dict(
+                route=scope["path"],
+                status=status,
+                latency_ms=(time.perf_counter() - start) * 1000,
+                key_id=None if key is None else key.id,
+                model=state.get("audit_model"),
+                prompt_tokens=None if req is None else len(req.prompt_ids),
+                completion_tokens=None if req is None else req.num_generated,
+                prompt=state.get("audit_prompt") if self.prompts else None,
+            )
+            try:
+                await asyncio.to_thread(self.log.append, **row)
+            except Exception:
+                logger.exception("could not append to the audit log %s", self.log.path)
 
 
 def _message(m) -> dict:

@@ -1,0 +1,189 @@
+"""The audit log: one hash-chained row per request, tamper detection, export, the `audit` verbs,
+and no lost committed row when the server process is killed mid-stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("sse_starlette")
+httpx = pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from deepwhale.api import DeepSeekModel  # noqa: E402
+from deepwhale.cli import app as cli  # noqa: E402
+from deepwhale.serve import create_app  # noqa: E402
+from deepwhale.serve.audit import AuditLog, export, verify  # noqa: E402
+from deepwhale.serve.auth import KeyStore  # noqa: E402
+
+NAME = "stories260K"
+PROMPT = "Once upon a time"
+BODY = {"model": NAME, "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DeepSeekModel.from_pretrained(device="cpu").set_batch_size(2, 64)
+
+
+def _rows(path) -> list[dict]:
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM audit ORDER BY id")]
+    finally:
+        db.close()
+
+
+def test_requests_make_a_valid_chain(model, tmp_path):
+    store = KeyStore(tmp_path / "keys.sqlite")
+    key, record = store.create("app", "user")
+    headers = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(model, NAME, data_dir=tmp_path, auth=True)) as client:
+        assert client.post("/v1/completions", json=BODY, headers=headers).status_code == 200
+        stream = client.post("/v1/completions", json={**BODY, "stream": True}, headers=headers)
+        assert stream.status_code == 200 and "[DONE]" in stream.text
+        assert client.post("/v1/completions", json=BODY).status_code == 401
+        assert client.get("/health").status_code == 200
+    rows = _rows(tmp_path / "audit.sqlite")
+    assert [(r["route"], r["status"], r["key_id"]) for r in rows] == [
+        ("/v1/completions", 200, record.id),
+        ("/v1/completions", 200, record.id),
+        ("/v1/completions", 401, None),
+        ("/health", 200, None),
+    ]
+    for r in rows[:2]:  # the stream's row is written after its last byte, with its counts
+        assert r["model"] == NAME and r["completion_tokens"] == 3 and r["prompt_tokens"] > 0
+        assert r["latency_ms"] > 0 and r["prompt"] is None
+    assert rows[3]["prompt_tokens"] is None
+    result = verify(tmp_path / "audit.sqlite")
+    assert result.ok and result.rows == 4
+
+
+def test_prompts_only_when_opted_in(model, tmp_path):
+    app = create_app(model, NAME, data_dir=tmp_path, audit_prompts=True)
+    with TestClient(app) as client:
+        client.post("/v1/completions", json=BODY)
+        chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi there"}]}
+        client.post("/v1/chat/completions", json=chat)  # 400 (no template); prompt still logged
+    rows = _rows(tmp_path / "audit.sqlite")
+    assert rows[0]["prompt"] == PROMPT and "Hi there" in rows[1]["prompt"]
+    assert verify(tmp_path / "audit.sqlite").ok
+
+
+def _log(path, n: int) -> None:
+    log = AuditLog(path)
+    for i in range(n):
+        log.append("/v1/completions", 200, 1.5 + i, key_id="key_x", model=NAME, prompt_tokens=i)
+    log.close()
+
+
+def test_edit_is_detected(tmp_path):
+    path = tmp_path / "audit.sqlite"
+    _log(path, 5)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE audit SET status = 500 WHERE id = 3")
+    result = verify(path)
+    assert not result.ok and result.bad_id == 3 and "edited" in result.reason
+    r = CliRunner().invoke(cli, ["audit", "verify", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 1 and "row 3" in r.output
+
+
+def test_edit_with_rehash_is_detected_at_the_next_row(tmp_path):
+    from deepwhale.serve.audit import row_hash
+
+    path = tmp_path / "audit.sqlite"
+    _log(path, 4)
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    row = dict(db.execute("SELECT * FROM audit WHERE id = 2").fetchone())
+    row["status"] = 204
+    db.execute("UPDATE audit SET status = 204, hash = ? WHERE id = 2", (row_hash(row),))
+    db.commit()
+    db.close()
+    result = verify(path)
+    assert not result.ok and result.bad_id == 3
+
+
+@pytest.mark.parametrize("deleted", [1, 3])
+def test_delete_is_detected(tmp_path, deleted):
+    path = tmp_path / "audit.sqlite"
+    _log(path, 5)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM audit WHERE id = ?", (deleted,))
+    result = verify(path)
+    assert not result.ok and result.bad_id == deleted and "deleted" in result.reason
+
+
+def test_export_and_cli(tmp_path):
+    _log(tmp_path / "audit.sqlite", 3)
+    out = tmp_path / "out" / "audit.jsonl"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["audit", "export", "--out", str(out), "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == [1, 2, 3]
+    assert lines[1]["prev_hash"] == lines[0]["hash"] and lines[2]["prompt_tokens"] == 2
+    assert [p.name for p in out.parent.iterdir()] == ["audit.jsonl"]  # no temp file left
+    assert export(tmp_path / "audit.sqlite", out) == 3
+    r = runner.invoke(cli, ["audit", "verify", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0 and "3 rows" in r.stdout
+    empty = tmp_path / "empty"
+    r = runner.invoke(cli, ["audit", "verify", "--data-dir", str(empty)])
+    assert r.exit_code == 2 and "no audit log" in r.output
+    with pytest.raises(FileNotFoundError):
+        export(empty / "audit.sqlite", out)
+
+
+def test_killed_mid_stream_keeps_committed_rows(tmp_path):
+    """`deepwhale serve` in a real process, SIGKILLed while a long stream is in flight."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "deepwhale.cli", "serve", "--port", str(port)]
+    cmd += ["--data-dir", str(tmp_path), "--no-auth", "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "the server exited"
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start in 60 s"
+            time.sleep(0.1)
+        for _ in range(3):
+            r = httpx.post(f"{base}/v1/completions", json=BODY, timeout=30)
+            assert r.status_code == 200
+        long = {"model": NAME, "prompt": PROMPT, "stream": True, "temperature": 1.0}
+        with httpx.stream("POST", f"{base}/v1/completions", json=long, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    r = CliRunner().invoke(cli, ["audit", "verify", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    rows = _rows(tmp_path / "audit.sqlite")
+    done = [r for r in rows if r["route"] == "/v1/completions"]
+    assert [(r["status"], r["completion_tokens"]) for r in done] == [(200, 3)] * 3
+    assert rows[0]["route"] == "/health"
