@@ -10,7 +10,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -26,6 +25,7 @@ from deepwhale.cli import app as cli  # noqa: E402
 from deepwhale.serve import create_app  # noqa: E402
 from deepwhale.serve.audit import AuditLog, export, verify  # noqa: E402
 from deepwhale.serve.auth import KeyStore  # noqa: E402
+from tests.serve.conftest import wait_for_health  # noqa: E402
 
 NAME = "stories260K"
 PROMPT = "Once upon a time"
@@ -158,16 +158,7 @@ def test_killed_mid_stream_keeps_committed_rows(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "the server exited"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start in 60 s"
-            time.sleep(0.1)
+        wait_for_health(base, timeout=60, alive=lambda: proc.poll() is None)
         for _ in range(3):
             r = httpx.post(f"{base}/v1/completions", json=BODY, timeout=30)
             assert r.status_code == 200

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from deepwhale.api import DeepSeekModel  # noqa: E402
 from deepwhale.serve import create_app  # noqa: E402
+from tests.serve.conftest import wait_for_health  # noqa: E402
 
 GREEDY = ", there was a little girl named Lily."
 BATCH = 8
@@ -44,15 +45,7 @@ def _serve(model: DeepSeekModel, name: str):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not start in 30 s"
-        time.sleep(0.05)
+    wait_for_health(base)
     try:
         yield base
     finally:
