@@ -142,7 +142,8 @@ def test_n_seed_logprobs(client):
 
 
 def test_concurrent_streams_match_alone(client):
-    prompts = [f"Once upon a time{' there' * i}" for i in range(8)]
+    """32 concurrent streaming clients on 8 slots: all complete, each equal to its run alone."""
+    prompts = [f"Once upon a time{' there' * (i % 8)}{' Tom' * (i // 8)}" for i in range(32)]
     kw = dict(model="stories260K", max_tokens=24, temperature=0)
     alone = [client.completions.create(prompt=p, **kw).choices[0].text for p in prompts]
 
@@ -151,7 +152,7 @@ def test_concurrent_streams_match_alone(client):
             c.choices[0].text for c in client.completions.create(prompt=p, stream=True, **kw)
         )
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(32) as pool:
         together = list(pool.map(streamed, prompts))
     assert together == alone
 
