@@ -191,8 +191,12 @@ def _dequantize(f, key, tensor, file, key_to_file, block, device) -> torch.Tenso
         raise CheckpointError(f"{file}: {key!r}: {e}") from e
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    A reader never sees a half-written ``path``: either the old file or the complete new one.
+    The temporary file is removed if ``write`` raises.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -208,7 +212,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` as indented JSON atomically."""
-    _atomic_write(
+    atomic_write(
         path, lambda p: p.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     )
 
@@ -272,7 +276,7 @@ def write_checkpoint(
     written, weight_map = [], {}
     for name, shard in zip(names, shards, strict=True):
         path = folder / name
-        _atomic_write(path, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+        atomic_write(path, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
         written.append(path)
         weight_map.update(dict.fromkeys(shard, name))
     if len(shards) > 1:
