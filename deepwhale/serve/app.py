@@ -36,11 +36,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
+from importlib.resources import files
 from os import PathLike
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -66,10 +67,12 @@ from deepwhale.serve.schemas import (
     GenerateRequest,
     _Sampling,
 )
+from deepwhale.serve.stats import LiveStats
 
 _END = object()
 
 
+_DASHBOARD_HTML = files("deepwhale.serve").joinpath("dashboard.html").read_text(encoding="utf-8")
 logger = logging.getLogger("deepwhale.serve")
 
 
@@ -159,6 +162,7 @@ class _Server:
         self.model_name = model_name
         self.active: set[EngineRequest] = set()
         self.metrics = Metrics(lambda: model.engine)
+        self.stats = LiveStats(lambda: (len(model.engine.running), len(model.engine.waiting)))
 
     # ------------------------------------------------------------------ validation
     def authorize(self, request: Request, name: str | None, prompt) -> None:
@@ -257,27 +261,35 @@ class _Server:
         self.active.add(req)
         threading.Thread(target=pump, name=f"serve-{req.request_id}", daemon=True).start()
         last = start = time.perf_counter()
-        first = True
+        ttft, ok = None, False
         try:
             while True:
                 item = await queue.get()
                 if item is _END:
+                    ok = True
                     return
                 if isinstance(item, BaseException):
                     raise item
                 now = time.perf_counter()
                 if item[1].token_id is not None:
-                    (self.metrics.ttft if first else self.metrics.itl).observe(
-                        now - (start if first else last)
-                    )
-                    first, last = False, now
+                    if ttft is None:
+                        ttft = now - start
+                        self.metrics.ttft.observe(ttft)
+                    else:
+                        self.metrics.itl.observe(now - last)
+                    last = now
+                    self.stats.token()
                 yield item
+        except (GeneratorExit, asyncio.CancelledError):
+            ok = True  # the client went away: not a server error
+            raise
         finally:
             self.active.discard(req)
             if not req.finished:
                 self.model.engine.cancel(req)
             self.metrics.prompt_tokens.inc(len(req.prompt_ids))
             self.metrics.generated_tokens.inc(req.num_generated)
+            self.stats.request(time.perf_counter() - start, ttft, ok)
 
     async def drain(self, req: EngineRequest) -> None:
         """Wait until ``req`` finished (non-streaming responses)."""
@@ -463,6 +475,8 @@ def create_app(
         "/v1/models",
         "/health",
         "/metrics",
+        "/dashboard",
+        "/dashboard/stats",
     }
 
     @app.middleware("http")
@@ -482,6 +496,21 @@ def create_app(
         """Prometheus exposition of the server's metrics."""
         body, content_type = server.metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    async def dashboard() -> HTMLResponse:
+        """A live HTML page charting throughput and latency from ``/dashboard/stats``.
+
+        The page itself holds no data and needs no key; it asks for a ``viewer`` or ``admin``
+        key when ``/dashboard/stats`` answers 401/403, and keeps it in the tab's sessionStorage.
+        """
+        return HTMLResponse(_DASHBOARD_HTML, headers={"Cache-Control": "no-store"})
+
+    @app.get("/dashboard/stats")
+    async def dashboard_stats() -> dict:
+        """Per-second tokens, requests and latency percentiles of the last 300 s (see
+        :meth:`deepwhale.serve.stats.LiveStats.snapshot`), plus the model name."""
+        return {"model": model_name, **server.stats.snapshot()}
 
     @app.get("/health")
     async def health() -> dict:

@@ -8,9 +8,9 @@ Roles and what they may call (checked by :func:`route_roles`):
 
 * ``admin``: everything;
 * ``user``: ``/generate`` and ``/v1/*``;
-* ``viewer``: ``/metrics``.
+* ``viewer``: ``/metrics`` and ``/dashboard/stats`` (the data behind ``/dashboard``).
 
-``/health`` (and the OpenAPI docs) need no key. Errors follow OpenAI's codes: 401
+``/health``, the ``/dashboard`` page shell (it holds no data) and the OpenAPI docs need no key. Errors follow OpenAI's codes: 401
 ``invalid_api_key`` for a missing, unknown or revoked key, 403 for a role or model the key is not
 granted, 429 ``rate_limit_exceeded`` with ``Retry-After`` (seconds, RFC 6585 section 4 and
 RFC 9110 section 10.2.3) when the key's requests-per-minute limit is used up.
@@ -35,7 +35,9 @@ from pathlib import Path
 ROLES = ("admin", "user", "viewer")
 KEYS_FILE = "keys.sqlite"
 AUDIT_FILE = "audit.sqlite"
-OPEN_ROUTES = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_ROUTES = frozenset(
+    {"/health", "/dashboard", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -210,7 +212,7 @@ def route_roles(path: str) -> frozenset[str] | None:
     """Roles allowed on ``path``; None for open routes. Unlisted paths need any valid key."""
     if path in OPEN_ROUTES:
         return None
-    if path == "/metrics":
+    if path in ("/metrics", "/dashboard/stats"):
         return frozenset({"viewer", "admin"})
     if path == "/generate" or path.startswith("/v1/"):
         return frozenset({"user", "admin"})
