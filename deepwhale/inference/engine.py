@@ -106,6 +106,8 @@ class Request:
             detok = tokenizer.detokenizer(prompt_ids=self.prompt_ids, skip_special_tokens=True)
             self.sequences.append(Sequence(i, params, gen, detok))
         self._queue: queue.Queue = queue.Queue()
+        self._sink = None
+        self._sink_lock = threading.Lock()
         self.prompt_tensor = torch.tensor(self.prompt_ids, device=device)
         #: the exception that failed this request (its samples stop), or None
         self.error: BaseException | None = None
@@ -129,6 +131,28 @@ class Request:
         if self.error is not None:
             raise self.error
         return [s.text[: s.emitted] for s in self.sequences]
+
+    def on_output(self, sink) -> None:
+        """Deliver this request's output to ``sink`` instead of the blocking iterator.
+
+        ``sink(item)`` is called on the engine thread with each ``(sample_index, chunk)``, with
+        the exception that failed the request, and finally with ``None`` when every sample has
+        finished. Items produced before the call are delivered first, in order. ``sink`` must
+        be quick and must not raise (hand items to your own loop, e.g.
+        ``loop.call_soon_threadsafe``); it replaces a thread blocked in ``__iter__`` per request.
+        """
+        with self._sink_lock:
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                sink(None if item is _DONE else item)
+            self._sink = sink
+
+    def _put(self, item) -> None:
+        with self._sink_lock:
+            if self._sink is None:
+                self._queue.put(item)
+            else:
+                self._sink(None if item is _DONE else item)
 
     def __iter__(self) -> Iterator[tuple[int, GenerationChunk]]:
         """Blocking stream of ``(sample_index, chunk)`` until every sample finished."""
@@ -411,14 +435,14 @@ class Engine:
         with self._lock:
             if req in self.waiting:
                 self.waiting.remove(req)
-        req._queue.put(error)
-        req._queue.put(_DONE)
+        req._put(error)
+        req._put(_DONE)
 
     def _emit(self, req: Request, seq: Sequence, chunk: GenerationChunk, events) -> None:
         if req.logprobs is not None and chunk.token_id is not None and seq.logprobs:
             chunk.logprobs = seq.logprobs[-1]
         events.append((req, seq.index, chunk))
-        req._queue.put((seq.index, chunk))
+        req._put((seq.index, chunk))
 
     def _finish(self, req, seq, reason: str, events, token: int | None = None) -> None:
         chunk = GenerationChunk(seq.text[seq.emitted :], token, reason)
@@ -431,7 +455,7 @@ class Engine:
             seq.slot = None
         self._emit(req, seq, chunk, events)
         if req.finished:
-            req._queue.put(_DONE)
+            req._put(_DONE)
 
     def compile_decode(
         self, mode: str | None = None, backend: str = "inductor", options=None

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -238,48 +237,50 @@ class _Server:
         return self.model.submit(ids, n=n, logprobs=logprobs, **sampling)
 
     # ------------------------------------------------------------------ the async bridge
-    async def events(self, req: EngineRequest) -> AsyncIterator[tuple[int, GenerationChunk]]:
-        """Yield ``(index, chunk)`` from the engine without blocking the loop; cancels the
-        engine request if the consumer stops early (client disconnect, error)."""
+    async def events(self, req: EngineRequest) -> AsyncIterator[list[tuple[int, GenerationChunk]]]:
+        """Yield lists of ``(index, chunk)`` from the engine without blocking the loop: every
+        item that arrived since the consumer last asked (one item when it keeps up; several
+        when the engine runs ahead, so a slow consumer sends fewer, larger SSE events). The
+        engine request is cancelled if the consumer stops early (client disconnect, error)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def put(item) -> None:
+        def sink(item) -> None:  # engine thread: hand over to the event loop
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(queue.put_nowait, _END if item is None else item)
             except RuntimeError:  # the loop is closed (server shutting down)
                 pass
 
-        def pump() -> None:
-            try:
-                for item in req:
-                    put(item)
-            except BaseException as e:  # engine failure for this request
-                put(e)
-            put(_END)
-
         self.active.add(req)
-        threading.Thread(target=pump, name=f"serve-{req.request_id}", daemon=True).start()
+        req.on_output(sink)
         last = start = time.perf_counter()
         ttft, ok = None, False
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    ok = True
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                now = time.perf_counter()
-                if item[1].token_id is not None:
-                    if ttft is None:
-                        ttft = now - start
-                        self.metrics.ttft.observe(ttft)
-                    else:
-                        self.metrics.itl.observe(now - last)
-                    last = now
-                    self.stats.token()
-                yield item
+            done = False
+            while not done:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                batch = []
+                for item in items:
+                    if item is _END:
+                        done = True
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item[1].token_id is not None:
+                        now = time.perf_counter()
+                        if ttft is None:
+                            ttft = now - start
+                            self.metrics.ttft.observe(ttft)
+                        else:
+                            self.metrics.itl.observe(now - last)
+                        last = now
+                        self.stats.token()
+                    batch.append(item)
+                if batch:
+                    yield batch
+            ok = True
         except (GeneratorExit, asyncio.CancelledError):
             ok = True  # the client went away: not a server error
             raise
@@ -396,11 +397,12 @@ class _Server:
                             [{"index": i, "delta": first, "logprobs": None, "finish_reason": None}]
                         )
                 try:
-                    async for i, chunk in events:
-                        if chunk.finish_reason == "cancelled":
-                            continue
-                        if chunk.text or chunk.finish_reason or (logprobs and chunk.logprobs):
-                            yield event([choice(i, chunk)])
+                    async for batch in events:
+                        for i, chunk in batch if logprobs else _merge(batch):
+                            if chunk.finish_reason == "cancelled":
+                                continue
+                            if chunk.text or chunk.finish_reason or (logprobs and chunk.logprobs):
+                                yield event([choice(i, chunk)])
                 except Exception as e:  # the engine failed mid-stream: tell the client, then stop
                     err = {"message": f"{type(e).__name__}: {e}", "type": "server_error"}
                     yield {"data": json.dumps({"error": {**err, "param": None, "code": None}})}
@@ -723,6 +725,22 @@ class _AuditMiddleware:
                 await asyncio.to_thread(self.log.append, **row)
             except Exception:
                 logger.exception("could not append to the audit log %s", self.log.path)
+
+
+def _merge(batch: list[tuple[int, GenerationChunk]]) -> list[tuple[int, GenerationChunk]]:
+    """Join consecutive chunks of the same sample into one (texts concatenated, the last
+    token id and finish reason kept); used when no per-token logprobs are streamed."""
+    out: list[tuple[int, GenerationChunk]] = []
+    for i, chunk in batch:
+        if out and out[-1][0] == i and out[-1][1].finish_reason is None:
+            prev = out[-1][1]
+            out[-1] = (
+                i,
+                GenerationChunk(prev.text + chunk.text, chunk.token_id, chunk.finish_reason),
+            )
+        else:
+            out.append((i, chunk))
+    return out
 
 
 def _message(m) -> dict:

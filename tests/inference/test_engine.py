@@ -264,3 +264,20 @@ def test_submit_starts_the_engine_and_generate_works_alongside(stories):
             m.submit("Once", n=2, seed=2**64 - 1)
     finally:
         m.engine.shutdown()
+
+
+def test_on_output_sink_gets_backlog_then_live_items_then_none():
+    """``Request.on_output`` delivers what was queued before it was set, then the rest, then
+    ``None``; the result equals the iterator's."""
+    model = DeepSeekModel.from_pretrained(device="cpu").set_batch_size(2, 64)
+    eng = model.engine
+    ids = model.encode_prompt("Once upon a time")
+    want = eng.generate([ids], SamplingParams(temperature=0, max_new_tokens=8))[0].texts()[0]
+    req = eng.add_request(ids, SamplingParams(temperature=0, max_new_tokens=8))
+    eng.step()  # prefill + first token land in the queue before the sink exists
+    got = []
+    req.on_output(got.append)
+    while not req.finished:
+        eng.step()
+    assert got[-1] is None and all(isinstance(x, tuple) for x in got[:-1])
+    assert "".join(chunk.text for _, chunk in got[:-1]) == want

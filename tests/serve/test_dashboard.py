@@ -187,3 +187,23 @@ def test_dashboard_in_headless_chromium(server):
             assert problems == []
         finally:
             browser.close()
+
+
+def test_merge_joins_consecutive_chunks_of_one_sample():
+    from deepwhale.inference.generate import GenerationChunk
+    from deepwhale.serve.app import _merge
+
+    batch = [
+        (0, GenerationChunk("a", 1)),
+        (0, GenerationChunk("b", 2)),
+        (1, GenerationChunk("x", 3)),
+        (0, GenerationChunk("c", 4, "length")),
+        (0, GenerationChunk("", None, "length")),
+    ]
+    merged = _merge(batch)
+    assert [(i, c.text, c.token_id, c.finish_reason) for i, c in merged] == [
+        (0, "ab", 2, None),
+        (1, "x", 3, None),
+        (0, "c", 4, "length"),
+        (0, "", None, "length"),
+    ]
