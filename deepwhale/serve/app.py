@@ -292,11 +292,33 @@ class _Server:
             self.metrics.generated_tokens.inc(req.num_generated)
             self.stats.request(time.perf_counter() - start, ttft, ok)
 
-    async def drain(self, req: EngineRequest) -> None:
-        """Wait until ``req`` finished (non-streaming responses)."""
-        async with aclosing(self.events(req)) as events:
-            async for _ in events:
-                pass
+    async def drain(self, req: EngineRequest, request: Request) -> None:
+        """Wait until ``req`` finished (non-streaming responses). If the client disconnects
+        first, the engine request is cancelled (its slot freed) and 499 is returned."""
+
+        async def consume() -> None:
+            async with aclosing(self.events(req)) as events:
+                async for _ in events:
+                    pass
+
+        async def disconnected() -> None:
+            # ``request.is_disconnected()`` never fires behind BaseHTTPMiddleware
+            # (encode/starlette discussion 2094); waiting on receive() does (vLLM PR 11096).
+            while (await request.receive())["type"] != "http.disconnect":
+                await asyncio.sleep(0.1)  # never spin if a server hands out empty bodies
+
+        work = asyncio.ensure_future(consume())
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():  # events()' finally cancels the engine request
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        if work.cancelled():  # the client left (nginx's 499: nobody reads this answer)
+            raise APIError("the client closed the connection", 499, code="client_closed_request")
+        work.result()  # re-raise an engine failure
 
     # ------------------------------------------------------------------ formatting
     def token_text(self, token_id: int) -> str:
@@ -526,8 +548,11 @@ def create_app(
         }
 
     @app.get("/v1/models")
-    async def models() -> dict:
-        """OpenAI ``GET /v1/models``: the one model served."""
+    async def models(request: Request) -> dict:
+        """OpenAI ``GET /v1/models``: the one model served, if the caller's key may use it."""
+        key = getattr(request.state, "api_key", None)
+        if key is not None and not key.allows_model(model_name):
+            return {"object": "list", "data": []}
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "deepwhale"}
         return {"object": "list", "data": [card]}
 
@@ -545,7 +570,7 @@ def create_app(
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return server.stream(req, "text_completion", False, include, body.logprobs is not None)
-        await server.drain(req)
+        await server.drain(req, request)
         choices = []
         for seq, text in zip(req.sequences, req.texts(), strict=True):
             lp = server.completion_logprobs(seq.logprobs) if body.logprobs is not None else None
@@ -590,7 +615,7 @@ def create_app(
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return server.stream(req, "chat.completion.chunk", True, include, body.logprobs)
-        await server.drain(req)
+        await server.drain(req, request)
         choices = []
         for seq, text in zip(req.sequences, req.texts(), strict=True):
             choices.append(
@@ -630,7 +655,7 @@ def create_app(
         sampling = server.sampling(body, server.budget(ids, new, param))
         req = server.submit(ids, 1, None, sampling)
         request.state.audit_request = req
-        await server.drain(req)
+        await server.drain(req, request)
         return {"output": req.texts()[0], "usage": server.usage(req)}
 
     return app

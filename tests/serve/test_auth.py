@@ -81,6 +81,9 @@ def test_disallowed_model_gets_403(served):
     r = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2}, headers=_h(other))
     assert r.status_code == 403
     assert client.post("/v1/completions", json=BODY, headers=_h(both)).status_code == 200
+    # /v1/models lists only what the key may use
+    assert client.get("/v1/models", headers=_h(other)).json()["data"] == []
+    assert [m["id"] for m in client.get("/v1/models", headers=_h(both)).json()["data"]] == [NAME]
 
 
 def test_rate_limit_gets_429_with_retry_after(served):

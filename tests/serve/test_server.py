@@ -353,3 +353,24 @@ def test_prometheus_metrics():
     )
     assert lines["deepwhale_queue_depth"] == "0.0" and lines["deepwhale_running_sequences"] == "0.0"
     assert 'deepwhale_request_latency_seconds_count{route="/v1/completions"}' in lines
+
+
+def test_non_streaming_disconnect_frees_slot(stories):
+    """A client that gives up on a non-streaming request frees its batch slot too."""
+    model, base = stories
+    before = model.engine.stats["generated_tokens"]
+    body = {
+        "model": "stories260K",
+        "prompt": "Once upon a time",
+        "max_tokens": 480,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{base}/v1/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while len(model.engine.free_slots) < BATCH or model.engine.running:
+        assert time.monotonic() < deadline, "the abandoned request kept its slot"
+        time.sleep(0.02)
+    generated = model.engine.stats["generated_tokens"] - before
+    assert generated < 480, generated
