@@ -15,6 +15,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be found, downloaded or loaded; the message names file and key."""
 
 
+#: models shipped inside the package (``deepwhale/assets/<name>``), usable by bare name
+BUNDLED = Path(__file__).resolve().parents[1] / "assets"
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 ALLOW_PATTERNS = [
     "*.json",
@@ -30,7 +33,8 @@ def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None)
     """Return a local folder for ``path_or_repo_id``.
 
     Args:
-        path_or_repo_id: an existing folder, or a Hub repo id such as
+        path_or_repo_id: an existing folder, the name of a bundled model (``stories260K``,
+            ``deepwhale-demo``: folders under ``deepwhale/assets``), or a Hub repo id such as
             ``deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B``.
         revision: Hub branch, tag or commit (repo ids only).
 
@@ -43,10 +47,17 @@ def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None)
     if path.is_dir():
         return path
     name = str(path_or_repo_id)
+    bundled = BUNDLED / name
+    if "/" not in name and (bundled / "config.json").is_file():
+        return bundled
     if path.exists():
         raise CheckpointError(f"{name} is a file; pass the checkpoint folder that holds it")
     if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):
-        raise CheckpointError(f"no such checkpoint folder: {name}")
+        known = sorted(p.name for p in BUNDLED.iterdir() if (p / "config.json").is_file())
+        raise CheckpointError(
+            f"no such checkpoint folder: {name} (bundled models: {', '.join(known)}; "
+            "or a Hub repo id like deepseek-ai/DeepSeek-V3)"
+        )
     try:
         from huggingface_hub import snapshot_download
 

@@ -205,7 +205,11 @@ def test_folder_problems(saved, tmp_path):
 
 def test_resolve_checkpoint_errors(tmp_path, monkeypatch):
     assert resolve_checkpoint(tmp_path) == tmp_path
-    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+    bundled = resolve_checkpoint("stories260K")  # a bundled model by bare name
+    assert bundled.name == "stories260K" and (bundled / "model.safetensors").is_file()
+    with pytest.raises(
+        CheckpointError, match="no such checkpoint folder.*bundled models: .*stories260K"
+    ):
         resolve_checkpoint(tmp_path / "missing")
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(CheckpointError, match="is a file"):
