@@ -15,6 +15,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from deepwhale.data.tokenizer_cli import tokenizer_app
+
 app = typer.Typer(
     help="deepwhale: run, serve, train and evaluate DeepSeek-family models.",
     no_args_is_help=True,
@@ -29,6 +31,7 @@ keys_app = typer.Typer(help="Create, list and revoke API keys for `serve`.", no_
 app.add_typer(keys_app, name="keys")
 audit_app = typer.Typer(help="Check and export the serving audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.add_typer(tokenizer_app, name="tokenizer")
 err = Console(stderr=True, soft_wrap=True)
 
 ModelOpt = Annotated[
