@@ -23,6 +23,7 @@ from deepwhale.config import ModelConfig
 from deepwhale.inference.engine import Engine, Request
 from deepwhale.inference.generate import GenerationChunk, PromptTooLongError, generate_stream
 from deepwhale.inference.sampling import SamplingParams
+from deepwhale.lora import apply_lora, merge_lora, save_adapter  # noqa: F401  (public API)
 from deepwhale.model.transformer import CausalLM
 from deepwhale.tokenizer import Tokenizer
 
@@ -140,7 +141,17 @@ class DeepSeekModel:
 
         transformers' ``AutoModelForCausalLM.from_pretrained(folder)`` loads it back with
         identical logits. Returns the folder.
+
+        Raises:
+            ValueError: the model carries LoRA adapters (save them with
+                :func:`~deepwhale.lora.save_adapter`, or :func:`~deepwhale.lora.merge_lora`
+                first to write a full model).
         """
+        if hasattr(self.module, "peft_config"):
+            raise ValueError(
+                "this model has LoRA adapters: save_adapter(model, dir) writes the adapter in "
+                "PEFT's format; merge_lora(model) first to save a full merged model"
+            )
         folder = Path(folder)
         if getattr(self.module, "quantization", None):
             from deepwhale.inference.quantize import save_quantized

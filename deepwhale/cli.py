@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from deepwhale.data.tokenizer_cli import tokenizer_app
+from deepwhale.train.cli import finetune_app, lora_app, train
 
 app = typer.Typer(
     help="deepwhale: run, serve, train and evaluate DeepSeek-family models.",
@@ -32,6 +33,9 @@ app.add_typer(keys_app, name="keys")
 audit_app = typer.Typer(help="Check and export the serving audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 app.add_typer(tokenizer_app, name="tokenizer")
+app.command("train")(train)
+app.add_typer(finetune_app, name="finetune")
+app.add_typer(lora_app, name="lora")
 err = Console(stderr=True, soft_wrap=True)
 
 ModelOpt = Annotated[

@@ -1,0 +1,178 @@
+"""LoRA via PEFT: trainable share, interoperability with PEFT on transformers, merging."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deepwhale.checkpoint.io import load_model
+from deepwhale.lora import (
+    LoraError,
+    apply_lora,
+    default_target_modules,
+    load_adapter,
+    merge_adapter_folder,
+    merge_lora,
+    save_adapter,
+    trainable_parameters,
+)
+from deepwhale.model.flavours import flavour_config
+from deepwhale.model.transformer import CausalLM
+from tests.helpers import make_hf_model
+
+
+def _randomize_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def test_trainable_share_on_a_realistic_config(capsys):
+    with torch.device("meta"):
+        model = CausalLM(flavour_config("bench-llama-58m"))
+    lora = apply_lora(model, r=16, lora_alpha=32)
+    trainable, total = trainable_parameters(lora)
+    # per layer: 4 attention projections r*(512+512) + 3 MLP projections r*(512+1376)
+    assert trainable == 8 * 16 * (4 * 1024 + 3 * (512 + 1376))
+    assert 0.015 < trainable / total < 0.03  # about 2%
+    assert "trainable params 1,249,280" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides"),
+    [("llama", {}), ("deepseek_v3", {"q_lora_rank": 24, "n_group": 4, "topk_group": 2})],
+)
+def test_adapter_loads_in_peft_on_transformers(tmp_path, model_type, overrides):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    make_hf_model(model_type, tmp_path / "base", **overrides)
+    ours = apply_lora(load_model(tmp_path / "base"), r=4, lora_alpha=8, verbose=False)
+    _randomize_lora(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    first = "q_a_proj" if model_type == "deepseek_v3" else "q_proj"
+    assert f"base_model.model.model.layers.0.self_attn.{first}.lora_A.weight" in keys
+    assert not any(".experts." in k for k in keys)
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    hf = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    x = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    ours.eval()
+    with torch.no_grad():
+        got, want = ours(x), hf(input_ids=x).logits
+        plain = load_model(tmp_path / "base")(x)
+    assert (got - plain).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    # and back: the adapter loads onto a fresh deepwhale model with identical logits
+    again = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), got, rtol=0, atol=0)
+
+
+def test_merge_matches_unmerged_and_cli(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from deepwhale.train.cli import lora_app
+
+    make_hf_model("deepseek_v3", tmp_path / "base", q_lora_rank=24, n_group=4, topk_group=2)
+    model = apply_lora(load_model(tmp_path / "base"), r=8, lora_alpha=16, verbose=False)
+    _randomize_lora(model, seed=3)
+    save_adapter(model, tmp_path / "adapter")
+    x = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(2))
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(x)
+        merged = merge_lora(model)
+        assert isinstance(merged, CausalLM)
+        torch.testing.assert_close(merged(x), unmerged, rtol=0, atol=1e-5)
+
+    app = typer.Typer()
+    app.add_typer(lora_app, name="lora")
+    out = tmp_path / "merged"
+    res = CliRunner().invoke(
+        app,
+        [
+            "lora",
+            "merge",
+            "--model",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)(x), unmerged, rtol=0, atol=1e-5)
+    res = CliRunner().invoke(
+        app,
+        [
+            "lora",
+            "merge",
+            "--model",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(tmp_path / "nope"),
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 2 and "no adapter_config.json" in res.output
+    assert merge_adapter_folder  # exported
+
+
+def test_deepseekmodel_and_errors(tmp_path):
+    from deepwhale.api import DeepSeekModel
+
+    dsm = DeepSeekModel.from_pretrained(device="cpu")  # bundled stories260K (llama)
+    before = dsm.generate("Once upon a time", max_new_tokens=8, temperature=0)
+    assert apply_lora(dsm, r=2, verbose=False) is dsm
+    assert dsm.generate("Once upon a time", max_new_tokens=8, temperature=0) == before  # B = 0
+    assert trainable_parameters(dsm)[0] > 0
+    with pytest.raises(LoraError, match="already has LoRA"):
+        apply_lora(dsm)
+    save_adapter(dsm, tmp_path / "a")
+    assert isinstance(merge_lora(dsm).module, CausalLM)
+    assert isinstance(load_adapter(dsm, tmp_path / "a").module.base_model.model, CausalLM)
+
+    model = CausalLM(flavour_config("debug-v3"))
+    assert default_target_modules(model.config) == [
+        "q_a_proj",
+        "q_b_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+        "o_proj",
+    ]
+    assert "q_proj" in default_target_modules(flavour_config("debug-v2"))
+    with pytest.raises(LoraError, match="wq not found.*kv_b_proj"):
+        apply_lora(model, target_modules=["wq"])
+    with pytest.raises(LoraError, match="positive integer"):
+        apply_lora(model, r=0)
+    with pytest.raises(LoraError, match="no LoRA adapters"):
+        save_adapter(model, tmp_path / "x")
+    with pytest.raises(LoraError, match="no LoRA adapters to merge"):
+        merge_lora(model)
+    with pytest.raises(LoraError, match="no adapter_config.json"):
+        load_adapter(model, tmp_path / "missing")
+    with pytest.raises(TypeError, match="expected a deepwhale CausalLM"):
+        apply_lora("model")
+
+
+def test_save_pretrained_refuses_a_lora_wrapped_model(tmp_path):
+    from deepwhale.api import DeepSeekModel, apply_lora
+
+    model = apply_lora(DeepSeekModel.from_pretrained(device="cpu"), r=2, verbose=False)
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        model.save_pretrained(tmp_path / "out")

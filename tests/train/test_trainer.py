@@ -1,0 +1,238 @@
+"""The training loop on real text: loss falls, accumulation is exact, resume is bit-exact."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from deepwhale.train import checkpoint as ckpt
+from deepwhale.train.config import TrainConfigError, load_config
+from deepwhale.train.trainer import Trainer
+from tests.train.conftest import base_overrides
+
+
+def make(out, data, **kw) -> Trainer:
+    return Trainer(load_config(None, base_overrides(out, data, **kw)))
+
+
+def test_loss_falls_on_real_text_and_final_model_loads(tmp_path, shakespeare):
+    out = tmp_path / "run"
+    tr = make(
+        out,
+        shakespeare,
+        **{
+            "model.name": "debug-v3",
+            "data.seq_len": 65,
+            "data.val_fraction": 0.1,
+            "train.steps": 30,
+            "train.micro_batch_size": 8,
+            "optim.lr": 3e-3,
+            "schedule.warmup_steps": 5,
+            "eval.interval": 15,
+            "eval.max_batches": 4,
+            "log.interval": 5,
+            "log.tensorboard": "true",
+            "checkpoint.save_final": "true",
+            "moe.aux_loss_alpha": 0.001,
+        },
+    )
+    before = tr.evaluate()["val_loss"]
+    bias0 = [g.e_score_correction_bias.clone() for g in tr.monitor.gates]
+    hist = tr.fit()
+    losses = [h["loss"] for h in hist]
+    assert abs(losses[0] - math.log(512)) < 0.3  # random init starts near uniform
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0
+    assert hist[-1]["val_loss"] < before - 1.0
+    assert hist[-1]["val_ppl"] == pytest.approx(math.exp(hist[-1]["val_loss"]))
+    assert all(h["aux_loss"] > 0 for h in hist)
+    # the noaux_tc bias moved by gamma * sign(.) per step
+    moved = [
+        (g.e_score_correction_bias - b).abs().max()
+        for g, b in zip(tr.monitor.gates, bias0, strict=True)
+    ]
+    assert all(0 < float(m) <= 30 * 0.001 + 1e-6 for m in moved)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert rows[2]["val_loss"] and not rows[0]["val_loss"]
+    assert any((out / "tb").iterdir())
+
+    # the final HF folder loads in deepwhale and transformers with the trained logits
+    from transformers import AutoModelForCausalLM
+
+    from deepwhale.api import DeepSeekModel
+
+    final = out / "final"
+    assert (final / "tokenizer.json").exists()
+    x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    tr.model.eval()
+    with torch.no_grad():
+        ref = tr.model(x)
+        ours = DeepSeekModel.from_pretrained(final, device="cpu")(x)
+        hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()(x).logits
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    torch.testing.assert_close(hf, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flavour", ["debug-llama", "debug-v2"])
+def test_accumulation_matches_one_big_batch(tmp_path, chat_jsonl, flavour):
+    common = {
+        "model.name": flavour,
+        "data.seq_len": 96,
+        "moe.aux_loss_alpha": 0.01,
+        "moe.seq_aux": "true",
+    }
+    big = make(tmp_path / "a", chat_jsonl, **common, **{"train.micro_batch_size": 8})
+    small = make(
+        tmp_path / "b",
+        chat_jsonl,
+        **common,
+        **{"train.micro_batch_size": 1, "train.grad_accum": 8},
+    )
+    b_big, b_small = big.next_batches(), small.next_batches()
+    counts = [int((b["labels"] != -100).sum()) for b in b_small]
+    assert len(set(counts)) > 3  # micro-batches hold different numbers of real tokens
+    assert torch.equal(
+        b_big[0]["input_ids"][0, : len(b_small[0]["input_ids"][0])], b_small[0]["input_ids"][0]
+    )
+    m_big, m_small = big.backward_window(b_big), small.backward_window(b_small)
+    assert m_big["tokens"] == m_small["tokens"] == sum(counts)
+    assert m_big["loss"] == pytest.approx(m_small["loss"], rel=1e-5)
+    if flavour == "debug-v2":
+        assert m_big["aux_loss"] == pytest.approx(m_small["aux_loss"], rel=1e-5)
+    for (name, p), q in zip(big.model.named_parameters(), small.model.parameters(), strict=True):
+        if p.grad is None:
+            assert q.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_resume_is_bit_exact_and_skips_partial_checkpoints(tmp_path, shakespeare):
+    kw = {
+        "model.name": "debug-v3",
+        "data.seq_len": 33,
+        "train.steps": 6,
+        "train.micro_batch_size": 4,
+        "train.grad_accum": 2,
+        "checkpoint.interval": 2,
+        "checkpoint.keep_last": 2,
+        "moe.aux_loss_alpha": 0.01,
+        "moe.bias_update_speed": 0.01,
+        "log.interval": 1,
+        "schedule.warmup_steps": 2,
+        "data.limit": 200,
+    }
+    full = make(tmp_path / "a", shakespeare, **kw)
+    ref = full.fit()
+
+    out = tmp_path / "b"
+    crashed = make(out, shakespeare, **kw)
+    crashed.fit(max_steps=5)  # "dies" after step 5; last complete checkpoint is step 4
+    root = out / "checkpoints"
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step-00000002", "step-00000004"]
+    # a crash while writing step 6: a half-written folder under the final name and a temp dir
+    partial = root / "step-00000006"
+    partial.mkdir()
+    (partial / "model.pt").write_bytes(b"partial")
+    (root / ".tmp-step-00000008-4194311").mkdir()
+    bad_state = root / "step-00000010"
+    bad_state.mkdir()
+    (bad_state / "state.json").write_text('{"complete": true, "files": {"model.pt": 5}}')
+    assert ckpt.latest_checkpoint(root).name == "step-00000004"
+
+    resumed = make(out, shakespeare, **kw, **{"checkpoint.resume": "auto"})
+    assert resumed.resumed_from.name == "step-00000004" and resumed.step == 4
+    rest = resumed.fit()
+    assert [h["step"] for h in rest] == [5, 6]
+    for got, want in zip(rest, ref[4:], strict=True):
+        assert got["loss"] == want["loss"]  # bit-exact
+        assert got["lr"] == want["lr"]
+        assert got["tokens"] == want["tokens"]
+        assert got["grad_norm"] == want["grad_norm"]
+    for (name, p), q in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(p, q), name
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+
+    # the stale temporary of the dead process is gone; the newest complete checkpoints remain
+    assert not (root / ".tmp-step-00000008-4194311").exists()
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step-00000004", "step-00000006"]
+    with pytest.raises(ckpt.CheckpointNotFound, match="does not match this model"):
+        make(out, shakespeare, **{**kw, "checkpoint.resume": "auto", "model.name": "debug-v2"})
+    with pytest.raises(ckpt.CheckpointNotFound, match="not a complete checkpoint"):
+        make(out, shakespeare, **kw, **{"checkpoint.resume": str(bad_state)})
+
+
+def test_staged_lr_with_lora_on_a_checkpoint(tmp_path, gsm8k):
+    from deepwhale.train.trainer import BUNDLED_TOKENIZER
+
+    tr = make(
+        tmp_path / "lora",
+        gsm8k,
+        **{
+            "model.name": str(BUNDLED_TOKENIZER),
+            "data.seq_len": 384,
+            "data.limit": 24,
+            "train.steps": 6,
+            "train.micro_batch_size": 2,
+            "schedule.name": "staged",
+            "schedule.stage_lrs": "[1e-5, 5e-6, 1e-6]",
+            "schedule.stage_steps": "[2, 4]",
+            "lora.enabled": "true",
+            "lora.r": 4,
+            "checkpoint.save_final": "true",
+        },
+    )
+    base = {k: v.clone() for k, v in tr.model.state_dict().items() if "lora" not in k}
+    hist = tr.fit()
+    assert [h["lr"] for h in hist] == [1e-5, 1e-5, 5e-6, 5e-6, 1e-6, 1e-6]
+    after = tr.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())  # base frozen
+    assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_shards_set_the_vocabulary(tmp_path, shakespeare):
+    import numpy as np
+
+    from deepwhale.data.shards import pack, write_manifest, write_shard
+    from deepwhale.tokenizer import Tokenizer
+    from deepwhale.train.trainer import BUNDLED_TOKENIZER
+
+    tok = Tokenizer.from_pretrained(BUNDLED_TOKENIZER)
+    docs = [tok.encode(p) for p in shakespeare.read_text().split("\n\n")[:200]]
+    rows = pack(docs, 33, tok.eos_token_id)
+    shards = tmp_path / "shards"
+    recs = [write_shard(shards, i, part, 640) for i, part in enumerate(np.array_split(rows, 3))]
+    write_manifest(
+        shards,
+        recs,
+        seq_len=33,
+        vocab_size=640,
+        eos_id=tok.eos_token_id,
+        extra={"tokenizer": str(BUNDLED_TOKENIZER)},  # as the data pipeline records it
+    )
+    tr = make(
+        tmp_path / "run",
+        shards,
+        **{"model.name": "debug-v3", "train.steps": 3, "train.micro_batch_size": 4},
+    )
+    assert tr.config.vocab_size == 640 and tr.data_format == "shards"
+    hist = tr.fit()
+    assert len(hist) == 3 and all(h["tokens"] == 4 * 32 for h in hist)
+    assert tr.tokenizer_folder == BUNDLED_TOKENIZER  # copied into final/ for generation
+
+
+def test_bad_settings_give_clear_errors(tmp_path, shakespeare):
+    with pytest.raises(TrainConfigError, match="neither a flavour"):
+        make(tmp_path, shakespeare, **{"model.name": "no-such-model"})
+    with pytest.raises(Exception, match="data path not found"):
+        make(tmp_path, tmp_path / "missing.txt")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainConfigError, match="CUDA is not available"):
+            make(tmp_path, shakespeare, **{"train.device": "cuda"})
+    with pytest.raises(TrainConfigError, match="unknown device"):
+        make(tmp_path, shakespeare, **{"train.device": "tpu:0"})
