@@ -239,10 +239,19 @@ class DeepSeekModel:
         :func:`~deepwhale.model.cache.cache_bytes_per_token` each. Returns ``self``.
 
         Raises:
-            ValueError: ``batch_size`` < 1.
+            ValueError: ``batch_size`` < 1, or ``max_seq_len`` not in [1, the model's
+                ``max_position_embeddings``].
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        context = self.module.config.max_position_embeddings
+        if max_seq_len is not None and (
+            not isinstance(max_seq_len, int) or not 1 <= max_seq_len <= context
+        ):
+            raise ValueError(
+                f"max_seq_len must be an integer in [1, {context}] (the model's "
+                f"max_position_embeddings), got {max_seq_len!r}"
+            )
         if self._engine is not None and self._engine._thread is not None:
             raise RuntimeError("the engine is serving; stop it before resizing")
         self.batch_size = batch_size

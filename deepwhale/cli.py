@@ -228,8 +228,10 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Interface to bind (0.0.0.0 exposes it).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    batch_size: Annotated[int, typer.Option(help="Concurrent sequences (engine cache slots).")] = 8,
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    batch_size: Annotated[
+        int, typer.Option(help="Concurrent sequences (engine cache slots).", min=1)
+    ] = 8,
     max_seq_len: Annotated[
         int | None, typer.Option(help="Tokens per slot (default: the model's context, <= 4096).")
     ] = None,
@@ -247,9 +249,11 @@ def serve(
     ] = False,
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions (SSE
-    streaming), /v1/models, plus /generate, /metrics and /health. Every route but /health needs
-    an API key (`deepwhale keys create`) unless --no-auth; every request is appended to the
-    audit log in the data folder. Needs the serve extra (fastapi, uvicorn, sse-starlette)."""
+    streaming), /v1/models, plus /generate, /metrics, /dashboard and /health. Every route needs
+    an API key (`deepwhale keys create`) unless --no-auth, except /health, the /dashboard page
+    shell (its data at /dashboard/stats needs a viewer or admin key) and the OpenAPI docs
+    (/docs, /redoc, /openapi.json). Every request is appended to the audit log in the data
+    folder. Needs the serve extra (fastapi, uvicorn, sse-starlette)."""
     try:
         import uvicorn
 

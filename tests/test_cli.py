@@ -230,4 +230,9 @@ def test_serve_bad_model_is_one_line():
     r = runner.invoke(app, ["serve", "--model", "/no/such/folder"])
     assert r.exit_code == 2 and "no such checkpoint folder" in r.output
     r = runner.invoke(app, ["serve", "--batch-size", "0"])
-    assert r.exit_code == 2 and "batch_size must be a positive integer" in r.output
+    assert r.exit_code == 2 and "--batch-size" in r.output
+    for bad in ("0", "100000"):
+        r = runner.invoke(app, ["serve", "--no-auth", "--max-seq-len", bad])
+        assert r.exit_code == 2 and "max_seq_len must be an integer in [1, 512]" in r.output
+    r = runner.invoke(app, ["serve", "--port", "99999"])
+    assert r.exit_code == 2 and "--port" in r.output
