@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from deepwhale.data.cli import data_app
 from deepwhale.data.tokenizer_cli import tokenizer_app
 from deepwhale.train.cli import finetune_app, lora_app, train
 
@@ -32,6 +33,7 @@ keys_app = typer.Typer(help="Create, list and revoke API keys for `serve`.", no_
 app.add_typer(keys_app, name="keys")
 audit_app = typer.Typer(help="Check and export the serving audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.command("train")(train)
 app.add_typer(finetune_app, name="finetune")

@@ -1,0 +1,507 @@
+"""The pipeline's configuration: a YAML file (or the same settings as CLI flags) parsed into
+typed dataclasses, with an error that names the bad key for every mistake.
+
+Schema (every key optional except ``input``; see ``examples/data/pipeline.yaml``)::
+
+    input:                       # one source or a list of them
+      - path: corpus/zh/novels/*.txt   # a file, a glob or a folder (all files in it)
+        format: novel            # text | jsonl | parquet | novel | poetry | pairs
+        split: line              # text only: line | block | document
+        separator: null          # text only: split on this string instead (<|endoftext|>)
+        field: text              # jsonl / parquet: the text field
+        pairs_per_doc: 1         # pairs only: consecutive sentence pairs per document
+    output: out/run1             # folder: shards/, docs/, report.json, perplexity_hist.png
+    mode: batch                  # batch | streaming
+    streaming: {interval_s: 1.0, duration_s: 60.0, window_s: 10.0}
+    runner: FnApiRunner          # any Beam runner name; default is the in-process one
+    options: {direct_num_workers: 2, direct_running_mode: multi_processing}
+    write_docs: false            # also write the final documents as docs/*.jsonl with tokenize
+    stages:                      # applied in order; each a one-key mapping {name: params}
+      - clean: {t2s: true}
+      - langid: {keep: [zh, en]}
+      - exact_dedup: {}
+      - minhash_dedup: {threshold: 0.8}
+      - quality: {min_chars: 50}
+      - perplexity: {keep_percentile: 95}
+      - augment: {strategies: [{name: random_swap, rate: 0.1}], seed: 0}
+      - tokenize: {seq_len: 256, num_shards: 4}
+
+Stage parameters are the fields of the ``*Params`` dataclasses below; their docstrings are the
+reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("text", "jsonl", "parquet", "novel", "poetry", "pairs")
+TEXT_SPLITS = ("line", "block", "document")
+MODES = ("batch", "streaming")
+DEFAULT_RUNNER = "FnApiRunner"  # in-process: never downloads Prism (see PLATFORM.md)
+
+
+class PipelineConfigError(ValueError):
+    """A malformed pipeline config: the message names the file, stage or key at fault."""
+
+
+@dataclass
+class InputSpec:
+    """One source of documents.
+
+    Attributes:
+        path: a file, a glob (``*.txt``) or a folder (every file directly in it).
+        format: ``text`` (one doc per line / blank-line block / file), ``jsonl`` (one JSON object
+            per line, text in ``field``), ``parquet`` (column ``field``), ``novel`` (CRLF/BOM
+            plain-text novel, one document per chapter ``第…回``), ``poetry`` (chinese-poetry JSON
+            list, one poem per doc), ``pairs`` (tab-separated ``en<TAB>zh<TAB>...`` lines).
+        split: for ``text``: ``line``, ``block`` (blank-line separated) or ``document``.
+        separator: for ``text``: split on this string instead (e.g. ``<|endoftext|>``).
+        field: for ``jsonl`` and ``parquet``: the field holding the text.
+        pairs_per_doc: for ``pairs``: how many consecutive pairs make one document.
+    """
+
+    path: str
+    format: str = "text"
+    split: str = "line"
+    separator: str | None = None
+    field: str = "text"
+    pairs_per_doc: int = 1
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise PipelineConfigError(
+                f"input {self.path!r}: unknown format {self.format!r}; use one of {FORMATS}"
+            )
+        if self.split not in TEXT_SPLITS:
+            raise PipelineConfigError(
+                f"input {self.path!r}: unknown split {self.split!r}; use one of {TEXT_SPLITS}"
+            )
+        if self.pairs_per_doc < 1:
+            raise PipelineConfigError(f"input {self.path!r}: pairs_per_doc must be >= 1")
+
+
+@dataclass
+class CleanParams:
+    """Unicode repair and normalisation (always: BOM removal, CRLF/CR -> LF, control characters
+    other than ``\\n``/``\\t`` removed, trailing spaces and runs of blank lines collapsed).
+
+    Attributes:
+        ftfy: repair mojibake with ftfy (``fix_text``).
+        nfkc: Unicode NFKC (full-width Latin/digits/punctuation become ASCII).
+        t2s: Traditional -> Simplified Chinese with OpenCC (``t2s``).
+        min_chars: drop documents shorter than this after cleaning (reason ``empty``).
+    """
+
+    ftfy: bool = True
+    nfkc: bool = True
+    t2s: bool = False
+    min_chars: int = 1
+
+
+@dataclass
+class LangIdParams:
+    """Language tagging with lingua (models ship in the wheel; nothing is downloaded).
+
+    Attributes:
+        languages: ISO 639-1 codes the detector chooses among (fewer = faster).
+        keep: if set, drop documents whose language is not listed (reason ``lang_<code>``).
+        max_chars: characters of each document looked at (a prefix; bounds the cost).
+    """
+
+    languages: list = field(default_factory=lambda: ["zh", "en", "ja", "ko", "fr", "de"])
+    keep: list | None = None
+    max_chars: int = 2000
+
+
+@dataclass
+class ExactDedupParams:
+    """Exact deduplication on normalised text (casefolded, whitespace and punctuation removed).
+
+    Attributes:
+        normalize: if false, compare the raw text.
+    """
+
+    normalize: bool = True
+
+
+@dataclass
+class MinHashParams:
+    """Near-duplicate removal with MinHash LSH (Broder 1997; bands/rows from datasketch).
+
+    Attributes:
+        threshold: estimated Jaccard similarity at or above which two documents are duplicates.
+        num_perm: MinHash permutations (signature length).
+        char_ngram: shingle size in characters for CJK text (more than 30% CJK characters).
+        word_ngram: shingle size in words for other text.
+        seed: MinHash seed (same seed, same signatures).
+        max_bucket: buckets larger than this compare only against their smallest id.
+    """
+
+    threshold: float = 0.8
+    num_perm: int = 128
+    char_ngram: int = 5
+    word_ngram: int = 3
+    seed: int = 1
+    max_bucket: int = 64
+
+    def __post_init__(self):
+        if not 0.0 < self.threshold < 1.0:
+            raise PipelineConfigError(
+                f"minhash_dedup.threshold must be in (0, 1), got {self.threshold}"
+            )
+        if self.num_perm < 2 or self.char_ngram < 1 or self.word_ngram < 1:
+            raise PipelineConfigError(
+                "minhash_dedup: num_perm >= 2, char_ngram and word_ngram >= 1"
+            )
+
+
+@dataclass
+class QualityParams:
+    """Gopher (Rae et al. 2021, App. A, Table A1) and C4 (Raffel et al. 2020) heuristics, made to
+    work on CJK: "words" come from jieba segmentation when the text is mostly CJK.
+
+    Attributes:
+        min_chars / max_chars: document length bounds in characters.
+        min_words / max_words: bounds in words (Gopher: 50 .. 100,000 for English).
+        min_mean_word_len / max_mean_word_len: Latin text, characters per word (Gopher: 3 .. 10).
+        cjk_min_mean_word_len / cjk_max_mean_word_len: CJK text, characters per jieba word.
+        max_symbol_ratio: share of characters that are symbols (Unicode S*, plus ``#`` and ``…``).
+        max_digit_ratio: share of characters that are digits.
+        min_alpha_word_frac: share of words with at least one letter (Gopher: 0.8).
+        max_dup_line_frac: share of lines that repeat an earlier line (Gopher: 0.30).
+        max_dup_line_char_frac: share of characters in repeated lines (Gopher: 0.20).
+        max_top_ngram_frac: share of characters covered by the most frequent 2-gram (Gopher: 0.20).
+        max_dup_ngram_frac: share of characters in repeated 5-grams (Gopher: 0.15).
+        max_ellipsis_line_frac: share of lines ending in an ellipsis (Gopher: 0.30).
+        max_lorem_ipsum: C4 drops pages containing "lorem ipsum"; 0 = any occurrence drops.
+    """
+
+    min_chars: int = 50
+    max_chars: int = 1_000_000
+    min_words: int = 10
+    max_words: int = 200_000
+    min_mean_word_len: float = 3.0
+    max_mean_word_len: float = 10.0
+    cjk_min_mean_word_len: float = 1.0
+    cjk_max_mean_word_len: float = 4.0
+    max_symbol_ratio: float = 0.1
+    max_digit_ratio: float = 0.3
+    min_alpha_word_frac: float = 0.8
+    max_dup_line_frac: float = 0.3
+    max_dup_line_char_frac: float = 0.2
+    max_top_ngram_frac: float = 0.2
+    max_dup_ngram_frac: float = 0.15
+    max_ellipsis_line_frac: float = 0.3
+    max_lorem_ipsum: int = 0
+
+
+@dataclass
+class PerplexityParams:
+    """Score each document with a reference LM and keep the fluent ones.
+
+    Attributes:
+        model: deepwhale checkpoint folder (default: bundled stories260K), used when
+            ``backend`` is ``deepwhale``.
+        backend: ``deepwhale`` or ``kenlm`` (needs the ``kenlm`` package and ``kenlm_model``).
+        kenlm_model: path of an ARPA/binary KenLM model.
+        max_tokens: score at most this many leading tokens of each document (bounds the cost).
+        max_ppl: keep documents with perplexity <= this (None = no absolute threshold).
+        keep_percentile: keep documents at or below this percentile of perplexity (0..100).
+    """
+
+    model: str | None = None
+    backend: str = "deepwhale"
+    kenlm_model: str | None = None
+    max_tokens: int = 256
+    max_ppl: float | None = None
+    keep_percentile: float | None = None
+
+    def __post_init__(self):
+        if self.backend not in ("deepwhale", "kenlm"):
+            raise PipelineConfigError(
+                f"perplexity.backend must be 'deepwhale' or 'kenlm', got {self.backend!r}"
+            )
+        if self.backend == "kenlm" and not self.kenlm_model:
+            raise PipelineConfigError("perplexity.backend 'kenlm' needs perplexity.kenlm_model")
+        if self.keep_percentile is not None and not 0 < self.keep_percentile <= 100:
+            raise PipelineConfigError(
+                f"perplexity.keep_percentile must be in (0, 100], got {self.keep_percentile}"
+            )
+        if self.max_tokens < 2:
+            raise PipelineConfigError("perplexity.max_tokens must be >= 2")
+
+
+@dataclass
+class AugmentParams:
+    """Emit each document plus one augmented copy per strategy (``deepwhale.data.augment``).
+
+    Attributes:
+        strategies: list of ``{name: ..., rate: ..., <other params>}``; names from
+            ``deepwhale.data.augment.available()``.
+        seed: base seed; each copy uses a seed derived from it, the doc id and the strategy.
+    """
+
+    strategies: list = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self):
+        for i, s in enumerate(self.strategies):
+            if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+                raise PipelineConfigError(
+                    f"augment.strategies[{i}] must be a mapping with a 'name', got {s!r}"
+                )
+
+
+@dataclass
+class TokenizeParams:
+    """Tokenize, EOS-separate, pack into rows and write shards (``deepwhale.data.shards``).
+
+    Attributes:
+        tokenizer: folder with ``tokenizer.json`` (default: bundled stories260K).
+        seq_len: tokens per packed row.
+        num_shards: documents go to shard ``sha1(doc id) mod num_shards`` (deterministic).
+    """
+
+    tokenizer: str | None = None
+    seq_len: int = 512
+    num_shards: int = 4
+
+    def __post_init__(self):
+        if self.seq_len < 2 or self.num_shards < 1:
+            raise PipelineConfigError("tokenize: seq_len must be >= 2 and num_shards >= 1")
+
+
+STAGES: dict[str, type] = {
+    "clean": CleanParams,
+    "langid": LangIdParams,
+    "exact_dedup": ExactDedupParams,
+    "minhash_dedup": MinHashParams,
+    "quality": QualityParams,
+    "perplexity": PerplexityParams,
+    "augment": AugmentParams,
+    "tokenize": TokenizeParams,
+}
+# Stages that need the whole collection (global combines); not available in streaming mode.
+GLOBAL_STAGES = ("minhash_dedup", "tokenize")
+
+
+@dataclass
+class StreamingParams:
+    """Streaming mode: watch the input folders and process files as they land.
+
+    Attributes:
+        interval_s: seconds between polls of the input patterns.
+        duration_s: stop watching after this many seconds (None = run until killed).
+        window_s: fixed window length in seconds; one output file per window.
+    """
+
+    interval_s: float = 1.0
+    duration_s: float | None = 60.0
+    window_s: float = 10.0
+
+
+@dataclass
+class Stage:
+    """One configured stage: its name and typed parameters."""
+
+    name: str
+    params: Any
+
+
+@dataclass
+class PipelineConfig:
+    """The whole pipeline. Build it with :func:`load_config` / :func:`parse_config`."""
+
+    inputs: list[InputSpec]
+    output: str
+    stages: list[Stage] = field(default_factory=list)
+    mode: str = "batch"
+    streaming: StreamingParams = field(default_factory=StreamingParams)
+    runner: str = DEFAULT_RUNNER
+    options: dict = field(default_factory=dict)
+    write_docs: bool = False
+
+    def stage(self, name: str) -> Stage | None:
+        """The first stage called ``name``, or None."""
+        return next((s for s in self.stages if s.name == name), None)
+
+
+def _typecheck(where: str, key: str, value: Any, default: Any) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise PipelineConfigError(
+            f"{where}.{key}: expected {type(default).__name__}, got {type(value).__name__} "
+            f"({value!r})"
+        )
+    return value
+
+
+def build_params(cls: type, params: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, checking names and types.
+
+    Raises:
+        PipelineConfigError: ``params`` is not a mapping, names an unknown key (the message
+            lists the valid ones), or a value has the wrong type.
+    """
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise PipelineConfigError(f"{where}: parameters must be a mapping, got {params!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in params.items():
+        if key not in fields:
+            raise PipelineConfigError(
+                f"{where}: unknown parameter {key!r}; valid: {', '.join(fields)}"
+            )
+        f = fields[key]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        kwargs[key] = _typecheck(where, key, value, default)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise PipelineConfigError(f"{where}: {e}") from None
+
+
+def parse_stages(raw: Any) -> list[Stage]:
+    """Parse the ``stages`` list: each item a one-key mapping ``{name: params}`` or a bare name.
+
+    Raises:
+        PipelineConfigError: not a list, an unknown stage (valid ones listed), bad params, or a
+            stage after ``tokenize`` (which must come last).
+    """
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise PipelineConfigError(f"stages must be a list, got {type(raw).__name__}")
+    stages = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            name, params = item, {}
+        elif isinstance(item, dict) and len(item) == 1:
+            name, params = next(iter(item.items()))
+        else:
+            raise PipelineConfigError(
+                f"stages[{i}]: expected a stage name or a one-key mapping {{name: params}}, "
+                f"got {item!r}"
+            )
+        if name not in STAGES:
+            raise PipelineConfigError(
+                f"stages[{i}]: unknown stage {name!r}; valid: {', '.join(STAGES)}"
+            )
+        stages.append(Stage(name, build_params(STAGES[name], params, name)))
+    names = [s.name for s in stages]
+    if "tokenize" in names and names.index("tokenize") != len(names) - 1:
+        raise PipelineConfigError("stages: 'tokenize' must be the last stage")
+    return stages
+
+
+_TOP_KEYS = ("input", "output", "stages", "mode", "streaming", "runner", "options", "write_docs")
+
+
+def parse_config(raw: Any, source: str = "config") -> PipelineConfig:
+    """Build a :class:`PipelineConfig` from a parsed YAML mapping.
+
+    Raises:
+        PipelineConfigError: any schema violation; the message names ``source`` and the key.
+    """
+    if not isinstance(raw, dict):
+        raise PipelineConfigError(f"{source}: expected a mapping at the top level")
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise PipelineConfigError(
+                f"{source}: unknown key {key!r}; valid: {', '.join(_TOP_KEYS)}"
+            )
+    inputs_raw = raw.get("input")
+    if inputs_raw is None:
+        raise PipelineConfigError(f"{source}: 'input' is required")
+    if isinstance(inputs_raw, str | dict):
+        inputs_raw = [inputs_raw]
+    if not isinstance(inputs_raw, list):
+        raise PipelineConfigError(f"{source}: 'input' must be a path, a mapping or a list")
+    inputs = []
+    for i, item in enumerate(inputs_raw):
+        item = {"path": item} if isinstance(item, str) else item
+        inputs.append(build_params(InputSpec, item, f"input[{i}]"))
+    mode = raw.get("mode", "batch")
+    if mode not in MODES:
+        raise PipelineConfigError(f"{source}: mode must be one of {MODES}, got {mode!r}")
+    stages = parse_stages(raw.get("stages"))
+    if mode == "streaming":
+        bad = [s.name for s in stages if s.name in GLOBAL_STAGES]
+        if bad:
+            raise PipelineConfigError(
+                f"{source}: stage(s) {bad} need the whole collection and cannot run in "
+                "streaming mode"
+            )
+    options = raw.get("options") or {}
+    if not isinstance(options, dict):
+        raise PipelineConfigError(f"{source}: 'options' must be a mapping of Beam options")
+    output = raw.get("output", "out")
+    if not isinstance(output, str | Path):
+        raise PipelineConfigError(f"{source}: 'output' must be a folder path")
+    return PipelineConfig(
+        inputs=inputs,
+        output=str(output),
+        stages=stages,
+        mode=mode,
+        streaming=build_params(StreamingParams, raw.get("streaming"), "streaming"),
+        runner=str(raw.get("runner") or DEFAULT_RUNNER),
+        options=dict(options),
+        write_docs=_typecheck(source, "write_docs", raw.get("write_docs", False), False),
+    )
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping.
+
+    Raises:
+        PipelineConfigError: the file is missing, not valid YAML (line and column named), or
+            not a mapping.
+    """
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PipelineConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise PipelineConfigError(f"{p}: malformed YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PipelineConfigError(f"{p}: expected a YAML mapping at the top level")
+    return raw
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Parse a YAML pipeline config file (see the module docstring for the schema).
+
+    Raises:
+        PipelineConfigError: unreadable file, malformed YAML, or any schema violation.
+    """
+    return parse_config(load_yaml(path), source=str(path))

@@ -1,0 +1,443 @@
+"""Build and run the Beam pipeline described by a :class:`~deepwhale.data.config.PipelineConfig`.
+
+Batch::
+
+    ReadDocuments(input 1) ┐
+    ReadDocuments(input 2) ┴ Flatten -> stage 1 -> ... -> stage n -> TokenizeAndPack | WriteDocs
+
+Streaming: each input pattern is watched with ``fileio.MatchContinuously`` (polls every
+``interval_s`` until ``duration_s`` has passed), every new file is read once (a stateful DoFn
+keyed by path remembers the files it has seen), the per-document stages run as in batch, and
+the documents are cut into fixed event-time windows of ``window_s`` and written per bundle
+into ``windows/window-<start>-<end>/part-<hash>.jsonl`` as soon as they are processed.
+
+Streaming notes: exact dedup works per window (a windowed GroupByKey, so its output waits for
+the window to close; on the in-process runners that is the end of the run); the global stages
+(``minhash_dedup``, ``tokenize``) are batch-only. ``MatchContinuously``'s own deduplication,
+built on ``Watch`` in Beam 2.77, spends its whole poll budget at once on the in-process runner,
+so its match-every-poll mode plus our own seen-state is used instead.
+
+The runner defaults to ``FnApiRunner`` (in-process, never reaches for the network); any Beam
+runner and option can be passed through (``--runner=FlinkRunner --flink_master=...``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import apache_beam as beam
+from apache_beam.coders import BooleanCoder
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+
+from deepwhale.checkpoint.io import atomic_write, write_json
+from deepwhale.data.config import (
+    AugmentParams,
+    PipelineConfig,
+    PipelineConfigError,
+    Stage,
+)
+from deepwhale.data.metrics import StageCounters, collect
+
+
+def beam_args(cfg: PipelineConfig, extra_args: Sequence[str] = ()) -> list[str]:
+    """Beam command-line flags: ``--runner`` and ``options`` from the config, then
+    ``extra_args`` (which win, as Beam takes the last occurrence of a flag)."""
+    args = [f"--runner={cfg.runner}"]
+    for key, value in cfg.options.items():
+        if isinstance(value, bool):
+            if value:
+                args.append(f"--{key}")
+        else:
+            args.append(f"--{key}={value}")
+    return args + list(extra_args)
+
+
+def _check_augment(params: AugmentParams) -> None:
+    try:
+        from deepwhale.data import augment
+    except ImportError as e:
+        raise PipelineConfigError(
+            f"augment: the augmentation module is not available ({e})"
+        ) from None
+    names = augment.available()
+    for s in params.strategies:
+        if s["name"] not in names:
+            raise PipelineConfigError(
+                f"augment: unknown strategy {s['name']!r}; available: {', '.join(names)}"
+            )
+
+
+def seed_for(base: int, doc_id: str, strategy: str) -> int:
+    """Deterministic per-copy seed from the base seed, the doc id and the strategy name."""
+    return (base * 1_000_003 + zlib.crc32(f"{doc_id}|{strategy}".encode())) & 0x7FFFFFFF
+
+
+class Augment(beam.DoFn):
+    """Beam DoFn: emit each document, then one augmented copy per strategy (id suffix
+    ``~<strategy>``, field ``augmented``). Strategies are built once in ``setup`` through
+    ``deepwhale.data.augment.build(name, **params)``.
+    """
+
+    def __init__(self, params: AugmentParams, stage: str = "augment"):
+        self.params = params
+        self.counters = StageCounters(stage)
+        self._augs: list = []
+
+    def setup(self):
+        from deepwhale.data import augment
+
+        self._augs = [
+            (s["name"], augment.build(s["name"], **{k: v for k, v in s.items() if k != "name"}))
+            for s in self.params.strategies
+        ]
+
+    def process(self, doc: dict) -> Iterator[dict]:
+        self.counters.seen.inc()
+        self.counters.kept.inc()
+        yield doc
+        for name, aug in self._augs:
+            text = aug(doc["text"], seed_for(self.params.seed, doc["id"], name))
+            self.counters.count("copies")
+            yield {**doc, "id": f"{doc['id']}~{name}", "text": text, "augmented": name}
+
+
+def _doc_shard(doc_id: str, n: int) -> int:
+    return zlib.crc32(doc_id.encode("utf-8")) % n
+
+
+class _WriteDocsShard(beam.DoFn):
+    """``(shard, docs)`` -> ``docs/docs-<shard>.jsonl`` (sorted by id, written atomically)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def process(self, item) -> Iterator[str]:
+        k, docs = item
+        path = Path(self.out_dir) / f"docs-{k:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps(d, ensure_ascii=False) for d in sorted(docs, key=lambda d: d["id"])]
+        atomic_write(path, lambda p: p.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+        yield str(path)
+
+
+class WriteDocs(beam.PTransform):
+    """Write documents as JSONL, ``num_shards`` files ``docs-NNNNN.jsonl`` in ``out_dir``;
+    documents go to file ``crc32(id) % num_shards`` in id order (deterministic)."""
+
+    def __init__(self, out_dir: str, num_shards: int = 1):
+        super().__init__()
+        self.out_dir, self.num_shards = out_dir, num_shards
+
+    def expand(self, docs):
+        n = self.num_shards
+        return (
+            docs
+            | "KeyByFile" >> beam.Map(lambda d: (_doc_shard(d["id"], n), d))
+            | "GroupByFile" >> beam.GroupByKey()
+            | "WriteFiles" >> beam.ParDo(_WriteDocsShard(self.out_dir))
+        )
+
+
+class _WriteWindowParts(beam.DoFn):
+    """Streaming sink: buffer the documents of a bundle by window, and at the end of the bundle
+    write each window's documents as ``window-<start>-<end>/part-<hash>.jsonl`` (atomically;
+    epoch seconds; the hash is of the sorted ids, so a retried bundle rewrites the same file).
+
+    No GroupByKey stands before it, so a file's documents are written as soon as the bundle
+    that read the file finishes, not when the watermark closes the window (the in-process
+    runners fire windowed GroupByKeys only at the end of input).
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.counters = StageCounters("windows")
+        self._buf: dict = {}
+
+    def start_bundle(self):
+        self._buf = {}
+
+    def process(self, doc: dict, window=beam.DoFn.WindowParam) -> None:
+        self._buf.setdefault(window, []).append(doc)
+
+    def finish_bundle(self) -> None:
+        import hashlib
+
+        for window, docs in self._buf.items():
+            docs.sort(key=lambda d: d["id"])
+            folder = Path(self.out_dir) / f"window-{int(window.start):012d}-{int(window.end):012d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha1("\n".join(d["id"] for d in docs).encode()).hexdigest()[:16]
+            lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
+            atomic_write(
+                folder / f"part-{digest}.jsonl", lambda p, t=lines: p.write_text(t, "utf-8")
+            )
+            self.counters.count("parts")
+        self._buf = {}
+
+
+class _CountOut(beam.DoFn):
+    def __init__(self):
+        self.counters = StageCounters("output")
+
+    def process(self, doc):
+        self.counters.seen.inc()
+        self.counters.kept.inc()
+        yield doc
+
+
+def _write_json_list(values: list, path: str) -> int:
+    atomic_write(Path(path), lambda p: p.write_text(json.dumps(values)))
+    return len(values)
+
+
+def _check_stage(stage: Stage) -> None:
+    """Checks that can fail before any worker starts (clear errors, not worker tracebacks)."""
+    if stage.name == "augment":
+        _check_augment(stage.params)
+    elif stage.name == "langid":
+        from deepwhale.data.clean import build_detector
+
+        build_detector(stage.params.languages)  # validates the codes (cheap for a few)
+    elif stage.name == "perplexity":
+        p = stage.params
+        if p.backend == "kenlm":
+            try:
+                import kenlm  # noqa: F401
+            except ImportError:
+                raise PipelineConfigError(
+                    "perplexity.backend 'kenlm' needs the kenlm package (pip install kenlm)"
+                ) from None
+        elif p.model is not None and not Path(p.model).is_dir():
+            raise PipelineConfigError(f"perplexity.model: no such folder {p.model!r}")
+
+
+def apply_stages(docs, cfg: PipelineConfig, out_dir: Path) -> tuple:
+    """Chain the configured stages onto ``docs``.
+
+    Returns:
+        ``(docs, ppls, manifest)``: the documents after the last non-terminal stage, the
+        PCollection of perplexities (or None) and the manifest PCollection of ``tokenize``
+        (or None).
+    """
+    from deepwhale.data.clean import Clean, LangId
+    from deepwhale.data.dedup import ExactDedup, MinHashDedup
+    from deepwhale.data.lm import PerplexityFilter
+    from deepwhale.data.pack import TokenizeAndPack
+    from deepwhale.data.quality import QualityFilter
+
+    ppls = manifest = None
+    for i, stage in enumerate(cfg.stages):
+        _check_stage(stage)
+        label = f"S{i:02d}_{stage.name}"
+        p = stage.params
+        if stage.name == "clean":
+            docs = docs | label >> beam.ParDo(Clean(p))
+        elif stage.name == "langid":
+            docs = docs | label >> beam.ParDo(LangId(p))
+        elif stage.name == "exact_dedup":
+            docs = docs | label >> ExactDedup(p)
+        elif stage.name == "minhash_dedup":
+            docs = docs | label >> MinHashDedup(p)
+        elif stage.name == "quality":
+            docs = docs | label >> beam.ParDo(QualityFilter(p))
+        elif stage.name == "perplexity":
+            docs, ppls = docs | label >> PerplexityFilter(p)
+        elif stage.name == "augment":
+            docs = docs | label >> beam.ParDo(Augment(p))
+        elif stage.name == "tokenize":
+            docs = docs | "Output" >> beam.ParDo(_CountOut())
+            manifest = docs | label >> TokenizeAndPack(p, str(out_dir / "shards"))
+    return docs, ppls, manifest
+
+
+def _read_streaming(p, cfg: PipelineConfig):
+    from apache_beam.io import fileio
+    from apache_beam.utils.timestamp import Timestamp
+
+    from deepwhale.data.readers import ParseFile, file_pattern
+
+    s = cfg.streaming
+    start = Timestamp.now()
+    stop = start + s.duration_s if s.duration_s is not None else None
+    streams = []
+    for i, spec in enumerate(cfg.inputs):
+        if spec.format == "parquet":
+            raise PipelineConfigError("streaming mode reads text formats only, not parquet")
+        kwargs = {"stop_timestamp": stop} if stop is not None else {}
+        streams.append(
+            p
+            | f"Watch{i}"
+            >> fileio.MatchContinuously(
+                file_pattern(spec.path),
+                interval=s.interval_s,
+                has_deduplication=False,
+                start_timestamp=start,
+                **kwargs,
+            )
+            | f"KeyByPath{i}"
+            >> beam.Map(lambda m: (m.path, m)).with_output_types(
+                beam.typehints.KV[str, beam.typehints.Any]
+            )
+            | f"NewFiles{i}" >> beam.ParDo(_FirstSighting())
+            | f"Open{i}" >> fileio.ReadMatches()
+            | f"Parse{i}" >> beam.ParDo(ParseFile(spec))
+        )
+    return streams
+
+
+class _FirstSighting(beam.DoFn):
+    """Stateful DoFn keyed by file path: pass a file's metadata on the first poll that sees it."""
+
+    SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
+
+    def __init__(self):
+        self.counters = StageCounters("watch")
+
+    def process(self, item, seen=beam.DoFn.StateParam(SEEN)):
+        if seen.read():
+            return
+        seen.write(True)
+        self.counters.count("new_files")
+        yield item[1]
+
+
+def build(p, cfg: PipelineConfig, out_dir: Path) -> dict:
+    """Add the whole pipeline for ``cfg`` to Beam pipeline ``p``; returns the terminal
+    PCollections by name (``manifest``, ``ppls``, ``docs_files``).
+
+    Raises:
+        PipelineConfigError: an input matches no file, or a stage check fails.
+    """
+    from deepwhale.data.readers import ReadDocuments
+
+    if cfg.mode == "streaming":
+        from apache_beam.transforms import window
+
+        streams = _read_streaming(p, cfg)
+    else:
+        streams = [p | f"Read{i}" >> ReadDocuments(spec) for i, spec in enumerate(cfg.inputs)]
+    docs = streams[0] if len(streams) == 1 else tuple(streams) | "Inputs" >> beam.Flatten()
+    if cfg.mode == "streaming":
+        docs = docs | "Window" >> beam.WindowInto(window.FixedWindows(cfg.streaming.window_s))
+    docs, ppls, manifest = apply_stages(docs, cfg, out_dir)
+    outputs: dict = {"manifest": manifest}
+    if ppls is not None and cfg.mode == "batch":
+        outputs["ppls"] = (
+            ppls
+            | "PplList" >> beam.combiners.ToList()
+            | "PplWrite" >> beam.Map(_write_json_list, str(out_dir / "perplexities.json"))
+        )
+    if manifest is None:
+        docs = docs | "Output" >> beam.ParDo(_CountOut())
+    if manifest is None or cfg.write_docs:
+        if cfg.mode == "streaming":
+            outputs["docs_files"] = docs | "WriteWindows" >> beam.ParDo(
+                _WriteWindowParts(str(out_dir / "windows"))
+            )
+        else:
+            outputs["docs_files"] = docs | "WriteDocs" >> WriteDocs(str(out_dir / "docs"))
+    return outputs
+
+
+def fingerprint(cfg: PipelineConfig) -> str:
+    """SHA-1 of what determines the shards' content: the inputs and the stages with their
+    parameters (not the runner, its options or the output folder)."""
+    import dataclasses
+    import hashlib
+
+    body = {
+        "inputs": [dataclasses.asdict(s) for s in cfg.inputs],
+        "stages": [[s.name, dataclasses.asdict(s.params)] for s in cfg.stages],
+    }
+    return hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _claim_shard_folder(cfg: PipelineConfig, folder: Path) -> None:
+    """Record the config fingerprint in ``folder/pipeline.json``, or refuse a folder that holds
+    shards of a different config (a re-run would otherwise mix old and new shards)."""
+    stamp = folder / "pipeline.json"
+    want = fingerprint(cfg)
+    if stamp.exists():
+        try:
+            have = json.loads(stamp.read_text()).get("fingerprint")
+        except ValueError:
+            have = None
+        if have != want:
+            raise PipelineConfigError(
+                f"{folder} holds shards written with a different config (inputs or stages "
+                "changed); choose a new output folder or delete it"
+            )
+        return
+    if any(folder.glob("shard-*.json")):
+        raise PipelineConfigError(f"{folder} holds shards of unknown origin; delete them first")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {"fingerprint": want})
+
+
+def run(
+    cfg: PipelineConfig,
+    extra_args: Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the pipeline to completion and write ``report.json`` (+ histogram) in the output.
+
+    Args:
+        cfg: the parsed config.
+        extra_args: Beam flags passed through verbatim (``--direct_num_workers=2`` ...).
+        progress: called with one-line status messages (None = silent).
+
+    Returns:
+        The report dict (also in ``<output>/report.json``).
+
+    Raises:
+        PipelineConfigError: bad input or stage configuration, or an output folder holding
+            shards of another config (all before anything runs).
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    say = progress or (lambda _msg: None)
+    out_dir = Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.stage("tokenize") is not None:
+        _claim_shard_folder(cfg, out_dir / "shards")
+    args = beam_args(cfg, extra_args)
+    options = PipelineOptions(args)
+    t0 = time.perf_counter()
+    p = beam.Pipeline(options=options)
+    build(p, cfg, out_dir)
+    say(f"running {len(cfg.stages)} stage(s) in {cfg.mode} mode with {' '.join(args)}")
+    result = p.run()
+    result.wait_until_finish()
+    wall = time.perf_counter() - t0
+    counters = collect(result)
+    extra = {
+        "mode": cfg.mode,
+        "beam_args": args,
+        "inputs": [vars(s) for s in cfg.inputs],
+        "stage_order": [s.name for s in cfg.stages],
+        "wall_s": round(wall, 3),
+        "docs_in": counters.get("read", {}).get("docs", 0),
+        "docs_out": counters.get("output", {}).get("kept", 0),
+    }
+    ppl_stage = cfg.stage("perplexity")
+    ppl_file = out_dir / "perplexities.json" if ppl_stage is not None else None
+    if ppl_file is not None and ppl_file.exists() and ppl_stage.params.keep_percentile:
+        from deepwhale.data.lm import _percentile
+
+        values = json.loads(ppl_file.read_text())
+        extra["perplexity_cutoff"] = _percentile(values, ppl_stage.params.keep_percentile)
+    elif ppl_stage is not None and ppl_stage.params.max_ppl is not None:
+        extra["perplexity_cutoff"] = ppl_stage.params.max_ppl
+    if cfg.stage("tokenize") is not None:
+        manifest = json.loads((out_dir / "shards" / "manifest.json").read_text())
+        extra["shards"] = {k: manifest[k] for k in ("rows", "tokens", "docs", "seq_len")}
+        extra["shards"]["files"] = len(manifest["shards"])
+    from deepwhale.data.report import write_report
+
+    report = write_report(out_dir, counters, extra, ppl_file)
+    say(f"done in {wall:.1f} s: {extra['docs_in']} docs in, {extra['docs_out']} out")
+    return report
