@@ -45,6 +45,9 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # transformers writes int(1e30) as model_max_length when a model has no length limit.
 _NO_LENGTH_LIMIT = 10**20
 _REPLACEMENT_CHAR = "\ufffd"
+# Texts longer than this are encoded with ``encode_batch``, which releases the GIL (``encode``
+# holds it: seconds for a multi-megabyte text, stalling every other Python thread).
+_LONG_TEXT_CHARS = 50_000
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -299,6 +302,11 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
         self._byte_fallback_ids = _byte_fallback_ids(backend)
+        self._byte_level = _decoder_has(backend, "ByteLevel")
+        self._added_ids = frozenset(added)
+        self._anchor: list[int] | None = None
+        self._token_texts: dict[int, str] = {}
+        self._token_bytes: dict[int, bytes] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -490,7 +498,8 @@ class Tokenizer:
         """Token ids of ``text``.
 
         Special-token strings that occur in ``text`` (e.g. ``"<｜User｜>"``) are matched as
-        their single ids, as in ``tokenizers`` and transformers.
+        their single ids, as in ``tokenizers`` and transformers. Texts over 50,000 characters
+        are encoded without holding the GIL (``encode_batch``), so other threads keep running.
 
         Args:
             text: the text.
@@ -510,7 +519,10 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be str, not {type(text).__name__}")
         try:
-            ids = self._backend.encode(text, add_special_tokens=False).ids
+            if len(text) > _LONG_TEXT_CHARS:  # encode_batch releases the GIL while it runs
+                ids = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
+            else:
+                ids = self._backend.encode(text, add_special_tokens=False).ids
         except TypeError:
             try:
                 text.encode("utf-8")
@@ -551,6 +563,53 @@ class Tokenizer:
         return self._backend.decode(
             [int(i) for i in ids], skip_special_tokens=bool(skip_special_tokens)
         )
+
+    def token_text(self, token_id: int) -> str:
+        """The text one token adds in the middle of a sequence (cached per id).
+
+        Computed as ``decode([anchor, id])`` minus ``decode([anchor])`` with an ordinary
+        letter token as the anchor, so SentencePiece-style decoders (Metaspace, or ``Replace``
+        + ``Strip``) keep the token's leading space, which they drop for a first token
+        (``" there"``, not ``"there"``). A byte-fallback ``<0xNN>`` token or a byte-level token
+        holding part of a multi-byte character decodes to U+FFFD here; :meth:`token_bytes`
+        has its real bytes. Special tokens come out as their content.
+        """
+        token_id = int(token_id)
+        text = self._token_texts.get(token_id)
+        if text is None:
+            anchor = self._anchor_ids()
+            head = self._backend.decode(anchor, skip_special_tokens=False)
+            both = self._backend.decode([*anchor, token_id], skip_special_tokens=False)
+            text = both[len(head) :] if both.startswith(head) else self.decode([token_id])
+            self._token_texts[token_id] = text
+        return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token adds mid-sequence (cached per id): a byte-fallback
+        ``<0xNN>`` token is that one byte, a byte-level BPE token (GPT-2 / DeepSeek alphabet) its
+        raw bytes, even when they are only part of a character; anything else is
+        ``token_text(id).encode()``."""
+        token_id = int(token_id)
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            token = self._backend.id_to_token(token_id)
+            if token is not None and token_id in self._byte_fallback_ids:
+                raw = bytes([int(token[3:5], 16)])
+            elif token is not None and self._byte_level and token_id not in self._added_ids:
+                table = _unicode_to_byte()
+                if all(c in table for c in token):
+                    raw = bytes(table[c] for c in token)
+            if raw is None:
+                raw = self.token_text(token_id).encode("utf-8", "replace")
+            self._token_bytes[token_id] = raw
+        return raw
+
+    def _anchor_ids(self) -> list[int]:
+        """Ids of a plain letter ("a"), decoding context for :meth:`token_text`."""
+        if self._anchor is None:
+            ids = self._backend.encode("a", add_special_tokens=False).ids
+            self._anchor = list(ids[-1:])
+        return self._anchor
 
     # ------------------------------------------------------------------ chat template
 
@@ -686,18 +745,39 @@ def _post_processor_adds_bos(backend: tokenizers.Tokenizer, bos_id: int | None) 
     return with_special[:1] == [bos_id] and without[:1] != [bos_id]
 
 
-def _byte_fallback_ids(backend: tokenizers.Tokenizer) -> frozenset[int]:
-    """Ids of the ``<0xNN>`` tokens when the decoder has a ``ByteFallback`` step, else empty."""
+def _decoder_has(backend: tokenizers.Tokenizer, step: str) -> bool:
+    """Whether the backend's decoder (or one step of a ``Sequence`` decoder) is ``step``."""
     decoder = backend.decoder
     if decoder is None:
-        return frozenset()
+        return False
     try:
         state = decoder.__getstate__()
     except Exception:
         state = repr(decoder)
     if isinstance(state, bytes):
         state = state.decode("utf-8", errors="replace")
-    if "ByteFallback" not in str(state):
+    return f'"{step}"' in str(state) or f"{step}(" in str(state)
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's ``bytes_to_unicode`` table used by byte-level BPE: each byte is
+    one printable character (printable Latin-1 bytes map to themselves, the others to
+    U+0100 onwards)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def _byte_fallback_ids(backend: tokenizers.Tokenizer) -> frozenset[int]:
+    """Ids of the ``<0xNN>`` tokens when the decoder has a ``ByteFallback`` step, else empty."""
+    if not _decoder_has(backend, "ByteFallback"):
         return frozenset()
     ids = (backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
     return frozenset(i for i in ids if i is not None)

@@ -557,3 +557,47 @@ def test_add_bos_without_bos_in_vocab(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(TokenizerError, match="not in the vocab"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------- per-token text
+
+
+@pytest.mark.parametrize("which", ["ds", "sp"])
+def test_token_text_and_bytes_join_to_the_text(request, which):
+    """token_text keeps a token's leading space (SentencePiece drops it for a first token) and
+    token_bytes are its real bytes, one byte for <0xNN> and partial characters of byte-level
+    tokens, so the bytes of any id run join to its UTF-8 text."""
+    tok = request.getfixturevalue(which)
+    for text in ["Hello world and the", *STREAM_TEXTS]:
+        ids = tok.encode("Hello " + text, add_special_tokens=False)
+        assert tok.decode(ids[:1]) == "Hello"
+        rest = tok.decode(ids)[len("Hello") :]  # what the tokens after the first add
+        assert b"".join(tok.token_bytes(i) for i in ids[1:]) == rest.encode()
+        if all("\ufffd" not in tok.token_text(i) for i in ids):
+            assert "".join(tok.token_text(i) for i in ids[1:]) == rest
+    world = tok.encode(" world", add_special_tokens=False)[-1]
+    assert tok.token_text(world) == " world" and tok.decode([world]) == (
+        "world" if which == "sp" else " world"
+    )
+    assert tok.token_bytes(world) == b" world"
+
+
+def test_token_bytes_of_byte_tokens(ds, sp):
+    assert sp.token_bytes(sp.token_to_id("<0xE7>")) == b"\xe7"
+    assert sp.token_text(sp.token_to_id("<0xE7>")) == "\ufffd"
+    assert sp.token_text(sp.token_to_id("▁")) == " "
+    ids = ds.encode("😀", add_special_tokens=False)  # one emoji over several byte-level tokens
+    assert len(ids) > 1 and b"".join(ds.token_bytes(i) for i in ids) == "😀".encode()
+    assert ds.token_bytes(ds.token_to_id(EOS)) == EOS.encode() == ds.token_text(1).encode()
+
+
+def test_long_text_encodes_the_same(ds_bos, sp):
+    """Texts over 50,000 characters take the GIL-releasing path; the ids are the same."""
+    text = " ".join(STREAM_TEXTS) * 400
+    assert len(text) > 50_000
+    for tok in (ds_bos, sp):
+        plain = tok.backend.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text, add_special_tokens=False) == plain
+        assert tok.encode(text) == [tok.bos_token_id, *plain]
+    with pytest.raises(TokenizerError, match="not valid Unicode"):
+        sp.encode("a" * 60_000 + "\ud800")

@@ -23,7 +23,10 @@ disconnects mid-stream cancels its engine request, which frees its cache slot.
 
 Bad input never yields a 500: exception handlers turn validation errors, malformed JSON, prompts
 that do not fit, unknown model names and invalid sampling values into 4xx responses in OpenAI's
-error shape ``{"error": {"message", "type", "param", "code"}}``.
+error shape ``{"error": {"message", "type", "param", "code"}}``. A body that is not a JSON object
+gets one message saying so; a string with a lone surrogate gets 400 naming the field; a body
+over :data:`MAX_BODY_BYTES` gets 413; paths are matched exactly (no trailing-slash redirects).
+Prompts are tokenized in a worker thread, so a huge prompt never stalls other clients.
 """
 
 from __future__ import annotations
@@ -64,15 +67,26 @@ from deepwhale.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
+    InvalidUnicodeError,
     _Sampling,
 )
 from deepwhale.serve.stats import LiveStats
 
 _END = object()
+#: largest request body accepted, in bytes (8 MiB); larger bodies get 413
+MAX_BODY_BYTES = 8 * 1024 * 1024
+_NOT_AN_OBJECT = "the request body must be a JSON object sent with Content-Type: application/json"
 
 
 _DASHBOARD_HTML = files("deepwhale.serve").joinpath("dashboard.html").read_text(encoding="utf-8")
 logger = logging.getLogger("deepwhale.serve")
+
+
+def _is_type_tag(part) -> bool:
+    """Whether a pydantic error location part names a union member, not a field."""
+    return isinstance(part, str) and (
+        "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none")
+    )
 
 
 class APIError(Exception):
@@ -122,12 +136,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
             return error_response(400, f"the request body is not valid JSON: {first.get('msg')}")
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # drop "body" and the union-member tags pydantic puts in locations ("str", "list[...]")
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
         param = ".".join(loc) or None
+        if param is None and first.get("type") in ("missing", "model_attributes_type"):
+            return error_response(400, _NOT_AN_OBJECT)  # empty, form-encoded, array, ...
+        if first.get("type") == "deepwhale":  # our own checks (schemas._fail): said in full
+            return error_response(400, first["msg"], param=param)
         where = f"'{param}': " if param else ""
         return error_response(
             400, f"invalid {where}{first.get('msg', 'invalid request')}", param=param
         )
+
+    @app.exception_handler(InvalidUnicodeError)
+    async def _unicode(_: Request, e: InvalidUnicodeError) -> JSONResponse:
+        return error_response(400, str(e), param=e.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -191,6 +214,13 @@ class _Server:
                 param="model",
                 code="model_not_found",
             )
+
+    async def encode(self, request: Request, prompt: str | list[dict]) -> list[int]:
+        """Token ids of a prompt, tokenized in a worker thread (a multi-megabyte prompt takes
+        seconds); the count is noted for the audit log."""
+        ids = await asyncio.to_thread(self.model.encode_prompt, prompt)
+        request.state.audit_prompt_tokens = len(ids)
+        return ids
 
     def budget(self, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
         """New-token budget: ``max_tokens`` checked against the context, or all that is left."""
@@ -322,28 +352,42 @@ class _Server:
 
     # ------------------------------------------------------------------ formatting
     def token_text(self, token_id: int) -> str:
-        return self.model.tokenizer.decode([token_id])
+        """The text a token adds mid-sequence (leading space kept; see
+        :meth:`deepwhale.tokenizer.Tokenizer.token_text`)."""
+        return self.model.tokenizer.token_text(token_id)
 
-    def completion_logprobs(self, lps: list[TokenLogprob], offset: int = 0) -> dict:
-        """OpenAI legacy ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset."""
-        tokens, offsets = [], []
+    def text_offsets(self, prompt_ids: list[int], lps: list[TokenLogprob]) -> list[int]:
+        """Character offset in the completion text where each token's text starts: the
+        cumulative lengths of the streamed deltas (the same incremental detokenizer as the
+        engine, so they equal the offsets a stream reports)."""
+        detok = self.model.tokenizer.detokenizer(prompt_ids, skip_special_tokens=True)
+        offsets, offset = [], 0
         for lp in lps:
-            tokens.append(self.token_text(lp.token_id))
             offsets.append(offset)
-            offset += len(tokens[-1])
+            offset += len(detok.add(lp.token_id))
+        return offsets
+
+    def completion_logprobs(self, lps: list[TokenLogprob], offsets: list[int]) -> dict:
+        """OpenAI legacy ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset
+        (``offsets``, characters into the completion text)."""
         return {
-            "tokens": tokens,
+            "tokens": [self.token_text(lp.token_id) for lp in lps],
             "token_logprobs": [lp.logprob for lp in lps],
             "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in lps],
             "text_offset": offsets,
         }
 
     def chat_logprobs(self, lps: list[TokenLogprob]) -> dict:
-        """OpenAI chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+        """OpenAI chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``;
+        ``bytes`` are the token's own UTF-8 bytes (one byte for a ``<0xNN>`` token)."""
+        tok = self.model.tokenizer
 
         def entry(token_id: int, logprob: float) -> dict:
-            text = self.token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {
+                "token": tok.token_text(token_id),
+                "logprob": logprob,
+                "bytes": list(tok.token_bytes(token_id)),
+            }
 
         return {
             "content": [
@@ -363,6 +407,7 @@ class _Server:
 
     def stream(
         self,
+        request: Request,
         req: EngineRequest,
         obj: str,
         chat: bool,
@@ -372,7 +417,8 @@ class _Server:
         """SSE response of ``obj`` chunks for ``req``, ending with ``data: [DONE]``.
 
         A client disconnect makes sse-starlette cancel the generator; the ``CancelledError``
-        unwinds through :meth:`events`, whose ``finally`` cancels the engine request.
+        unwinds through :meth:`events`, whose ``finally`` cancels the engine request, and
+        ``request.state.audit_status`` is set to 499 for the audit log.
         """
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -401,7 +447,7 @@ class _Server:
                     "logprobs": lp,
                     "finish_reason": chunk.finish_reason,
                 }
-            lp = self.completion_logprobs(lps, offsets[i]) if lps else None
+            lp = self.completion_logprobs(lps, [offsets[i]]) if lps else None
             offsets[i] += len(chunk.text)
             return {
                 "index": i,
@@ -411,6 +457,14 @@ class _Server:
             }
 
         async def generator():
+            try:
+                async for item in body():
+                    yield item
+            except (asyncio.CancelledError, GeneratorExit):
+                request.state.audit_status = 499  # the client left mid-stream
+                raise
+
+        async def body():
             async with aclosing(self.events(req)) as events:
                 if chat:
                     for i in range(req.n):
@@ -487,9 +541,10 @@ def create_app(
                 engine.cancel(req)
             engine.shutdown()
 
-    app = FastAPI(title="deepwhale", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="deepwhale", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.server = server
     _install_error_handlers(app)
+    app.add_middleware(_BodyLimitMiddleware, limit=MAX_BODY_BYTES)  # inside auth: keys first
     if auth:
         _install_auth(app, KeyStore(home / KEYS_FILE))
     routes = {
@@ -563,17 +618,22 @@ def create_app(
         server.check_model(body.model)
         if not body.prompt:
             raise APIError("prompt must not be empty", param="prompt")
-        ids = model.encode_prompt(body.prompt)
+        ids = await server.encode(request, body.prompt)
         sampling = server.sampling(body, server.budget(ids, body.max_tokens, "max_tokens"))
         req = server.submit(ids, body.n, body.logprobs, sampling)
         request.state.audit_request = req
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return server.stream(req, "text_completion", False, include, body.logprobs is not None)
+            return server.stream(
+                request, req, "text_completion", False, include, body.logprobs is not None
+            )
         await server.drain(req, request)
         choices = []
         for seq, text in zip(req.sequences, req.texts(), strict=True):
-            lp = server.completion_logprobs(seq.logprobs) if body.logprobs is not None else None
+            lp = None
+            if body.logprobs is not None:
+                offsets = server.text_offsets(req.prompt_ids, seq.logprobs)
+                lp = server.completion_logprobs(seq.logprobs, offsets)
             choices.append(
                 {
                     "index": seq.index,
@@ -606,7 +666,7 @@ def create_app(
             )
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        ids = model.encode_prompt(messages)
+        ids = await server.encode(request, messages)
         max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
         sampling = server.sampling(body, server.budget(ids, max_tokens, "max_tokens"))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -614,7 +674,9 @@ def create_app(
         request.state.audit_request = req
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return server.stream(req, "chat.completion.chunk", True, include, body.logprobs)
+            return server.stream(
+                request, req, "chat.completion.chunk", True, include, body.logprobs
+            )
         await server.drain(req, request)
         choices = []
         for seq, text in zip(req.sequences, req.texts(), strict=True):
@@ -642,7 +704,7 @@ def create_app(
         server.authorize(request, None, body.prompt)
         if not body.prompt:
             raise APIError("prompt must not be empty", param="prompt")
-        ids = model.encode_prompt(body.prompt)
+        ids = await server.encode(request, body.prompt)
         if body.max_new_tokens is not None:
             new, param = body.max_new_tokens, "max_new_tokens"
         else:
@@ -713,7 +775,9 @@ def _install_auth(app: FastAPI, keys: KeyStore) -> None:
 class _AuditMiddleware:
     """Pure ASGI middleware appending one audit row per HTTP request once its last byte is
     sent (streams included), with the status sent and the latency in milliseconds. Routes leave
-    the model, prompt and engine request in ``request.state`` (``audit_*``)."""
+    the model, prompt, prompt token count and engine request in ``request.state`` (``audit_*``);
+    ``audit_status`` overrides the status sent (499 for a stream the client closed). Requests
+    refused before a route runs (401, 403, 429, 413) have no model."""
 
     def __init__(self, app, log: AuditLog, prompts: bool) -> None:
         self.app, self.log, self.prompts = app, log, prompts
@@ -738,11 +802,13 @@ class _AuditMiddleware:
             key, req = state.get("api_key"), state.get("audit_request")
             row = dict(
                 route=scope["path"],
-                status=status,
+                status=state.get("audit_status", status),
                 latency_ms=(time.perf_counter() - start) * 1000,
                 key_id=None if key is None else key.id,
                 model=state.get("audit_model"),
-                prompt_tokens=None if req is None else len(req.prompt_ids),
+                prompt_tokens=len(req.prompt_ids)
+                if req is not None
+                else state.get("audit_prompt_tokens"),
                 completion_tokens=None if req is None else req.num_generated,
                 prompt=state.get("audit_prompt") if self.prompts else None,
             )
@@ -750,6 +816,51 @@ class _AuditMiddleware:
                 await asyncio.to_thread(self.log.append, **row)
             except Exception:
                 logger.exception("could not append to the audit log %s", self.log.path)
+
+
+class _BodyLimitMiddleware:
+    """Pure ASGI middleware refusing request bodies over ``limit`` bytes with 413 (OpenAI error
+    shape): at once from ``Content-Length``, else while reading a chunked body, which is then
+    replayed to the app. Later ``receive()`` calls (disconnect watching) pass through."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = error_response(
+            413,
+            f"the request body is larger than {self.limit} bytes",
+            param=None,
+            code="request_too_large",
+        )
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await too_big(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                chunks = None
+                first = message
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                await too_big(scope, receive, send)
+                return
+        pending = (
+            [first] if chunks is None else [{"type": "http.request", "body": b"".join(chunks)}]
+        )
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def _merge(batch: list[tuple[int, GenerationChunk]]) -> list[tuple[int, GenerationChunk]]:

@@ -7,14 +7,33 @@ column but ``hash`` itself (``id`` included), serialised with sorted keys and no
 longer matches) or deleted (a gap, or a broken link to the next row).
 
 Each :meth:`AuditLog.append` is its own committed transaction on a WAL database with
-``synchronous=FULL``: a server killed mid-request loses only the rows not yet appended. A chain
-cannot show that rows were cut from its end; keep exported copies (:func:`export`) to anchor it.
+``synchronous=FULL``: a server killed mid-request loses only the rows not yet appended.
+
+A chain alone cannot show that rows were cut from its end, so two anchors guard the tail:
+
+* the *head* sidecar ``<log>.head`` (e.g. ``audit.sqlite.head``), JSON ``{"id", "hash"}`` of the
+  newest row, rewritten atomically after every commit. :func:`verify` fails when the row it
+  names is missing or has another hash. Rows newer than the head are fine (a crash between the
+  commit and the head write is not tampering).
+* the writer's memory: :class:`AuditLog` remembers the last ``(id, hash)`` it wrote (or read from
+  the head at start). If that row has vanished or changed when it next appends, it logs an
+  ERROR and chains the new row onto the remembered hash with the next id after it, so the cut
+  stays visible to :func:`verify` as a gap (or a broken link) instead of being re-chained over.
+
+Limit: someone who can edit both the database and the head file (and does so while no server
+is running, or restarts it) can still cut the tail unnoticed. Anchor the log outside the
+machine: export it (:func:`export`) or copy the head file to storage the server's host cannot
+rewrite, on a schedule, and compare.
+
+Strings are stored as valid UTF-8: a lone surrogate (which SQLite and SHA-256 input cannot
+carry) is written as its ``\\udXXX`` escape, so every request still gets its row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import tempfile
@@ -22,7 +41,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from deepwhale.checkpoint.io import write_json
 from deepwhale.serve.auth import now_iso
+
+logger = logging.getLogger("deepwhale.serve.audit")
 
 GENESIS = "0" * 64
 FIELDS = (
@@ -65,6 +87,44 @@ def row_hash(fields: dict) -> str:
     return hashlib.sha256((fields["prev_hash"] + body).encode()).hexdigest()
 
 
+def head_path(path: str | os.PathLike) -> Path:
+    """The head anchor file of the log at ``path``: ``<path>.head``."""
+    path = Path(path)
+    return path.with_name(path.name + ".head")
+
+
+def _read_head(path: Path) -> tuple[int, str] | None:
+    """``(id, hash)`` from the head file of ``path``; None if there is none.
+
+    Raises:
+        ValueError: the head file exists but is not ``{"id": int, "hash": str}`` JSON.
+    """
+    head = head_path(path)
+    try:
+        data = json.loads(head.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{head}: unreadable head anchor ({e})") from e
+    if (
+        not isinstance(data, dict)
+        or type(data.get("id")) is not int
+        or not isinstance(data.get("hash"), str)
+    ):
+        raise ValueError(f'{head}: the head anchor must be {{"id": int, "hash": str}}')
+    return data["id"], data["hash"]
+
+
+def _clean(value):
+    """``value`` with lone surrogates in a string replaced by their backslash escapes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     # explicit transactions; the connection is shared by threads under AuditLog's lock
     db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -86,6 +146,42 @@ class AuditLog:
         self._lock = threading.Lock()
         self._db = _connect(self.path)
         self._db.execute(_SCHEMA)
+        #: (id, hash) of the newest row this writer knows of: the head file, else the DB tail
+        try:
+            self._last = _read_head(self.path)
+        except ValueError as e:
+            logger.error("audit log %s: %s; anchoring on the database tail", self.path, e)
+            self._last = None
+        if self._last is None:
+            self._last = self._db.execute(
+                "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+
+    def _anchor(self, db: sqlite3.Connection) -> tuple[int, str]:
+        """``(id, prev_hash)`` for the next row, inside the write transaction.
+
+        Normally the database tail (possibly newer than ours: another process writes too).
+        If the row this writer last knew is gone or changed, rows were cut or replaced: log an
+        ERROR and continue the chain from the remembered row, leaving a gap for :func:`verify`.
+        """
+        last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        if self._last is not None:
+            known_id, known_hash = self._last
+            row = db.execute("SELECT hash FROM audit WHERE id = ?", (known_id,)).fetchone()
+            if row is None or row[0] != known_hash:
+                logger.error(
+                    "audit log %s: row %d (the newest this server wrote or the head anchor "
+                    "names) is %s; rows were deleted or replaced. Continuing the chain from it, "
+                    "so `deepwhale audit verify` reports the break.",
+                    self.path,
+                    known_id,
+                    "missing" if row is None else "changed",
+                )
+                top = known_id if last is None else max(last[0], known_id)
+                return top + 1, known_hash
+        if last is None:
+            return 1, GENESIS
+        return last[0] + 1, last[1]
 
     def append(
         self,
@@ -105,25 +201,28 @@ class AuditLog:
             request start to the last byte, in milliseconds; key_id: the API key's id (None when
             auth is off or the key was refused); model: the model id; prompt_tokens,
             completion_tokens: token counts when known; prompt: the prompt text (only when the
-            server opted in).
+            server opted in). Lone surrogates in strings are stored escaped.
+
+        Raises:
+            sqlite3.Error: the database cannot be written (the row is rolled back).
         """
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+                row_id, prev = self._anchor(db)
                 row = {
-                    "id": 1 if last is None else last[0] + 1,
+                    "id": row_id,
                     "time": now_iso(),
-                    "key_id": key_id,
-                    "route": route,
-                    "model": model,
+                    "key_id": _clean(key_id),
+                    "route": _clean(route),
+                    "model": _clean(model),
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
                     "status": int(status),
                     "latency_ms": round(float(latency_ms), 3),
-                    "prompt": prompt,
-                    "prev_hash": GENESIS if last is None else last[1],
+                    "prompt": _clean(prompt),
+                    "prev_hash": prev,
                 }
                 row["hash"] = row_hash(row)
                 cols = (*FIELDS, "hash")
@@ -135,6 +234,11 @@ class AuditLog:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            self._last = (row["id"], row["hash"])
+            try:
+                write_json(head_path(self.path), {"id": row["id"], "hash": row["hash"]})
+            except OSError:  # the row is committed; verify still checks the older head
+                logger.exception("could not write the audit head anchor %s", head_path(self.path))
         return row
 
     def close(self) -> None:
@@ -168,11 +272,21 @@ def verify(path: str | os.PathLike) -> VerifyResult:
 
     A row is *edited* when its stored hash differs from the recomputed one, and *deleted* when
     ids skip (the first missing id is named) or a row's ``prev_hash`` differs from the hash of
-    the row before it (the row before was deleted or replaced).
+    the row before it (the row before was deleted or replaced). Then the head anchor
+    (``<path>.head``, see the module docstring) must name a row that exists with that hash;
+    if not, rows were cut from the end (or the last row replaced). No head file is accepted
+    (logs written before anchors existed).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
     """
+    try:
+        head = _read_head(Path(path))
+    except ValueError as e:
+        head, head_error = None, str(e)
+    else:
+        head_error = None
+    head_found: str | None = None  # the hash of the row the head names, once walked
     prev, expected, n = GENESIS, 1, 0
     for r in _rows(Path(path)):
         fields = dict(r)
@@ -187,6 +301,28 @@ def verify(path: str | os.PathLike) -> VerifyResult:
         if row_hash(fields) != fields["hash"]:
             return VerifyResult(False, n, expected, f"row {expected} was edited (hash mismatch)")
         prev, expected, n = fields["hash"], expected + 1, n + 1
+        if head is not None and fields["id"] == head[0]:
+            head_found = fields["hash"]
+    if head_error is not None:
+        return VerifyResult(False, n, None, head_error)
+    if head is not None:
+        head_id, head_hash = head
+        if head_found is None:
+            return VerifyResult(
+                False,
+                n,
+                head_id,
+                f"row {head_id} was deleted: the head anchor {head_path(path).name} names it but "
+                f"the log ends at row {n} (rows were cut from the end)",
+            )
+        if head_found != head_hash:
+            return VerifyResult(
+                False,
+                n,
+                head_id,
+                f"row {head_id} does not match the head anchor {head_path(path).name} "
+                "(replaced or re-hashed)",
+            )
     return VerifyResult(True, n)
 
 

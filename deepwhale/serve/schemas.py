@@ -4,47 +4,155 @@ Field names, types and defaults follow the OpenAI API reference
 (https://platform.openai.com/docs/api-reference/completions/create and
 .../chat/create); ``GenerateRequest`` follows the ``/generate`` body of DeepSeek's FastAPI
 serving example (``prompt``, ``max_length``, ``temperature``, ``top_p``). Unknown fields are
-ignored, as OpenAI-compatible servers do. Range checks live in
+ignored, as OpenAI-compatible servers do; known OpenAI fields this server cannot honour
+(``tools``, ``response_format`` other than text, ``logit_bias``, ``suffix``, ``best_of`` > 1,
+``echo``...) are refused rather than silently ignored.
+
+Types are strict where OpenAI's are: integers and booleans must be JSON integers and booleans
+(``"5"`` or ``true`` is not a ``max_tokens``); floats accept integers. Range checks live in
 :class:`~deepwhale.inference.sampling.SamplingParams`, so the server and the Python API reject
 the same values with the same messages.
+
+Errors raised here with :func:`_fail` have the pydantic error type ``"deepwhale"``; the app
+answers them with their message as is and the field's path as ``param``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+Float = Annotated[float, Strict()]  # a JSON number (ints too), never a string or a bool
+
+#: stop strings per request, and characters per stop string (OpenAI allows 4; vLLM no limit)
+MAX_STOP = 16
+MAX_STOP_CHARS = 1000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class InvalidUnicodeError(Exception):
+    """A string in the request body holds a lone UTF-16 surrogate (``"\\ud800"`` in JSON),
+    which is not valid Unicode and cannot be encoded as UTF-8. ``param`` is its path."""
+
+    def __init__(self, param: str) -> None:
+        super().__init__(f"'{param}' is not valid Unicode (lone surrogate)")
+        self.param = param
+
+
+def _fail(message: str) -> PydanticCustomError:
+    """A validation error answered with ``message`` verbatim (see the module docstring)."""
+    return PydanticCustomError("deepwhale", message.replace("{", "(").replace("}", ")"))
+
+
+def _find_surrogate(value: Any, path: str) -> str | None:
+    """The dotted path of the first string (or key) under ``value`` with a lone surrogate."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and _SURROGATE.search(k):
+                return path or "body"
+            found = _find_surrogate(v, sub)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _find_surrogate(v, f"{path}.{i}" if path else str(i))
+            if found:
+                return found
+    return None
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class _Sampling(_Body):
-    """Sampling fields shared by the OpenAI endpoints (plus vLLM-style extensions)."""
+class _Root(_Body):
+    """A whole request body: refuses lone surrogates anywhere in it, unknown fields included
+    (raises :class:`InvalidUnicodeError`, answered as a 400)."""
 
-    model: str | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    # extensions (vLLM names), not in OpenAI's API
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    ignore_eos: bool = False
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = _find_surrogate(data, "")
+        if found:
+            raise InvalidUnicodeError(found)
+        return data
+
+
+def _check_stop(stop: str | list[str] | None) -> str | list[str] | None:
+    items = [stop] if isinstance(stop, str) else stop or []
+    if len(items) > MAX_STOP:
+        raise _fail(f"stop may hold at most {MAX_STOP} strings, got {len(items)}")
+    if any(len(s) > MAX_STOP_CHARS for s in items):
+        raise _fail(f"each stop string may be at most {MAX_STOP_CHARS} characters long")
+    return stop
+
+
+def _unsupported(name: str) -> PydanticCustomError:
+    return _fail(f"{name} is not supported by this server")
 
 
 class StreamOptions(_Body):
     """``stream_options``: ``include_usage`` adds a last chunk with empty ``choices`` and the
     request's ``usage``."""
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Root):
+    """Sampling fields shared by the OpenAI endpoints (plus vLLM-style extensions)."""
+
+    model: StrictStr | None = None
+    temperature: Float = 1.0
+    top_p: Float = 1.0
+    n: StrictInt = 1
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Float = 0.0
+    frequency_penalty: Float = 0.0
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict | None = None
+    # extensions (vLLM names), not in OpenAI's API
+    top_k: StrictInt = 0
+    min_p: Float = 0.0
+    repetition_penalty: Float = 1.0
+    ignore_eos: StrictBool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, v: str | list[str] | None) -> str | list[str] | None:
+        return _check_stop(v)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _needs_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise _fail("stream_options is only allowed when stream is true")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: dict | None) -> dict | None:
+        if v:
+            raise _unsupported("logit_bias")
+        return v
 
 
 class CompletionRequest(_Sampling):
@@ -54,22 +162,66 @@ class CompletionRequest(_Sampling):
         prompt: one text prompt (arrays of prompts are not supported).
         max_tokens: new tokens at most (OpenAI's default 16); None fills the context.
         logprobs: report the sampled token's log-probability and this many alternatives (0-20).
-        echo: not supported (false only).
+        echo, suffix, best_of > 1: not supported (400).
     """
 
-    prompt: str
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    echo: Literal[False] = False
+    prompt: StrictStr
+    max_tokens: StrictInt | None = 16
+    logprobs: StrictInt | None = None
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise _unsupported("echo")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise _unsupported("suffix")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise _fail("best_of other than 1 is not supported by this server")
+        return v
 
 
 class ChatMessage(_Body):
-    """One message: ``role`` and ``content`` (a string, or a list of ``{"type": "text",
-    "text": ...}`` parts, which are joined)."""
+    """One message: ``role`` (system, user, assistant, tool or developer) and ``content`` (a
+    string, or a list of ``{"type": "text", "text": ...}`` parts, which are joined). Content may
+    be missing or null only in an assistant message; non-text parts are refused."""
 
-    role: str
-    content: str | list[dict] | None = None
-    name: str | None = None
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: StrictStr | list[dict] | None = None
+    name: StrictStr | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content: str | list[dict] | None) -> str | list[dict] | None:
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") != "text":
+                    raise _fail(
+                        "only text content parts are supported (got a part of type "
+                        f"'{part.get('type')}')"
+                    )
+                if not isinstance(part.get("text"), str):
+                    raise _fail("a text content part needs a string 'text'")
+        return content
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise _fail(f"content is required in a {self.role} message")
+        return self
 
 
 class ChatCompletionRequest(_Sampling):
@@ -80,37 +232,78 @@ class ChatCompletionRequest(_Sampling):
         max_tokens / max_completion_tokens: new tokens at most; None fills the context.
         logprobs: return per-token log-probabilities.
         top_logprobs: alternatives per token (0-20); needs ``logprobs``.
+        tools, tool_choice, functions, function_call, response_format other than
+            ``{"type": "text"}``: not supported (400).
     """
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+    functions: list | None = None
+    function_call: Any = None
+    response_format: dict | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v: list | None, info: ValidationInfo) -> list | None:
+        if v:
+            raise _unsupported(info.field_name)
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and v != "none":
+            raise _unsupported(info.field_name)
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict | None) -> dict | None:
+        if v is not None and v.get("type") != "text":
+            raise _fail("response_format other than type 'text' is not supported by this server")
+        return v
 
 
-class GenerateRequest(_Body):
+class GenerateRequest(_Root):
     """``POST /generate`` body, the shape of DeepSeek's FastAPI example.
 
     Attributes:
         prompt: text to continue.
-        max_length: total tokens, prompt included (HF ``generate`` / ``generate_text`` semantics).
+        max_length: total tokens, prompt included (HF ``generate`` / ``generate_text``
+            semantics); >= 1.
         max_new_tokens: if given, new tokens instead of ``max_length``.
         temperature, top_p, top_k, seed, stop: as in :class:`SamplingParams`.
     """
 
-    prompt: str
-    max_length: int = 200
-    max_new_tokens: int | None = None
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    prompt: StrictStr
+    max_length: StrictInt = 200
+    max_new_tokens: StrictInt | None = None
+    temperature: Float = 0.7
+    top_p: Float = 0.9
+    top_k: StrictInt = 0
+    min_p: Float = 0.0
+    repetition_penalty: Float = 1.0
+    presence_penalty: Float = 0.0
+    frequency_penalty: Float = 0.0
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, v: str | list[str] | None) -> str | list[str] | None:
+        return _check_stop(v)
+
+    @field_validator("max_length")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise _fail(f"max_length must be >= 1, got {v}")
+        return v
 
 
 _Sampling.model_rebuild()

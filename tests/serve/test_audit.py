@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -178,3 +179,155 @@ def test_killed_mid_stream_keeps_committed_rows(tmp_path):
     done = [r for r in rows if r["route"] == "/v1/completions"]
     assert [(r["status"], r["completion_tokens"]) for r in done] == [(200, 3)] * 3
     assert rows[0]["route"] == "/health"
+
+
+# ---------------------------------------------------------------------- the tail (QA findings)
+def _delete(path, where: str) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute(f"DELETE FROM audit {where}")
+
+
+@pytest.mark.parametrize("where,first_gone", [("WHERE id >= 4", 4), ("", 1)])
+def test_tail_deletion_while_running_is_detected(tmp_path, caplog, where, first_gone):
+    """Cutting the newest rows (or all of them) under a running writer: verify fails at once
+    (the head anchor), and the writer refuses to re-chain onto the shortened tail."""
+    path = tmp_path / "audit.sqlite"
+    log = AuditLog(path)
+    for i in range(5):
+        log.append("/v1/completions", 200, 1.0 + i)
+    assert json.loads((tmp_path / "audit.sqlite.head").read_text())["id"] == 5
+    _delete(path, where)
+    result = verify(path)
+    assert not result.ok and result.bad_id == 5 and "cut from the end" in result.reason
+    with caplog.at_level("ERROR", logger="deepwhale.serve.audit"):
+        row = log.append("/health", 200, 1.0)
+    assert "row 5" in caplog.text and "missing" in caplog.text
+    assert row["id"] == 6  # continues the remembered chain: the cut stays a visible gap
+    log.append("/health", 200, 1.0)
+    log.close()
+    result = verify(path)
+    assert not result.ok and result.bad_id == first_gone and "deleted" in result.reason
+    r = CliRunner().invoke(cli, ["audit", "verify", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 1 and f"row {first_gone}" in r.output
+
+
+def test_tail_cut_while_stopped_is_detected(tmp_path, caplog):
+    """Rows cut while no server runs: the head file names the missing row; a restarted writer
+    anchors on the head too."""
+    path = tmp_path / "audit.sqlite"
+    _log(path, 5)
+    _delete(path, "WHERE id = 5")
+    r = CliRunner().invoke(cli, ["audit", "verify", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 1 and "row 5" in r.output and "head anchor" in r.output
+    with caplog.at_level("ERROR", logger="deepwhale.serve.audit"):
+        log = AuditLog(path)
+        assert log.append("/health", 200, 1.0)["id"] == 6
+    log.close()
+    assert "row 5" in caplog.text
+    assert not verify(path).ok
+
+
+def test_replaced_last_row_is_detected(tmp_path):
+    """The last row deleted and a forged one re-hashed in its place: the head disagrees."""
+    from deepwhale.serve.audit import row_hash
+
+    path = tmp_path / "audit.sqlite"
+    _log(path, 3)
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    row = dict(db.execute("SELECT * FROM audit WHERE id = 3").fetchone())
+    row["status"] = 204
+    db.execute("UPDATE audit SET status = 204, hash = ? WHERE id = 3", (row_hash(row),))
+    db.commit()
+    db.close()
+    result = verify(path)
+    assert not result.ok and result.bad_id == 3 and "head anchor" in result.reason
+
+
+def test_stale_head_is_not_a_false_alarm(tmp_path):
+    """A crash between a commit and the head write leaves rows newer than the head: fine, and
+    a restarted writer chains onto the real tail (as does a second process writing)."""
+    from deepwhale.checkpoint.io import write_json
+
+    path = tmp_path / "audit.sqlite"
+    _log(path, 4)
+    head = tmp_path / "audit.sqlite.head"
+    rows = _rows(path)
+    write_json(head, {"id": 2, "hash": rows[1]["hash"]})
+    assert verify(path).ok
+    other = AuditLog(path)  # another writer on the same file
+    log = AuditLog(path)
+    assert log.append("/health", 200, 1.0)["id"] == 5
+    assert other.append("/health", 200, 1.0)["id"] == 6
+    assert log.append("/health", 200, 1.0)["id"] == 7
+    log.close()
+    other.close()
+    assert verify(path) == verify(path) and verify(path).ok and verify(path).rows == 7
+    head.write_text("not json")
+    assert not verify(path).ok and "head anchor" in verify(path).reason
+
+
+def test_lone_surrogates_are_stored_escaped(tmp_path):
+    path = tmp_path / "audit.sqlite"
+    log = AuditLog(path)
+    row = log.append("/v1/\ud800", 400, 1.0, model="\ud800", prompt="a\udfffb")
+    log.close()
+    assert row["model"] == "\\ud800" and row["prompt"] == "a\\udfffb"
+    assert _rows(path)[0]["route"] == "/v1/\\ud800" and verify(path).ok
+
+
+def test_every_request_gets_a_row(model, tmp_path):
+    """Lone-surrogate bodies get a clean 400 and a row; a context-length 400 records the
+    prompt's token count (the prompt was tokenized)."""
+    app = create_app(model, NAME, data_dir=tmp_path, audit_prompts=True)
+    json_ct = {"content-type": "application/json"}
+    with TestClient(app) as client:
+        r = client.post(
+            "/v1/completions", content=b'{"model": "\\ud800", "prompt": "x"}', headers=json_ct
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+        r = client.post("/v1/completions", content=b'{"prompt": "a\\ud800"}', headers=json_ct)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        long = {"prompt": PROMPT, "max_tokens": 1000}
+        assert client.post("/v1/completions", json=long).status_code == 400
+        r = client.post("/v1/completions", json={"prompt": PROMPT * 30, "max_tokens": 1})
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+    rows = _rows(tmp_path / "audit.sqlite")
+    assert [r["status"] for r in rows] == [400] * 4
+    n = len(model.tokenizer.encode(PROMPT))
+    assert [r["prompt_tokens"] for r in rows] == [
+        None,
+        None,
+        n,
+        len(model.tokenizer.encode(PROMPT * 30)),
+    ]
+    assert verify(tmp_path / "audit.sqlite").ok
+
+
+def test_cancelled_stream_is_audited_499(model, tmp_path):
+    """A stream the client closes mid-way is logged as 499, like a non-streaming one."""
+    from tests.serve.conftest import serve_in_thread
+
+    big = DeepSeekModel.from_pretrained(device="cpu").set_batch_size(2, 512)
+    app = create_app(big, NAME, data_dir=tmp_path)
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": 480,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    for base in serve_in_thread(app):
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+        deadline = time.monotonic() + 10
+        while not [r for r in _rows(tmp_path / "audit.sqlite") if r["route"] == "/v1/completions"]:
+            assert time.monotonic() < deadline, "no audit row for the cancelled stream"
+            time.sleep(0.05)
+        done = httpx.post(f"{base}/v1/completions", json={**body, "max_tokens": 2}, timeout=30)
+        assert done.status_code == 200 and "[DONE]" in done.text
+    rows = [r for r in _rows(tmp_path / "audit.sqlite") if r["route"] == "/v1/completions"]
+    assert [r["status"] for r in rows] == [499, 200]
+    assert rows[0]["completion_tokens"] < 480

@@ -8,8 +8,9 @@ DeepSeek-V3-shaped debug model with the real R1 tokenizer (chat template).
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,31 +28,15 @@ import torch  # noqa: E402
 
 from deepwhale.api import DeepSeekModel  # noqa: E402
 from deepwhale.serve import create_app  # noqa: E402
-from tests.serve.conftest import wait_for_health  # noqa: E402
+from tests.serve.conftest import serve_in_thread  # noqa: E402
 
 GREEDY = ", there was a little girl named Lily."
 BATCH = 8
 
 
 def _serve(model: DeepSeekModel, name: str):
-    """Run ``create_app(model, name)`` under uvicorn in a thread on a free 127.0.0.1 port;
-    yields the base URL once ``/health`` answers, stops the server afterwards."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(model, name), log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    wait_for_health(base)
-    try:
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    """``create_app(model, name)`` under uvicorn on a free 127.0.0.1 port (yields the URL)."""
+    yield from serve_in_thread(create_app(model, name))
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +253,14 @@ BAD = [
     ("/generate", {"prompt": "x", "top_p": 2}, 400),
     ("/generate", {"prompt": LONG}, 400),
     ("/v1/nothing", {}, 404),
+    ("/v1/completions/", {"prompt": "x"}, 404),  # no trailing-slash redirect
+    ("/generate", {"prompt": "x", "max_length": 0}, 400),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 400),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400),
+    ("/v1/completions", {"prompt": "x", "n": "2"}, 400),
+    ("/v1/completions", {"prompt": "x", "temperature": "0.5"}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
 ]
 
 
@@ -374,3 +367,238 @@ def test_non_streaming_disconnect_frees_slot(stories):
         time.sleep(0.02)
     generated = model.engine.stats["generated_tokens"] - before
     assert generated < 480, generated
+
+
+# ---------------------------------------------------------------------- QA findings
+MSG = [{"role": "user", "content": "hi"}]
+SURROGATE = [  # raw JSON: a lone surrogate escape anywhere is refused, naming the field
+    ("/v1/completions", b'{"model": "\\ud800", "prompt": "Once"}', "model"),
+    ("/v1/completions", b'{"prompt": "abc\\ud800def", "max_tokens": 3}', "prompt"),
+    ("/v1/completions", b'{"prompt": "abc", "stop": ["\\udfff"]}', "stop.0"),
+    ("/v1/completions", b'{"prompt": "abc", "user": "\\ud83d"}', "user"),
+    ("/generate", b'{"prompt": "\\ud83d", "max_length": 10}', "prompt"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+        "messages.0.content.0.text",
+    ),
+]
+
+
+@pytest.mark.parametrize("path,raw,param", SURROGATE)
+def test_lone_surrogates_are_400(stories, path, raw, param):
+    r = httpx.post(f"{stories[1]}{path}", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param
+    assert err["message"] == f"'{param}' is not valid Unicode (lone surrogate)"
+    # a valid surrogate pair (one astral character) is fine
+    ok = b'{"prompt": "Once \\ud83d\\ude00", "max_tokens": 2}'
+    r = httpx.post(
+        f"{stories[1]}/v1/completions", content=ok, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 200, r.text
+
+
+BAD_PARAMS = [  # (path, body, param, words in the message)
+    ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens", "valid integer"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, "max_tokens", "valid integer"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream", "valid boolean"),
+    ("/v1/completions", {"prompt": "x", "n": "2"}, "n", "valid integer"),
+    ("/v1/completions", {"prompt": "x", "seed": 1.5}, "seed", "valid integer"),
+    ("/v1/completions", {"prompt": "x", "top_p": True}, "top_p", "valid number"),
+    ("/v1/completions", {"prompt": "x", "logprobs": "1"}, "logprobs", "valid integer"),
+    (
+        "/v1/completions",
+        {"prompt": "x", "stream_options": {"include_usage": True}},
+        "stream_options",
+        "only allowed when stream is true",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "x", "stop": [f"s{i}" for i in range(17)]},
+        "stop",
+        "at most 16",
+    ),
+    ("/v1/completions", {"prompt": "x", "stop": "z" * 1001}, "stop", "1000 characters"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, "echo", "not supported"),
+    ("/v1/completions", {"prompt": "x", "suffix": "end"}, "suffix", "not supported"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of", "not supported"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": -100}}, "logit_bias", "not supported"),
+    (
+        "/v1/chat/completions",
+        {"messages": MSG, "tools": [{"type": "function"}]},
+        "tools",
+        "not supported",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": MSG, "tool_choice": "auto"},
+        "tool_choice",
+        "not supported",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": MSG, "response_format": {"type": "json_object"}},
+        "response_format",
+        "not supported",
+    ),
+    ("/v1/chat/completions", {"messages": MSG, "logprobs": 5}, "logprobs", "valid boolean"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        "messages.0.role",
+        "'system', 'user', 'assistant', 'tool' or 'developer'",
+    ),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages.0", "content is required"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": None}]},
+        "messages.0",
+        "content is required",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": 5}]},
+        "messages.0.content",
+        "invalid",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages.0.content",
+        "only text content parts are supported",
+    ),
+    ("/generate", {"prompt": "x", "max_length": 0}, "max_length", "must be >= 1"),
+    ("/generate", {"prompt": "x", "max_length": -5}, "max_length", "must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(
+    "path,body,param,words", BAD_PARAMS, ids=[str(i) for i in range(len(BAD_PARAMS))]
+)
+def test_bad_params_name_the_param(stories, path, body, param, words):
+    r = httpx.post(f"{stories[1]}{path}", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"], err
+
+
+def test_chat_accepts_every_role_and_text_parts(stories):
+    """Valid messages pass validation (the 400 is only stories260K's missing template)."""
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "system", "content": [{"type": "text", "text": "s"}]},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+    ]
+    body = {"messages": messages, "response_format": {"type": "text"}, "tool_choice": "none"}
+    r = httpx.post(f"{stories[1]}/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template", r.text
+
+
+@pytest.mark.parametrize(
+    "raw,content_type",
+    [
+        (b"prompt=Once", "application/x-www-form-urlencoded"),
+        (b"", "application/json"),
+        (b"[1, 2]", "application/json"),
+        (b"null", "application/json"),
+    ],
+)
+def test_non_object_bodies_say_so(stories, raw, content_type):
+    r = httpx.post(
+        f"{stories[1]}/v1/completions", content=raw, headers={"content-type": content_type}
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == (
+        "the request body must be a JSON object sent with Content-Type: application/json"
+    )
+
+
+def test_body_over_8_mib_is_413(stories):
+    big = json.dumps({"prompt": "a" * (8 * 1024 * 1024)}).encode()
+    r = httpx.post(
+        f"{stories[1]}/v1/completions", content=big, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: counted while read
+        for i in range(0, len(big), 1 << 20):
+            yield big[i : i + (1 << 20)]
+
+    r = httpx.post(
+        f"{stories[1]}/v1/completions",
+        content=chunked(),
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 413 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(f"{stories[1]}/v1/completions", json={"prompt": "Once", "max_tokens": 2})
+    assert r.status_code == 200
+
+
+def test_huge_prompt_does_not_stall_other_clients(stories):
+    """A multi-megabyte prompt is tokenized off the event loop: /health answers meanwhile."""
+    base = stories[1]
+    big = {"prompt": "Once upon a time " * 240_000, "max_tokens": 1}  # 4 MB, ~1M tokens
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(r=httpx.post(f"{base}/v1/completions", json=big, timeout=120))
+    )
+    worker.start()
+    time.sleep(0.5)  # the body is uploaded and tokenizing
+    waits = []
+    while worker.is_alive() and len(waits) < 10:
+        t = time.perf_counter()
+        assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+        waits.append(time.perf_counter() - t)
+        time.sleep(0.05)
+    worker.join()
+    assert result["r"].status_code == 400 and result["r"].json()["error"]["code"] == (
+        "context_length_exceeded"
+    )
+    assert waits and max(waits) < 1.0, waits
+
+
+def test_completion_logprobs_tokens_and_offsets(client):
+    """Tokens keep their leading spaces, join to the text, and text_offset is cumulative and
+    equal to the streamed offsets (stories260K: SentencePiece with byte fallback)."""
+    kw = dict(model="stories260K", prompt="Once upon a time", max_tokens=8, temperature=0)
+    out = client.completions.create(**kw, logprobs=1).choices[0]
+    lp = out.logprobs
+    assert lp.tokens[:4] == [",", " there", " was", " a"]
+    assert "".join(lp.tokens) == out.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert list(lp.top_logprobs[1]) == [" there"]
+    offsets, tokens = [], []
+    for chunk in client.completions.create(**kw, logprobs=1, stream=True):
+        if chunk.choices[0].logprobs:
+            offsets += chunk.choices[0].logprobs.text_offset
+            tokens += chunk.choices[0].logprobs.tokens
+    assert offsets == lp.text_offset and tokens == lp.tokens
+
+
+def test_chat_logprobs_bytes_are_the_tokens_bytes(chat_server):
+    """Byte-level BPE (DeepSeek): each entry's bytes are its token's raw bytes (part of a
+    character for a split one), so they join to the content's UTF-8."""
+    out = chat_server.chat.completions.create(
+        model="r1-debug",
+        messages=[{"role": "user", "content": "Say hello to 世界"}],
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    choice = out.choices[0]
+    entries = choice.logprobs.content
+    # special tokens (this random model samples some) are left out of the text
+    text_entries = [t for t in entries if not re.fullmatch("<｜.*｜>", t.token)]
+    joined = b"".join(bytes(t.bytes) for t in text_entries)
+    assert joined.decode("utf-8", "replace") == choice.message.content
+    for t in entries:
+        if "\ufffd" not in t.token:
+            assert bytes(t.bytes) == t.token.encode()
+        assert all(
+            bytes(a.bytes) == a.token.encode() or "\ufffd" in a.token for a in t.top_logprobs
+        )
