@@ -142,6 +142,14 @@ class Trainer:
         model, self._model_folder = build_model(cfg.model, cfg.train.seed, data["vocab_size"])
         check_vocab(self.train_ds, model.config.vocab_size, Path(cfg.data.path))
         self.config = model.config
+        if self._model_folder is None and self.tokenizer_folder is not None:
+            # a random init takes its special ids from the tokenizer it is trained with, so the
+            # saved config.json agrees with tokenizer_config.json (transformers stops on it)
+            tok = self.tokenizer()
+            if tok.bos_token_id is not None:
+                self.config.bos_token_id = tok.bos_token_id
+            if tok.eos_token_id is not None:
+                self.config.eos_token_id = tok.eos_token_id
         self.model = model
         if cfg.lora.enabled:
             from deepwhale.lora import apply_lora

@@ -236,3 +236,39 @@ def test_bad_settings_give_clear_errors(tmp_path, shakespeare):
             make(tmp_path, shakespeare, **{"train.device": "cuda"})
     with pytest.raises(TrainConfigError, match="unknown device"):
         make(tmp_path, shakespeare, **{"train.device": "tpu:0"})
+
+
+def test_random_init_takes_special_ids_from_its_tokenizer(tmp_path, shakespeare):
+    """The demo tokenizer numbers BOS/EOS 0/1 where the flavours say 1/2: the saved config must
+    follow the tokenizer, or transformers would stop on the wrong token."""
+    from deepwhale.checkpoint.hub import BUNDLED
+
+    tr = make(
+        tmp_path / "run",
+        shakespeare,
+        **{
+            "model.name": "debug-v3",
+            "model.tokenizer": str(BUNDLED / "deepwhale-demo"),
+            "model.vocab_size": 8192,
+            "train.steps": 1,
+        },
+    )
+    assert (tr.config.bos_token_id, tr.config.eos_token_id) == (0, 1)
+
+
+def test_bundled_demo_model_generates_its_recorded_samples():
+    """``deepwhale generate --model deepwhale-demo`` works offline and reproduces the greedy
+    samples recorded when it was exported (examples/demo/export.py)."""
+    import json
+
+    from deepwhale.api import DeepSeekModel
+    from deepwhale.checkpoint.hub import BUNDLED
+
+    folder = BUNDLED / "deepwhale-demo"
+    model = DeepSeekModel.from_pretrained("deepwhale-demo", device="cpu")
+    assert model.config.model_type == "deepseek_v3" and model.config.n_routed_experts == 8
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 20 * 1024**2
+    samples = json.loads((folder / "training_summary.json").read_text())["samples"]
+    prompt = "孔明"
+    got = model.generate(prompt, max_new_tokens=40, temperature=0, repetition_penalty=1.1)
+    assert got == samples[prompt]
