@@ -92,13 +92,18 @@ def _free_port() -> int:
 class Server:
     """``deepwhale serve --no-auth`` in a child process; a context manager."""
 
-    def __init__(self, model: Path, batch_size: int, max_seq_len: int) -> None:
+    def __init__(
+        self, model: Path, batch_size: int, max_seq_len: int, threads: int | None = None
+    ) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         code = "from deepwhale.cli import main; main()"
         args = ["serve", "--model", str(model), "--port", str(self.port), "--no-auth"]
         args += ["--batch-size", str(batch_size), "--max-seq-len", str(max_seq_len)]
+        if threads:
+            args += ["--threads", str(threads)]
         env = {**os.environ, "PYTHONPATH": str(REPO), "DEEPWHALE_HOME": tempfile.mkdtemp()}
+
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, *args],
             env=env,
@@ -238,7 +243,13 @@ def _summary(raw: dict) -> dict:
 
 
 def bench_model(
-    folder: Path, name: str, levels: list[int], tokens: int, rounds: int, quiet: bool
+    folder: Path,
+    name: str,
+    levels: list[int],
+    tokens: int,
+    rounds: int,
+    quiet: bool,
+    server_threads: int | None = None,
 ) -> dict:
     """All concurrency levels for one model: served and engine-direct figures and their ratio."""
     batch = max(levels)
@@ -252,7 +263,7 @@ def bench_model(
     with Progress(disable=quiet, transient=True) as progress:
         task = progress.add_task(f"{name}: requests", total=total)
         tick = lambda: progress.advance(task)  # noqa: E731
-        with Server(folder, batch, max_seq_len) as server:
+        with Server(folder, batch, max_seq_len, server_threads) as server:
             serve_phase(server.base, name, [[PROMPTS[0]]], tokens, lambda: None)  # warm-up
             served = {}
             for c in levels:
@@ -282,11 +293,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="requests per client")
     ap.add_argument("--model", type=Path, help="serve this checkpoint folder instead")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument(
+        "--server-threads", type=int, default=0, help="`serve --threads` (0: torch default)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.clients.split(",")]
-    out = {"clients": levels, "tokens_per_request": args.tokens, "rounds": args.rounds}
+    out = {
+        "clients": levels,
+        "tokens_per_request": args.tokens,
+        "rounds": args.rounds,
+        "server_threads": args.server_threads or torch.get_num_threads(),
+        "engine_threads": torch.get_num_threads(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         models = (
             {args.model.name: args.model}
@@ -294,7 +314,15 @@ def main() -> None:
             else {"stories260K": DEFAULT_MODEL, "llama-25m": llama_25m(Path(tmp) / "llama-25m")}
         )
         for name, folder in models.items():
-            out[name] = bench_model(folder, name, levels, args.tokens, args.rounds, args.quiet)
+            out[name] = bench_model(
+                folder,
+                name,
+                levels,
+                args.tokens,
+                args.rounds,
+                args.quiet,
+                args.server_threads or None,
+            )
     if args.json:
         print(json.dumps(out))
         return
