@@ -121,6 +121,7 @@ def main() -> None:
     """Run the benchmark; ``--json`` prints one JSON object."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print JSON only")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--models", nargs="+", default=["debug-llama", "debug-v3", "demo-v3"])
     ap.add_argument("--steps", type=int, default=12, help="timed steps per loop")
     ap.add_argument("--micro-batch-size", type=int, default=8)
@@ -130,12 +131,20 @@ def main() -> None:
     args = ap.parse_args()
     if not args.text.exists():
         sys.exit(f"error: {args.text} not found (the shared data folder)")
+    from rich.progress import Progress
+
     results = []
-    for name in args.models:
-        r = bench_model(
-            name, args.steps, args.micro_batch_size, args.seq_len, args.device, args.text
-        )
-        results.append(r)
+    with Progress(disable=args.quiet, transient=True) as progress:
+        task = progress.add_task("models", total=len(args.models))
+        for name in args.models:
+            progress.update(task, description=f"{name}: ours vs reference loop")
+            results.append(
+                bench_model(
+                    name, args.steps, args.micro_batch_size, args.seq_len, args.device, args.text
+                )
+            )
+            progress.advance(task)
+    for r in results:
         if not args.json:
             print(
                 f"{r['model']:12s} {r['params'] / 1e6:6.2f}M params  deepwhale "
