@@ -26,7 +26,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -424,40 +424,143 @@ def _read_tokenizer_bin(path: Path, raw: bytes, vocab_size: int) -> Llama2cToken
     return Llama2cTokenizer(tuple(pieces), tuple(scores), True, True)
 
 
+def _protobuf_fields(data: bytes, where: str):
+    """Yield ``(field_number, value)`` of one protobuf message (wire format: varints, 32/64-bit
+    fixed, length-delimited bytes; https://protobuf.dev/programming-guides/encoding/).
+
+    Raises:
+        ValueError: truncated or malformed bytes.
+    """
+    i, n = 0, len(data)
+
+    def varint() -> int:
+        nonlocal i
+        shift = result = 0
+        while True:
+            if i >= n or shift > 63:
+                raise ValueError(f"{where}: truncated varint")
+            b = data[i]
+            i += 1
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return result
+
+    while i < n:
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            yield field, varint()
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if i + size > n:
+                raise ValueError(f"{where}: truncated fixed-width field")
+            yield field, data[i : i + size]
+            i += size
+        elif wire == 2:
+            size = varint()
+            if i + size > n:
+                raise ValueError(f"{where}: truncated length-delimited field")
+            yield field, data[i : i + size]
+            i += size
+        else:
+            raise ValueError(f"{where}: unsupported wire type {wire}")
+
+
+@dataclass
+class _SentencePieceModel:
+    """The parts of SentencePiece's ``ModelProto`` (sentencepiece_model.proto) we check; the
+    defaults are the proto's."""
+
+    pieces: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    types: list[int] = field(default_factory=list)
+    model_type: int = 1  # TrainerSpec.UNIGRAM
+    byte_fallback: bool = False
+    treat_whitespace_as_suffix: bool = False
+    normalizer_name: str = ""
+    precompiled_charsmap: bytes = b""
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    escape_whitespaces: bool = True
+
+
+_SP_BPE = 2  # TrainerSpec.ModelType.BPE
+
+
+def _parse_sentencepiece(raw: bytes, where: str) -> _SentencePieceModel:
+    """Decode a SentencePiece ``.model`` file without protobuf's generated code (whose gencode
+    version must match the installed protobuf runtime, which Apache Beam pins lower).
+
+    Raises:
+        ValueError: the bytes are not a SentencePiece model.
+    """
+    m = _SentencePieceModel()
+    for f, v in _protobuf_fields(raw, where):
+        if f == 1:  # repeated SentencePiece pieces
+            piece, score, kind = None, 0.0, _SP_NORMAL
+            for g, w in _protobuf_fields(bytes(v), where):
+                if g == 1:
+                    piece = bytes(w).decode("utf-8")
+                elif g == 2 and len(w) == 4:
+                    score = struct.unpack("<f", w)[0]
+                elif g == 3:
+                    kind = int(w)
+            if piece is None:
+                raise ValueError(f"{where}: a piece without text")
+            m.pieces.append(piece)
+            m.scores.append(score)
+            m.types.append(kind)
+        elif f == 2:  # TrainerSpec
+            for g, w in _protobuf_fields(bytes(v), where):
+                if g == 3:
+                    m.model_type = int(w)
+                elif g == 24:
+                    m.treat_whitespace_as_suffix = bool(w)
+                elif g == 35:
+                    m.byte_fallback = bool(w)
+        elif f == 3:  # NormalizerSpec
+            for g, w in _protobuf_fields(bytes(v), where):
+                if g == 1:
+                    m.normalizer_name = bytes(w).decode("utf-8", "replace")
+                elif g == 2:
+                    m.precompiled_charsmap = bytes(w)
+                elif g == 3:
+                    m.add_dummy_prefix = bool(w)
+                elif g == 4:
+                    m.remove_extra_whitespaces = bool(w)
+                elif g == 5:
+                    m.escape_whitespaces = bool(w)
+    if not m.pieces:
+        raise ValueError(f"{where}: no pieces")
+    return m
+
+
 def _read_tokenizer_model(path: Path, raw: bytes, vocab_size: int) -> Llama2cTokenizer:
     try:
-        from sentencepiece import sentencepiece_model_pb2
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            f"reading {path} needs the 'sentencepiece' and 'protobuf' packages "
-            "(pip install sentencepiece protobuf); "
-            "or pass the llama2.c tokenizer.bin instead"
-        ) from e
-    proto = sentencepiece_model_pb2.ModelProto()
-    try:
-        proto.ParseFromString(raw)
-    except Exception as e:  # protobuf raises DecodeError (a plain Exception subclass)
+        proto = _parse_sentencepiece(raw, str(path))
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a SentencePiece model: {e}") from None
     if len(proto.pieces) != vocab_size:
         raise ValueError(
             f"{path}: expected {vocab_size} pieces (the checkpoint's vocab_size), "
             f"got {len(proto.pieces)}"
         )
-    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+    if proto.model_type != _SP_BPE:
         raise ValueError(f"{path}: only SentencePiece BPE models are supported")
-    if not proto.trainer_spec.byte_fallback:
+    if not proto.byte_fallback:
         raise ValueError(f"{path}: the SentencePiece model must use byte_fallback")
-    if proto.trainer_spec.treat_whitespace_as_suffix:
+    if proto.treat_whitespace_as_suffix:
         raise ValueError(f"{path}: treat_whitespace_as_suffix is not supported")
-    norm = proto.normalizer_spec
-    if norm.precompiled_charsmap or norm.name not in ("", "identity"):
+    if proto.precompiled_charsmap or proto.normalizer_name not in ("", "identity"):
         raise ValueError(
-            f"{path}: normalization rule {norm.name!r} is not supported (only 'identity')"
+            f"{path}: normalization rule {proto.normalizer_name!r} is not supported "
+            "(only 'identity')"
         )
-    if not norm.escape_whitespaces:
+    if not proto.escape_whitespaces:
         raise ValueError(f"{path}: escape_whitespaces=false is not supported")
-    pieces = [p.piece for p in proto.pieces]
-    types = [p.type for p in proto.pieces]
+    pieces = list(proto.pieces)
+    types = list(proto.types)
     want = [_SP_UNKNOWN, _SP_CONTROL, _SP_CONTROL] + [_SP_BYTE] * _N_BYTE_PIECES
     if types[: len(want)] != want or any(t != _SP_NORMAL for t in types[len(want) :]):
         raise ValueError(
@@ -465,9 +568,9 @@ def _read_tokenizer_model(path: Path, raw: bytes, vocab_size: int) -> Llama2cTok
             "only normal pieces"
         )
     _check_layout(path, pieces)
-    scores = [float(p.score) for p in proto.pieces]
+    scores = [float(x) for x in proto.scores]
     return Llama2cTokenizer(
-        tuple(pieces), tuple(scores), norm.add_dummy_prefix, norm.remove_extra_whitespaces
+        tuple(pieces), tuple(scores), proto.add_dummy_prefix, proto.remove_extra_whitespaces
     )
 
 

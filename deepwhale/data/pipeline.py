@@ -378,6 +378,28 @@ def _claim_shard_folder(cfg: PipelineConfig, folder: Path) -> None:
     write_json(stamp, {"fingerprint": want})
 
 
+def _materialize_fnapi_metrics() -> None:
+    """Work around a recursion in Beam's in-process runner (seen on 2.77).
+
+    ``FnApiRunner`` folds each bundle's metrics into the stage's running total with
+    ``consolidate_monitoring_infos(itertools.chain(new, previous))``, a lazy generator, so
+    after N bundles reading the total nests N generators; a streaming run polls (and so bundles)
+    for its whole duration and ends in ``RecursionError`` past about 1,000 bundles. Making the
+    consolidation return a list keeps every level flat; the values are the same.
+    """
+    from apache_beam.metrics import monitoring_infos
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    if getattr(fn_runner.consolidate_monitoring_infos, "_deepwhale_flat", False):
+        return
+
+    def flat(metrics, key=monitoring_infos.to_key):
+        return list(monitoring_infos.consolidate(metrics, key))
+
+    flat._deepwhale_flat = True
+    fn_runner.consolidate_monitoring_infos = flat
+
+
 def run(
     cfg: PipelineConfig,
     extra_args: Sequence[str] = (),
@@ -407,6 +429,7 @@ def run(
     args = beam_args(cfg, extra_args)
     options = PipelineOptions(args)
     t0 = time.perf_counter()
+    _materialize_fnapi_metrics()
     p = beam.Pipeline(options=options)
     build(p, cfg, out_dir)
     say(f"running {len(cfg.stages)} stage(s) in {cfg.mode} mode with {' '.join(args)}")

@@ -54,3 +54,23 @@ def test_file_added_while_running_is_processed(tmp_path, corpus):
     # the second file was written out on its own, after the first, in the same or a later window
     assert where["first.txt"][1] != where["second.txt"][1]
     assert where["first.txt"][0] <= where["second.txt"][0]
+
+
+def test_fnapi_metrics_stay_flat_over_many_bundles():
+    """Beam's in-process runner nests one metrics generator per bundle; after the workaround a
+    stage's running total stays a flat list however many bundles fold into it."""
+    import itertools
+
+    from apache_beam.metrics import monitoring_infos
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    from deepwhale.data.pipeline import _materialize_fnapi_metrics
+
+    _materialize_fnapi_metrics()
+    _materialize_fnapi_metrics()  # idempotent
+    one = monitoring_infos.int64_user_counter("ns", "kept", 1, ptransform="t")
+    total = [one]
+    for _ in range(5000):  # far past the default recursion limit
+        total = fn_runner.consolidate_monitoring_infos(itertools.chain([one], total))
+    (merged,) = list(total)
+    assert monitoring_infos.extract_counter_value(merged) == 5001
