@@ -69,7 +69,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _fail(e: BaseException) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+    from rich.markup import escape
+
+    from deepwhale.extras import describe_import_error
+
+    err.print(f"[bold red]error:[/] {escape(describe_import_error(e))}", highlight=False)
     raise typer.Exit(2)
 
 

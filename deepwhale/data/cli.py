@@ -192,6 +192,8 @@ def run(
             cfg, extra_args=list(ctx.args), progress=None if quiet else typer.echo
         )
     except (PipelineConfigError, ValueError, OSError, ImportError) as e:
-        _fail(str(e).split("\n")[0])
+        from deepwhale.extras import describe_import_error
+
+        _fail(describe_import_error(e).split("\n")[0])
     if not quiet:
         _print_summary(report)

@@ -53,7 +53,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _fail(e: BaseException) -> None:
-    typer.echo(f"error: {e}", err=True)
+    from deepwhale.extras import describe_import_error
+
+    typer.echo(f"error: {describe_import_error(e)}", err=True)
     raise typer.Exit(2)
 
 
