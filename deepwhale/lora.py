@@ -21,6 +21,10 @@ such models, so MLP adapters would not map one to one.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,34 @@ MLA_TARGETS = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_pro
 
 
 class LoraError(ValueError):
-    """A LoRA request that cannot be met: unknown target modules, a missing adapter folder."""
+    """A LoRA request that cannot be met: unknown target modules, a missing or unreadable adapter
+    folder, an adapter made for another model."""
+
+
+#: loggers that print noise on every ``import peft`` (torchao's optional CUDA kernels, pytree
+#: deprecation notes); quietened to ERROR while peft imports
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _quiet_peft_import():
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _peft():
+    """The ``peft`` module, imported without torchao's "Failed to load ... .so" lines."""
+    with _quiet_peft_import():
+        import peft
+
+    return peft
 
 
 def default_target_modules(config) -> list[str]:
@@ -109,7 +140,8 @@ def apply_lora(
             model has), or ``r`` < 1.
         TypeError: ``model`` is neither kind.
     """
-    from peft import LoraConfig, get_peft_model
+    peft = _peft()
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     holder, module = _unwrap(model)
     base = getattr(module, "base_model", None)
@@ -153,9 +185,15 @@ def apply_lora(
     return peft_model
 
 
-def save_adapter(model: Any, folder: str | Path) -> Path:
+def save_adapter(model: Any, folder: str | Path, base_model: str | Path | None = None) -> Path:
     """Write the adapter in PEFT's format (``adapter_model.safetensors`` +
     ``adapter_config.json``) to ``folder``; returns the folder.
+
+    Args:
+        model: the LoRA-wrapped model.
+        folder: output folder (replaced atomically).
+        base_model: the base checkpoint folder, recorded as ``base_model_name_or_path`` in
+            ``adapter_config.json`` (absolute path); default: what :func:`apply_lora` recorded.
 
     Raises:
         LoraError: the model has no LoRA adapters.
@@ -163,6 +201,8 @@ def save_adapter(model: Any, folder: str | Path) -> Path:
     _, module = _unwrap(model)
     if not hasattr(module, "peft_config"):
         raise LoraError("the model has no LoRA adapters; call apply_lora first")
+    if base_model is not None:
+        module.peft_config["default"].base_model_name_or_path = str(Path(base_model).resolve())
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -174,18 +214,99 @@ def save_adapter(model: Any, folder: str | Path) -> Path:
     return folder
 
 
+_LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight$")
+
+
+def _read_adapter(folder: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """``(adapter_config, {tensor key: shape})`` of an adapter folder, read without loading the
+    tensors.
+
+    Raises:
+        LoraError: a missing, malformed or truncated file (the message names it).
+    """
+    from safetensors import safe_open
+
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.exists():
+        raise LoraError(f"{folder}: no adapter_config.json; is this a LoRA adapter folder?")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LoraError(f"{cfg_path}: malformed adapter config ({e})") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{cfg_path}: malformed adapter config (expected a JSON object)")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists():
+        raise LoraError(f"{folder}: no adapter_model.safetensors")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # SafetensorError and friends: truncated or not safetensors
+        raise LoraError(f"{weights}: unreadable safetensors file ({e})") from None
+    return config, shapes
+
+
+def check_adapter_matches(module: nn.Module, folder: Path) -> None:
+    """Check that every tensor of the adapter in ``folder`` lands on a linear layer of
+    ``module`` with the right shape (``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``), and that
+    every layer the adapter config targets has its tensors; PEFT would silently skip or
+    zero-initialise the rest (an adapter trained on another model would be half-merged).
+
+    Raises:
+        LoraError: keys that do not match (the message counts them and lists a few), or an
+            unreadable adapter folder.
+    """
+    config, shapes = _read_adapter(folder)
+    linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    bad: list[str] = []
+    adapted: set[str] = set()
+    for key, shape in sorted(shapes.items()):
+        m = _LORA_KEY.match(key)
+        if m is None:
+            continue  # modules_to_save / embedding adapters: left to PEFT
+        name, which = m.groups()
+        layer = linears.get(name)
+        if layer is None:
+            bad.append(f"{key} (no linear layer {name})")
+            continue
+        adapted.add(name)
+        want = (layer.in_features,) if which == "A" else (layer.out_features,)
+        got = shape[1:] if which == "A" else shape[:1]
+        if len(shape) != 2 or tuple(got) != want:
+            dims = f"(r, {layer.in_features})" if which == "A" else f"({layer.out_features}, r)"
+            bad.append(f"{key} (shape {list(shape)}, the model needs {dims})")
+    targets = config.get("target_modules")
+    exclude = config.get("exclude_modules")
+    if isinstance(targets, list | set):
+        for name in sorted(linears):
+            if name.rsplit(".", 1)[-1] not in targets or name in adapted:
+                continue
+            if isinstance(exclude, str) and re.fullmatch(exclude, name):
+                continue
+            if isinstance(exclude, list | set) and name.rsplit(".", 1)[-1] in exclude:
+                continue
+            bad.append(f"{name} (targeted, but the adapter has no tensors for it)")
+    if bad:
+        base = config.get("base_model_name_or_path")
+        made_for = f" (made for {base})" if base else ""
+        raise LoraError(
+            f"{folder}: the adapter{made_for} does not fit this model: {len(bad)} key(s) do not "
+            f"match, e.g. {'; '.join(bad[:3])}"
+        )
+
+
 def load_adapter(model: Any, folder: str | Path, is_trainable: bool = False) -> Any:
     """Wrap ``model`` (CausalLM or DeepSeekModel) with the PEFT adapter saved in ``folder``.
 
     Raises:
-        LoraError: ``folder`` has no ``adapter_config.json``.
+        LoraError: ``folder`` has no ``adapter_config.json``; a malformed config or truncated
+            ``adapter_model.safetensors`` (the file is named); or an adapter that does not fit
+            the model (see :func:`check_adapter_matches`).
     """
-    from peft import PeftModel
-
     folder = Path(folder)
-    if not (folder / "adapter_config.json").exists():
-        raise LoraError(f"{folder}: no adapter_config.json; is this a LoRA adapter folder?")
     holder, module = _unwrap(model)
+    check_adapter_matches(module, folder)
+    PeftModel = _peft().PeftModel
     peft_model = PeftModel.from_pretrained(module, str(folder), is_trainable=is_trainable)
     if holder is not None:
         holder.module = peft_model
@@ -221,7 +342,8 @@ def merge_adapter_folder(
     (config, safetensors in the checkpoint's dtype, tokenizer files copied).
 
     Raises:
-        LoraError: a missing adapter folder.
+        LoraError: a missing or unreadable adapter folder, or an adapter made for another model
+            (see :func:`load_adapter`).
         CheckpointError / ConfigError: a bad model folder.
     """
     from deepwhale.checkpoint.io import load_model, save_model

@@ -176,3 +176,61 @@ def test_save_pretrained_refuses_a_lora_wrapped_model(tmp_path):
     model = apply_lora(DeepSeekModel.from_pretrained(device="cpu"), r=2, verbose=False)
     with pytest.raises(ValueError, match="LoRA adapters"):
         model.save_pretrained(tmp_path / "out")
+
+
+def test_merge_refuses_an_adapter_made_for_another_model(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from deepwhale.checkpoint.io import save_model
+    from deepwhale.train.cli import lora_app
+    from deepwhale.train.trainer import BUNDLED_TOKENIZER
+
+    # an adapter for the 5-layer stories260K, recording its base folder
+    lora = apply_lora(load_model(BUNDLED_TOKENIZER), r=2, verbose=False)
+    save_adapter(lora, tmp_path / "adapter", base_model=BUNDLED_TOKENIZER)
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(BUNDLED_TOKENIZER.resolve())
+    for flavour in ("debug-llama", "debug-v3"):  # fewer layers / other widths; MLA
+        net = CausalLM(flavour_config(flavour, vocab_size=512))
+        net.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
+        save_model(net, tmp_path / flavour)
+        with pytest.raises(LoraError, match=r"does not fit this model: \d+ key\(s\) do not match"):
+            merge_adapter_folder(tmp_path / flavour, tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    # the other way round: layers the adapter targets but has no tensors for
+    small = apply_lora(load_model(tmp_path / "debug-llama"), r=2, verbose=False)
+    save_adapter(small, tmp_path / "small")
+    with pytest.raises(LoraError, match="targeted, but the adapter has no tensors"):
+        load_adapter(load_model(BUNDLED_TOKENIZER), tmp_path / "small")
+
+    app = typer.Typer()
+    app.add_typer(lora_app, name="lora")
+
+    def merge(adapter):
+        args = ["--model", str(tmp_path / "debug-llama"), "--adapter", str(adapter)]
+        return CliRunner().invoke(app, ["lora", "merge", *args, "--out", str(tmp_path / "o")])
+
+    res = merge(tmp_path / "adapter")
+    assert res.exit_code == 2 and "does not fit this model" in res.output
+    assert "Traceback" not in res.output
+
+    # a truncated weights file and a malformed config are named, exit 2
+    weights = tmp_path / "small" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-50])
+    res = merge(tmp_path / "small")
+    assert res.exit_code == 2 and "adapter_model.safetensors: unreadable" in res.output
+    (tmp_path / "small" / "adapter_config.json").write_text("{oops")
+    res = merge(tmp_path / "small")
+    assert res.exit_code == 2 and "adapter_config.json: malformed adapter config" in res.output
+
+
+def test_peft_import_is_quiet():
+    import logging
+
+    from deepwhale.lora import _NOISY_LOGGERS, _quiet_peft_import
+
+    with _quiet_peft_import():
+        assert all(logging.getLogger(n).level == logging.ERROR for n in _NOISY_LOGGERS)
+    assert all(logging.getLogger(n).level != logging.ERROR for n in _NOISY_LOGGERS)

@@ -340,8 +340,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         overrides: dotted ``section.key=value`` strings, applied in order; values parse as YAML.
 
     Raises:
-        TrainConfigError: a missing or malformed file, an override without ``=``, an unknown key or
-            a bad value (the message names the key).
+        TrainConfigError: a missing or malformed file (``FILE:LINE: malformed YAML (...)``), an
+            override without ``=``, an unknown key or a bad value (the message names the key).
     """
     import yaml
 
@@ -352,8 +352,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise TrainConfigError(f"{p}: config file not found") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise TrainConfigError(f"{p}: malformed YAML ({e})") from None
+        except UnicodeDecodeError as e:
+            raise TrainConfigError(f"{p}: not UTF-8 text (byte offset {e.start})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise TrainConfigError(f"{where}: malformed YAML ({problem})") from None
+        except OSError as e:
+            raise TrainConfigError(f"{p}: cannot read the config ({e.strerror or e})") from None
         if not isinstance(data, dict):
             raise TrainConfigError(f"{p}: the top level must be a mapping of sections")
     for item in overrides or []:

@@ -29,7 +29,63 @@ PLAIN_CHAT_TEMPLATE = (
 
 
 class DataError(ValueError):
-    """Training data that cannot be used: a missing file, a malformed line, no usable rows."""
+    """Training data that cannot be used: a missing file, a malformed line, no usable rows, a file
+    that is not UTF-8 text."""
+
+
+def _utf8_lines(path: Path):
+    """The lines of ``path`` decoded as UTF-8 (``\r\n`` kept as read).
+
+    Raises:
+        DataError: bytes that are not UTF-8 (``FILE: not UTF-8 text (byte offset N)``).
+    """
+    offset = 0
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}: not UTF-8 text (byte offset {offset + e.start})"
+                ) from None
+            offset += len(raw)
+
+
+def _utf8_text(path: Path) -> str:
+    """The whole of ``path`` as UTF-8 text.
+
+    Raises:
+        DataError: bytes that are not UTF-8 (``FILE: not UTF-8 text (byte offset N)``).
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+
+
+def resolve_recorded_tokenizer(recorded: str | None, shard_dir: Path, manifest: dict) -> str | None:
+    """The tokenizer folder a shard manifest records, found from where the trainer runs.
+
+    An absolute path is taken as is. A relative one (the data pipeline writes it relative to the
+    directory it ran in) is tried against the current directory, the manifest's ``cwd`` when
+    recorded, then the shard folder and each of its parents. Returns the first candidate holding
+    ``tokenizer.json``, else ``recorded`` unchanged (None when nothing is recorded).
+    """
+    if not recorded:
+        return None
+    rec = Path(recorded)
+    if rec.is_absolute():
+        return recorded
+    bases = [Path.cwd()]
+    if isinstance(manifest.get("cwd"), str):
+        bases.append(Path(manifest["cwd"]))
+    folder = shard_dir.resolve()
+    bases += [folder, *folder.parents]
+    for base in bases:
+        if (base / rec / "tokenizer.json").exists():
+            return str((base / rec).resolve())
+    return recorded
 
 
 # ---------------------------------------------------------------------- datasets
@@ -168,7 +224,7 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     if path.is_dir():
         return "shards"
     if path.suffix in (".jsonl", ".json"):
-        for line in path.open(encoding="utf-8"):
+        for line in _utf8_lines(path):
             if line.strip():
                 try:
                     rec = json.loads(line)
@@ -186,22 +242,22 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[tuple[int, dict]]:
     """``(line_number, record)`` for each non-empty line, at most ``limit``.
 
     Raises:
-        DataError: a line that is not a JSON object (names the file and line).
+        DataError: a line that is not a JSON object (names the file and line), or bytes that are
+            not UTF-8.
     """
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object")
-            out.append((n, rec))
-            if limit is not None and len(out) >= limit:
-                break
+    for n, line in enumerate(_utf8_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object")
+        out.append((n, rec))
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 
@@ -209,10 +265,10 @@ def read_documents(path: Path, fmt: str, text_key: str, limit: int | None) -> li
     """Documents of a text file (paragraphs split on blank lines) or a JSONL file (``text_key``).
 
     Raises:
-        DataError: a JSONL line without a string ``text_key``.
+        DataError: a JSONL line without a string ``text_key``, or a file that is not UTF-8.
     """
     if fmt == "text":
-        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+        text = _utf8_text(path).replace("\r\n", "\n")
         docs = [d.strip("\n") for d in text.split("\n\n")]
         docs = [d for d in docs if d.strip()]
         return docs[:limit] if limit else docs
@@ -343,10 +399,14 @@ def load_chat(path: Path, tokenizer, template: str | None, max_len: int, limit: 
     """All usable chat examples of a JSONL file; returns ``(examples, dropped)``.
 
     Raises:
-        DataError: malformed lines (file and line named), or no usable example.
+        DataError: malformed lines (file and line named), a file without examples, or no usable
+            example.
     """
     examples, dropped = [], 0
-    for n, rec in read_jsonl(path, limit):
+    records = read_jsonl(path, limit)
+    if not records:
+        raise DataError(f"{path}: the file has no examples (no non-empty lines)")
+    for n, rec in records:
         where = f"{path}:{n}"
         ex = chat_example(tokenizer, to_messages(rec, where), template, max_len, where)
         if ex is None:
@@ -369,8 +429,9 @@ def build_datasets(data_cfg, tokenizer_fn, vocab_size: int | None = None) -> dic
 
     Returns:
         ``{"train", "val" (or None), "format", "vocab_size" (of the data, or None),
-        "pad_id", "dropped", "tokenizer"}`` (``tokenizer``: the folder a shard manifest names,
-        as the data pipeline records it, or None).
+        "pad_id", "dropped", "tokenizer", "row_len"}`` (``tokenizer``: the folder a shard
+        manifest names, resolved by :func:`resolve_recorded_tokenizer`, or None; ``row_len``:
+        tokens per row, the manifest's ``seq_len`` for shards, else ``data.seq_len``).
 
     Raises:
         DataError: a missing path, malformed data, token ids outside the vocabulary, or too
@@ -381,7 +442,13 @@ def build_datasets(data_cfg, tokenizer_fn, vocab_size: int | None = None) -> dic
         raise DataError("data.path is empty; point it at shards, a .txt or a .jsonl file")
     path = Path(data_cfg.path)
     fmt = detect_format(path, data_cfg.format)
-    info: dict[str, Any] = {"format": fmt, "vocab_size": None, "pad_id": 0, "dropped": 0}
+    info: dict[str, Any] = {
+        "format": fmt,
+        "vocab_size": None,
+        "pad_id": 0,
+        "dropped": 0,
+        "row_len": data_cfg.seq_len,
+    }
     if fmt != "shards":
         info["tokenizer"] = None
 
@@ -392,7 +459,11 @@ def build_datasets(data_cfg, tokenizer_fn, vocab_size: int | None = None) -> dic
             ds = PackedDataset(p)
             info["vocab_size"] = ds.vocab_size
             info["pad_id"] = ds.eos_id
-            info.setdefault("tokenizer", ds.manifest.get("tokenizer"))
+            if "tokenizer" not in info:  # the training set's manifest
+                info["row_len"] = ds.seq_len
+                info["tokenizer"] = resolve_recorded_tokenizer(
+                    ds.manifest.get("tokenizer"), p, ds.manifest
+                )
             return ds, "rows"
         tok = tokenizer_fn()
         info["pad_id"] = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -17,6 +17,7 @@ uninterrupted run would have in memory at that step, so a resumed run repeats it
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from deepwhale.train.metrics import MetricsLogger, Progress, perplexity
 from deepwhale.train.schedule import schedule_from_config
 
 BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "stories260K"
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,6 +103,21 @@ def build_model(model_cfg, seed: int, data_vocab: int | None = None):
     return model.train(), folder
 
 
+def check_context(row_len: int, max_positions: int | None, data_format: str) -> None:
+    """Refuse training sequences longer than the model's context: a row (or chat example) of
+    ``row_len`` tokens feeds ``row_len - 1`` input positions.
+
+    Raises:
+        TrainConfigError: ``row_len - 1 > max_positions``.
+    """
+    if max_positions and row_len - 1 > max_positions:
+        where = "the shards' seq_len (manifest.json)" if data_format == "shards" else "data.seq_len"
+        raise TrainConfigError(
+            f"{where} {row_len} needs {row_len - 1} positions but the model's "
+            f"max_position_embeddings is {max_positions}; use at most {max_positions + 1}"
+        )
+
+
 def seed_everything(seed: int) -> None:
     """Seed python ``random``, numpy's global generator and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -141,7 +159,25 @@ class Trainer:
         self._data_tokenizer = data.get("tokenizer")
         model, self._model_folder = build_model(cfg.model, cfg.train.seed, data["vocab_size"])
         check_vocab(self.train_ds, model.config.vocab_size, Path(cfg.data.path))
+        check_context(data["row_len"], model.config.max_position_embeddings, self.data_format)
         self.config = model.config
+        if (
+            self.data_format == "shards"
+            and self.tokenizer_folder is None
+            and cfg.checkpoint.save_final
+        ):
+            recorded = self._data_tokenizer
+            why = (
+                f"the manifest records tokenizer {recorded!r}, which was not found from "
+                f"{Path.cwd()} nor next to the shards"
+                if recorded
+                else "the manifest records no tokenizer"
+            )
+            log.warning(
+                "%s: %s; final/ will have no tokenizer files (set model.tokenizer)",
+                cfg.data.path,
+                why,
+            )
         if self._model_folder is None and self.tokenizer_folder is not None:
             # a random init takes its special ids from the tokenizer it is trained with, so the
             # saved config.json agrees with tokenizer_config.json (transformers stops on it)
@@ -230,14 +266,41 @@ class Trainer:
         return BUNDLED_TOKENIZER
 
     def _resume(self) -> None:
+        """Apply ``checkpoint.resume``. Under ``auto``, step-N folders newer than the newest
+        complete checkpoint (half-written, truncated) are skipped with a warning naming them, and
+        a run with no usable checkpoint starts fresh, also with a warning when broken ones exist.
+
+        Raises:
+            CheckpointNotFound: a named folder that is missing or incomplete.
+            TrainConfigError: the checkpoint is past ``train.steps``.
+        """
         mode = self.cfg.checkpoint.resume
         if mode == "none":
             return
         root = self.out / "checkpoints"
-        folder = ckpt.latest_checkpoint(root) if mode == "auto" else Path(mode)
-        if folder is None:
-            return  # auto with nothing to resume: a fresh start
+        if mode == "auto":
+            folder = ckpt.latest_checkpoint(root)
+            newest = int(ckpt.STEP_DIR.match(folder.name).group(1)) if folder else -1
+            skipped = [
+                p
+                for p in (sorted(root.iterdir()) if root.is_dir() else [])
+                if (m := ckpt.STEP_DIR.match(p.name)) and int(m.group(1)) > newest
+            ]
+            for p in skipped:
+                log.warning("resume auto: skipping %s (incomplete or truncated checkpoint)", p)
+            if folder is None:
+                if skipped:
+                    log.warning("resume auto: no usable checkpoint under %s; starting fresh", root)
+                return  # auto with nothing to resume: a fresh start
+        else:
+            folder = Path(mode)
         self.load_checkpoint(folder)
+        if self.step > self.cfg.train.steps:
+            raise TrainConfigError(
+                f"{folder}: the checkpoint is at step {self.step}, past train.steps="
+                f"{self.cfg.train.steps}; raise train.steps to continue it, or use a new out_dir "
+                "(or checkpoint.resume=none) to start over"
+            )
 
     def _model_state(self) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()
@@ -426,10 +489,26 @@ class Trainer:
         checkpoints every ``checkpoint.interval`` steps, and at the end writes ``final/`` (or
         ``adapter/`` under LoRA).
 
+        A run resumed from a checkpoint at exactly ``train.steps`` (a finished run restarted, as
+        a scheduler does after preemption) has nothing to do: it logs that and returns ``[]``
+        without rewriting ``final/`` (which is written only if it is missing).
+
         Returns:
             One metrics dict per optimizer step run by this call.
         """
         cfg = self.cfg
+        if self.resumed_from is not None and self.step >= cfg.train.steps:
+            final = self.out / ("adapter" if cfg.lora.enabled else "final")
+            done = final.exists() or not cfg.checkpoint.save_final
+            log.warning(
+                "%s is at step %d = train.steps; nothing to train%s (raise train.steps to continue)",
+                self.resumed_from,
+                self.step,
+                f", {final} kept as is" if done else f", writing {final}",
+            )
+            if not done:
+                self.save_final()
+            return []
         self.out.mkdir(parents=True, exist_ok=True)
         stop = cfg.train.steps if max_steps is None else min(max_steps, cfg.train.steps)
         logger = MetricsLogger(self.out, cfg.log.csv, cfg.log.tensorboard, self.step)
@@ -474,7 +553,7 @@ class Trainer:
         from deepwhale.lora import copy_tokenizer_files, save_adapter
 
         if self.cfg.lora.enabled:
-            return save_adapter(self.model, self.out / "adapter")
+            return save_adapter(self.model, self.out / "adapter", base_model=self._model_folder)
         folder = self.out / "final"
         save_model(self.model, folder)
         src = self.tokenizer_folder

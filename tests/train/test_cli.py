@@ -47,6 +47,11 @@ def test_train_command(tmp_path, shakespeare):
     assert "Traceback" not in res.output
     res = CliRunner().invoke(_app(), ["train", "-q", "data.path=/nonexistent/x.txt"])
     assert res.exit_code == 2 and "data path not found" in res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: [debug-llama\n")
+    res = CliRunner().invoke(_app(), ["train", "-c", str(bad), "-q"])
+    assert res.exit_code == 2 and f"error: {bad}:3: malformed YAML (" in res.output
+    assert len(res.output.strip().splitlines()) == 1
 
 
 def test_finetune_lora_on_gsm8k(tmp_path, gsm8k):

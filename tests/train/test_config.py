@@ -77,6 +77,13 @@ def test_bad_files(tmp_path):
     bad.write_text("optim: [\n")
     with pytest.raises(TrainConfigError, match="malformed YAML"):
         load_config(bad)
+    bad.write_text("model:\n  name: [debug\ntrain: {steps: 3}\n")
+    with pytest.raises(TrainConfigError, match=r"bad.yaml:3: malformed YAML \(expected") as e:
+        load_config(bad)
+    assert "\n" not in str(e.value)  # one line
+    bad.write_bytes(b"out_dir: caf\xe9\n")
+    with pytest.raises(TrainConfigError, match=r"bad.yaml: not UTF-8 text \(byte offset 12\)"):
+        load_config(bad)
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(TrainConfigError, match="top level must be a mapping"):
         load_config(bad)

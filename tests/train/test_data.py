@@ -153,3 +153,34 @@ def test_chat_dataset_and_errors(tmp_path, tok, gsm8k):
         build_datasets(DataSection(path=str(tiny), seq_len=64), lambda: tok)
     with pytest.raises(DataError, match="too few"):
         build_datasets(DataSection(path=str(gsm8k), limit=1, val_fraction=0.5), lambda: tok)
+
+
+def test_not_utf8_and_empty_chat_files_are_named(tmp_path, tok):
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Once upon a time in Mal\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text \(byte offset 23\)"):
+        build_datasets(DataSection(path=str(latin)), lambda: tok)
+    lines = tmp_path / "latin1.jsonl"
+    lines.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl: not UTF-8 text \(byte offset 28\)"):
+        build_datasets(DataSection(path=str(lines), format="jsonl"), lambda: tok)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl: the file has no examples"):
+        build_datasets(DataSection(path=str(empty), format="chat"), lambda: tok)
+
+
+def test_relative_manifest_tokenizer_is_found_from_another_directory(tmp_path, monkeypatch):
+    from deepwhale.train.data import resolve_recorded_tokenizer
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    shards = tmp_path / "data" / "shards"
+    shards.mkdir(parents=True)
+    monkeypatch.chdir(shards)  # neither the pipeline's directory nor the shard folder's parent
+    want = str(tmp_path / "tok")
+    assert resolve_recorded_tokenizer("tok", shards, {}) == want  # found via a parent of shards
+    assert resolve_recorded_tokenizer("../tok", shards, {"cwd": str(tmp_path / "data")}) == want
+    assert resolve_recorded_tokenizer(want, shards, {}) == want  # absolute: as recorded
+    assert resolve_recorded_tokenizer("nowhere", shards, {}) == "nowhere"
+    assert resolve_recorded_tokenizer(None, shards, {}) is None

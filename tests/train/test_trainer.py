@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from deepwhale.train import checkpoint as ckpt
 from deepwhale.train.config import TrainConfigError, load_config
-from deepwhale.train.trainer import Trainer
+from deepwhale.train.trainer import Trainer, check_context
 from tests.train.conftest import base_overrides
 
 
@@ -110,7 +111,7 @@ def test_accumulation_matches_one_big_batch(tmp_path, chat_jsonl, flavour):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_resume_is_bit_exact_and_skips_partial_checkpoints(tmp_path, shakespeare):
+def test_resume_is_bit_exact_and_skips_partial_checkpoints(tmp_path, shakespeare, caplog):
     kw = {
         "model.name": "debug-v3",
         "data.seq_len": 33,
@@ -143,8 +144,11 @@ def test_resume_is_bit_exact_and_skips_partial_checkpoints(tmp_path, shakespeare
     (bad_state / "state.json").write_text('{"complete": true, "files": {"model.pt": 5}}')
     assert ckpt.latest_checkpoint(root).name == "step-00000004"
 
-    resumed = make(out, shakespeare, **kw, **{"checkpoint.resume": "auto"})
+    with caplog.at_level("WARNING", logger="deepwhale.train.trainer"):
+        resumed = make(out, shakespeare, **kw, **{"checkpoint.resume": "auto"})
     assert resumed.resumed_from.name == "step-00000004" and resumed.step == 4
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 2 and "step-00000006" in skipped[0] and "step-00000010" in skipped[1]
     rest = resumed.fit()
     assert [h["step"] for h in rest] == [5, 6]
     for got, want in zip(rest, ref[4:], strict=True):
@@ -194,9 +198,11 @@ def test_staged_lr_with_lora_on_a_checkpoint(tmp_path, gsm8k):
     after = tr.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in base.items())  # base frozen
     assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").exists()
+    recorded = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(BUNDLED_TOKENIZER.resolve())
 
 
-def test_shards_set_the_vocabulary(tmp_path, shakespeare):
+def test_shards_set_the_vocabulary(tmp_path, shakespeare, caplog):
     import numpy as np
 
     from deepwhale.data.shards import pack, write_manifest, write_shard
@@ -225,6 +231,19 @@ def test_shards_set_the_vocabulary(tmp_path, shakespeare):
     hist = tr.fit()
     assert len(hist) == 3 and all(h["tokens"] == 4 * 32 for h in hist)
     assert tr.tokenizer_folder == BUNDLED_TOKENIZER  # copied into final/ for generation
+
+    # a relative tokenizer path that does not exist from here: warned, final/ has none
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["tokenizer"] = "no/such/tokenizer"
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="deepwhale.train.trainer"):
+        tr = make(
+            tmp_path / "run2",
+            shards,
+            **{"model.name": "debug-llama", "train.steps": 1, "checkpoint.save_final": "true"},
+        )
+    assert tr.tokenizer_folder is None
+    assert any("final/ will have no tokenizer" in r.getMessage() for r in caplog.records)
 
 
 def test_bad_settings_give_clear_errors(tmp_path, shakespeare):
@@ -273,3 +292,51 @@ def test_bundled_demo_model_generates_its_recorded_samples():
     prompt = "孔明"
     got = model.generate(prompt, max_new_tokens=40, temperature=0, repetition_penalty=1.1)
     assert got == samples[prompt]
+
+
+def test_sequences_longer_than_the_context_are_refused(tmp_path, shakespeare, gsm8k):
+    from deepwhale.train.trainer import BUNDLED_TOKENIZER
+
+    check_context(513, 512, "text")  # 512 inputs fit 512 positions
+    with pytest.raises(TrainConfigError, match="data.seq_len 514 needs 513 positions"):
+        check_context(514, 512, "text")
+    model = str(BUNDLED_TOKENIZER)  # stories260K: max_position_embeddings 512
+    with pytest.raises(
+        TrainConfigError,
+        match="data.seq_len 1025 needs 1024 positions but the model's max_position_embeddings "
+        "is 512",
+    ):
+        make(tmp_path, shakespeare, **{"model.name": model, "data.seq_len": 1025})
+    with pytest.raises(TrainConfigError, match="data.seq_len 10000 needs 9999 positions"):
+        make(
+            tmp_path, gsm8k, **{"model.name": model, "data.seq_len": 10000, "lora.enabled": "true"}
+        )
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path, shakespeare, caplog):
+    kw = {
+        "data.seq_len": 33,
+        "data.limit": 50,
+        "train.steps": 2,
+        "train.micro_batch_size": 2,
+        "checkpoint.interval": 2,
+        "checkpoint.save_final": "true",
+    }
+    make(tmp_path, shakespeare, **kw).fit()
+    final = tmp_path / "final" / "model.safetensors"
+    stamp = final.stat().st_mtime_ns
+    with caplog.at_level("WARNING", logger="deepwhale.train.trainer"):
+        again = make(tmp_path, shakespeare, **kw, **{"checkpoint.resume": "auto"})
+        assert again.step == 2 and again.fit() == []
+    assert final.stat().st_mtime_ns == stamp  # final/ not rewritten
+    assert any("nothing to train" in r.getMessage() for r in caplog.records)
+    with pytest.raises(TrainConfigError, match="at step 2, past train.steps=1; raise train.steps"):
+        make(tmp_path, shakespeare, **{**kw, "train.steps": 1, "checkpoint.resume": "auto"})
+    # every checkpoint broken: a warning, then a fresh start
+    for f in (tmp_path / "checkpoints").glob("step-*/model.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="deepwhale.train.trainer"):
+        fresh = make(tmp_path, shakespeare, **kw, **{"checkpoint.resume": "auto"})
+    assert fresh.step == 0 and fresh.resumed_from is None
+    assert any("no usable checkpoint" in r.getMessage() for r in caplog.records)
