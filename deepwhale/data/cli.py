@@ -26,6 +26,14 @@ def _group() -> None:
     """Data pipeline on Apache Beam (keeps ``run`` a sub-command even while it is the only one)."""
 
 
+def _warn(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(
+        f"[bold yellow]warning:[/] {message}", highlight=False, markup=True
+    )
+
+
 def _fail(message: str) -> None:
     from rich.console import Console
 
@@ -82,7 +90,8 @@ def build_config(
     """Merge the YAML file (if any) with the flags into a ``PipelineConfig``; flags win.
 
     Raises:
-        PipelineConfigError: neither a config nor ``--input``, or any schema error.
+        PipelineConfigError: neither a config nor ``--input``, a config without ``input`` and
+            no ``--input``, or any schema error.
     """
     from deepwhale.data.config import PipelineConfigError, load_yaml, parse_config
 
@@ -96,6 +105,10 @@ def build_config(
         items = raw["input"] if isinstance(raw["input"], list) else [raw["input"]]
         raw["input"] = [{**({"path": i} if isinstance(i, str) else i), **overrides} for i in items]
     if raw.get("input") is None:
+        if config is not None:
+            raise PipelineConfigError(
+                f"{config}: the config has no 'input' key; add one or give --input PATH"
+            )
         raise PipelineConfigError("give --config FILE or at least one --input PATH")
     if output is not None:
         raw["output"] = output
@@ -173,7 +186,8 @@ def run(
     """Run the data pipeline: read, then apply the configured stages in order.
 
     Any other --flag is passed to Beam's PipelineOptions unchanged, e.g.
-    --direct_num_workers=2 --direct_running_mode=multi_processing. Writes report.json,
+    --direct_num_workers=2 --direct_running_mode=multi_processing; flags Beam does not
+    recognise are named in a warning on stderr (the run goes on). Writes report.json,
     perplexity_hist.png (with a perplexity stage), shards/ (with tokenize) or docs/ (without)
     into the output folder.
     """
@@ -189,7 +203,10 @@ def run(
         from deepwhale.data.pipeline import run as run_pipeline
 
         report = run_pipeline(
-            cfg, extra_args=list(ctx.args), progress=None if quiet else typer.echo
+            cfg,
+            extra_args=list(ctx.args),
+            progress=None if quiet else typer.echo,
+            warn=_warn,
         )
     except (PipelineConfigError, ValueError, OSError, ImportError) as e:
         from deepwhale.extras import describe_import_error

@@ -47,6 +47,25 @@ class PipelineConfigError(ValueError):
     """A malformed pipeline config: the message names the file, stage or key at fault."""
 
 
+def _check_range(where: str, name: str, value, lo=None, hi=None) -> None:
+    """Raise :class:`PipelineConfigError` naming ``where.name`` unless ``lo <= value <= hi``
+    (``None`` bounds and a ``None`` value are not checked)."""
+    if value is None:
+        return
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise PipelineConfigError(f"{where}.{name} must be in {bounds}, got {value}")
+
+
+def _check_order(where: str, low: str, high: str, obj) -> None:
+    """Raise :class:`PipelineConfigError` unless ``obj.low <= obj.high``."""
+    if getattr(obj, low) > getattr(obj, high):
+        raise PipelineConfigError(
+            f"{where}.{low} ({getattr(obj, low)}) must not exceed {where}.{high} "
+            f"({getattr(obj, high)})"
+        )
+
+
 @dataclass
 class InputSpec:
     """One source of documents.
@@ -100,6 +119,9 @@ class CleanParams:
     t2s: bool = False
     min_chars: int = 1
 
+    def __post_init__(self):
+        _check_range("clean", "min_chars", self.min_chars, 0)
+
 
 @dataclass
 class LangIdParams:
@@ -114,6 +136,9 @@ class LangIdParams:
     languages: list = field(default_factory=lambda: ["zh", "en", "ja", "ko", "fr", "de"])
     keep: list | None = None
     max_chars: int = 2000
+
+    def __post_init__(self):
+        _check_range("langid", "max_chars", self.max_chars, 1)
 
 
 @dataclass
@@ -156,6 +181,7 @@ class MinHashParams:
             raise PipelineConfigError(
                 "minhash_dedup: num_perm >= 2, char_ngram and word_ngram >= 1"
             )
+        _check_range("minhash_dedup", "max_bucket", self.max_bucket, 1)
 
 
 @dataclass
@@ -197,6 +223,37 @@ class QualityParams:
     max_ellipsis_line_frac: float = 0.3
     max_lorem_ipsum: int = 0
 
+    def __post_init__(self):
+        """Raises: PipelineConfigError naming the parameter: a count below 0, a ratio or
+        fraction outside [0, 1], or a lower bound above its upper bound."""
+        for name in ("min_chars", "max_chars", "min_words", "max_words", "max_lorem_ipsum"):
+            _check_range("quality", name, getattr(self, name), 0)
+        for name in (
+            "min_mean_word_len",
+            "max_mean_word_len",
+            "cjk_min_mean_word_len",
+            "cjk_max_mean_word_len",
+        ):
+            _check_range("quality", name, getattr(self, name), 0)
+        for name in (
+            "max_symbol_ratio",
+            "max_digit_ratio",
+            "min_alpha_word_frac",
+            "max_dup_line_frac",
+            "max_dup_line_char_frac",
+            "max_top_ngram_frac",
+            "max_dup_ngram_frac",
+            "max_ellipsis_line_frac",
+        ):
+            _check_range("quality", name, getattr(self, name), 0, 1)
+        for low, high in (
+            ("min_chars", "max_chars"),
+            ("min_words", "max_words"),
+            ("min_mean_word_len", "max_mean_word_len"),
+            ("cjk_min_mean_word_len", "cjk_max_mean_word_len"),
+        ):
+            _check_order("quality", low, high, self)
+
 
 @dataclass
 class PerplexityParams:
@@ -232,6 +289,8 @@ class PerplexityParams:
             )
         if self.max_tokens < 2:
             raise PipelineConfigError("perplexity.max_tokens must be >= 2")
+        if self.max_ppl is not None and self.max_ppl <= 0:
+            raise PipelineConfigError(f"perplexity.max_ppl must be > 0, got {self.max_ppl}")
 
 
 @dataclass
@@ -301,6 +360,12 @@ class StreamingParams:
     interval_s: float = 1.0
     duration_s: float | None = 60.0
     window_s: float = 10.0
+
+    def __post_init__(self):
+        for name in ("interval_s", "duration_s", "window_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise PipelineConfigError(f"streaming.{name} must be > 0, got {value}")
 
 
 @dataclass

@@ -4,14 +4,16 @@ Shard assignment is deterministic: a document goes to shard
 ``int(sha1(doc id)[:8], 16) % num_shards``; within a shard, documents are packed in id order
 (``shards.pack``: ids + EOS, cut into ``seq_len`` rows, the tail shorter than a row is dropped,
 so at most ``seq_len`` tokens per shard are lost). The same input and config therefore always
-give the same bytes, and a re-run skips any shard that ``shards.shard_complete`` reports done:
-its documents are not even tokenized. The manifest is written last, from the records of all
+give the same bytes, and a re-run skips any shard that ``shards.shard_complete`` reports done
+(record present, size and sha256 match): its documents are not even tokenized; a shard that
+fails the check is tokenized and written again. The manifest is written last, from the records of all
 shards, so it only ever lists complete shards.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,8 @@ import apache_beam as beam
 from deepwhale.data import shards
 from deepwhale.data.config import PipelineConfigError, TokenizeParams
 from deepwhale.data.metrics import StageCounters
+
+log = logging.getLogger(__name__)
 
 
 def shard_of(doc_id: str, num_shards: int) -> int:
@@ -73,7 +77,7 @@ class _Tokenize(beam.DoFn):
         self.counters.seen.inc()
         k = shard_of(doc["id"], self.p.num_shards)
         if k not in self._complete:
-            self._complete[k] = shards.shard_complete(self.out_dir, k) is not None
+            self._complete[k] = shards.shard_complete(self.out_dir, k, verify=True) is not None
         if self._complete[k]:
             self.counters.kept.inc()
             yield k, (doc["id"], None)
@@ -96,11 +100,14 @@ class _WriteShard(beam.DoFn):
 
     def process(self, item) -> Iterator[tuple[int, dict]]:
         k, docs = item
-        record = shards.shard_complete(self.out_dir, k)
+        record = shards.shard_complete(self.out_dir, k, verify=True)
         if record is not None:
             self.counters.drop("already_complete")  # counted as skipped, not lost
             yield k, {**record, "docs": sum(1 for _ in docs)}
             return
+        if shards.shard_complete(self.out_dir, k) is not None:  # right size, wrong sha256
+            log.warning("%s: shard %d fails its sha256 check; rewriting it", self.out_dir, k)
+            self.counters.count("rewritten_corrupt")
         docs = sorted(docs, key=lambda d: d[0])
         rows = shards.pack((ids for _, ids in docs), self.p.seq_len, self.eos_id)
         record = shards.write_shard(self.out_dir, k, rows, self.vocab_size)
@@ -127,7 +134,9 @@ class TokenizeAndPack(beam.PTransform):
 
     Counters: ``deepwhale.data.tokenize`` (``in``/``kept``/``dropped.no_tokens``) and
     ``deepwhale.data.shards`` (``kept`` = shards written, ``dropped.already_complete`` = shards
-    skipped on a re-run).
+    skipped on a re-run after their sha256 checked out, ``rewritten_corrupt`` = shards of the
+    right size whose sha256 did not match, written again). The manifest's ``tokenizer`` is the
+    absolute path of the tokenizer folder, so training from another directory finds it.
 
     Raises (at construction):
         PipelineConfigError: no ``tokenizer.json`` or no EOS token.
@@ -142,7 +151,10 @@ class TokenizeAndPack(beam.PTransform):
 
     def expand(self, docs):
         p = self.params
-        extra = {"tokenizer": str(tokenizer_folder(p.tokenizer)), "num_shards": p.num_shards}
+        extra = {
+            "tokenizer": str(tokenizer_folder(p.tokenizer).resolve()),
+            "num_shards": p.num_shards,
+        }
         return (
             docs
             | "Tokenize" >> beam.ParDo(_Tokenize(p, self.out_dir, self.stage))

@@ -24,6 +24,7 @@ runner and option can be passed through (``--runner=FlinkRunner --flink_master=.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,8 @@ from deepwhale.data.config import (
     Stage,
 )
 from deepwhale.data.metrics import StageCounters, collect
+
+log = logging.getLogger(__name__)
 
 
 def beam_args(cfg: PipelineConfig, extra_args: Sequence[str] = ()) -> list[str]:
@@ -358,13 +361,22 @@ def fingerprint(cfg: PipelineConfig) -> str:
 
 def _claim_shard_folder(cfg: PipelineConfig, folder: Path) -> None:
     """Record the config fingerprint in ``folder/pipeline.json``, or refuse a folder that holds
-    shards of a different config (a re-run would otherwise mix old and new shards)."""
+    shards of a different config (a re-run would otherwise mix old and new shards).
+
+    A fingerprint in a folder without any shard record (``shard-*.json``; a run that failed
+    before writing a shard) guards nothing and is replaced.
+
+    Raises:
+        PipelineConfigError: the folder holds shards of another config, or shards without a
+            fingerprint.
+    """
     stamp = folder / "pipeline.json"
     want = fingerprint(cfg)
-    if stamp.exists():
+    has_shards = any(folder.glob("shard-*.json"))
+    if stamp.exists() and has_shards:
         try:
             have = json.loads(stamp.read_text()).get("fingerprint")
-        except ValueError:
+        except (ValueError, AttributeError):
             have = None
         if have != want:
             raise PipelineConfigError(
@@ -372,10 +384,31 @@ def _claim_shard_folder(cfg: PipelineConfig, folder: Path) -> None:
                 "changed); choose a new output folder or delete it"
             )
         return
-    if any(folder.glob("shard-*.json")):
+    if has_shards:
         raise PipelineConfigError(f"{folder} holds shards of unknown origin; delete them first")
     folder.mkdir(parents=True, exist_ok=True)
     write_json(stamp, {"fingerprint": want})
+
+
+def unknown_beam_flags(args: Sequence[str]) -> list[str]:
+    """The option names in ``args`` that no registered Beam ``PipelineOptions`` class knows
+    (``--direct_num_worker=2``, a typo, gives ``["direct_num_worker"]``).
+
+    Runners may define flags of their own in modules not imported yet, so callers warn rather
+    than fail.
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    beam_log.setLevel(logging.ERROR)  # silence Beam's own "Discarding unparseable args"
+    try:
+        options = PipelineOptions(list(args))
+        known = options.get_all_options()
+        every = options.get_all_options(retain_unknown_options=True)
+    finally:
+        beam_log.setLevel(level)
+    return sorted(k for k in every if k not in known)
 
 
 def _materialize_fnapi_metrics() -> None:
@@ -404,6 +437,7 @@ def run(
     cfg: PipelineConfig,
     extra_args: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict:
     """Run the pipeline to completion and write ``report.json`` (+ histogram) in the output.
 
@@ -411,27 +445,39 @@ def run(
         cfg: the parsed config.
         extra_args: Beam flags passed through verbatim (``--direct_num_workers=2`` ...).
         progress: called with one-line status messages (None = silent).
+        warn: called with warnings, e.g. Beam flags no options class recognises (a typo such
+            as ``--direct_num_worker``; the run goes on); None = ``logging.warning``.
 
     Returns:
         The report dict (also in ``<output>/report.json``).
 
     Raises:
-        PipelineConfigError: bad input or stage configuration, or an output folder holding
-            shards of another config (all before anything runs).
+        PipelineConfigError: bad input or stage configuration (checked before the output
+            folder is claimed, so a failed check leaves no ``pipeline.json`` behind), or an
+            output folder holding shards of another config (all before anything runs).
     """
     from apache_beam.options.pipeline_options import PipelineOptions
 
     say = progress or (lambda _msg: None)
     out_dir = Path(cfg.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.stage("tokenize") is not None:
-        _claim_shard_folder(cfg, out_dir / "shards")
     args = beam_args(cfg, extra_args)
+    unknown = unknown_beam_flags(args)
+    if unknown:
+        (warn or log.warning)(
+            "Beam does not recognise flag(s) "
+            + ", ".join(f"--{u}" for u in unknown)
+            + "; they are passed on but may be typos"
+        )
     options = PipelineOptions(args)
     t0 = time.perf_counter()
     _materialize_fnapi_metrics()
     p = beam.Pipeline(options=options)
+    # Building validates inputs, stages and the tokenizer; only then is the folder claimed,
+    # so a config error never leaves a fingerprint behind.
     build(p, cfg, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.stage("tokenize") is not None:
+        _claim_shard_folder(cfg, out_dir / "shards")
     say(f"running {len(cfg.stages)} stage(s) in {cfg.mode} mode with {' '.join(args)}")
     result = p.run()
     result.wait_until_finish()
@@ -440,6 +486,7 @@ def run(
     extra = {
         "mode": cfg.mode,
         "beam_args": args,
+        "unknown_beam_args": unknown,
         "inputs": [vars(s) for s in cfg.inputs],
         "stage_order": [s.name for s in cfg.stages],
         "wall_s": round(wall, 3),

@@ -32,13 +32,28 @@ _CHAPTER = re.compile(r"^[ \t\u3000]*第[一二三四五六七八九十百千零
 _BLANK_BLOCK = re.compile(r"\n[ \t\u3000]*\n")
 
 
-def decode(data: bytes) -> str:
+# Lone surrogates U+DC80..U+DCFF: what ``errors="surrogateescape"`` makes of undecodable bytes.
+# Valid UTF-8 never decodes to a surrogate, so a document holding one came from bad bytes.
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
+def decode(data: bytes, errors: str = "replace") -> str:
     """UTF-8 text with a leading BOM removed and CRLF / CR line ends turned into LF.
 
-    Invalid UTF-8 becomes U+FFFD (counted as garbage later rather than crashing a read).
+    Args:
+        data: the file's bytes.
+        errors: Python codec error handler for invalid UTF-8: ``replace`` (U+FFFD) or
+            ``surrogateescape`` (lone surrogates, which :func:`undecodable` detects; what
+            :class:`ParseFile` uses so that such documents are counted and dropped).
     """
-    text = data.decode("utf-8-sig", errors="replace")
+    text = data.decode("utf-8-sig", errors=errors)
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def undecodable(text: str) -> bool:
+    """True if ``text`` holds bytes that were not valid UTF-8 (decoded with
+    ``errors="surrogateescape"``, e.g. a GBK or Latin-1 file read as UTF-8)."""
+    return _ESCAPED.search(text) is not None
 
 
 def parse_text(
@@ -104,17 +119,28 @@ def parse_poetry(text: str, path: str = "") -> Iterator[tuple[int, str]]:
         yield i, "\n".join(head + [str(p) for p in item["paragraphs"]])
 
 
-def parse_pairs(text: str, pairs_per_doc: int = 1) -> Iterator[tuple[int, str]]:
+def parse_pairs(
+    text: str, pairs_per_doc: int = 1, report_malformed: bool = False
+) -> Iterator[tuple[int, str] | str]:
     """Tab-separated parallel sentences (Tatoeba ``cmn.txt``: ``en<TAB>zh<TAB>attribution``).
 
     Each pair becomes ``"en\\nzh"``; ``pairs_per_doc`` consecutive pairs are joined by a blank
-    line into one document. Lines with fewer than two columns are skipped.
+    line into one document. Blank lines are skipped, and so is a malformed line (no tab, or an
+    empty first column).
+
+    Yields:
+        ``(index, text)`` per document and, with ``report_malformed``, the string
+        ``"malformed_pair"`` for each malformed line (the caller counts it).
     """
     group: list[str] = []
     i = 0
     for line in text.split("\n"):
+        if not line.strip():
+            continue
         cols = line.split("\t")
         if len(cols) < 2 or not cols[0].strip():
+            if report_malformed:
+                yield "malformed_pair"
             continue
         group.append(f"{cols[0].strip()}\n{cols[1].strip()}")
         if len(group) == pairs_per_doc:
@@ -157,7 +183,11 @@ class ParseFile(beam.DoFn):
     """``ReadableFile`` -> documents, in the format of one :class:`InputSpec`.
 
     Counters (namespace ``deepwhale.data.read``): ``files``, ``docs``, ``corrupt_lines``,
-    ``missing_field``.
+    ``missing_field``, ``malformed_pair`` (a ``pairs`` line without a tab) and
+    ``decode_error``: documents (lines, blocks, chapters, JSONL records...) holding bytes that
+    are not valid UTF-8, e.g. a GBK or Latin-1 file. They are dropped, not passed on as U+FFFD
+    garbage, and the file is named in a warning; re-encode such a file to UTF-8
+    (``iconv -f gbk -t utf-8``) to keep its text.
     """
 
     def __init__(self, spec: InputSpec):
@@ -166,10 +196,12 @@ class ParseFile(beam.DoFn):
         self.docs = Metrics.counter(NS, "docs")
         self.corrupt = Metrics.counter(NS, "corrupt_lines")
         self.missing = Metrics.counter(NS, "missing_field")
+        self.malformed = Metrics.counter(NS, "malformed_pair")
+        self.bad_bytes = Metrics.counter(NS, "decode_error")
 
     def process(self, readable) -> Iterator[dict]:
         path = readable.metadata.path
-        text = decode(readable.read())
+        text = decode(readable.read(), errors="surrogateescape")
         self.files.inc()
         fmt = self.spec.format
         if fmt == "novel":
@@ -177,19 +209,27 @@ class ParseFile(beam.DoFn):
         elif fmt == "poetry":
             items = parse_poetry(text, path)
         elif fmt == "pairs":
-            items = parse_pairs(text, self.spec.pairs_per_doc)
+            items = parse_pairs(text, self.spec.pairs_per_doc, report_malformed=True)
         elif fmt == "jsonl":
             items = parse_jsonl(text, self.spec.field, path)
         else:
             items = parse_text(text, self.spec.split, self.spec.separator)
+        bad = 0
         for item in items:
             if item == "corrupt":
                 self.corrupt.inc()
             elif item == "missing_field":
                 self.missing.inc()
+            elif item == "malformed_pair":
+                self.malformed.inc()
+            elif undecodable(item[1]):
+                bad += 1
             else:
                 self.docs.inc()
                 yield make_doc(path, *item)
+        if bad:
+            self.bad_bytes.inc(bad)
+            log.warning("%s: %d document(s) with invalid UTF-8 dropped (decode_error)", path, bad)
 
 
 def file_pattern(path: str) -> str:
@@ -217,11 +257,25 @@ class _ParquetRows(beam.DoFn):
         yield {"id": f"{path}#h{digest}", "text": text, "source": path}
 
 
+def _check_parquet(path: str) -> None:
+    """Raise :class:`PipelineConfigError` naming ``path`` unless it starts with ``PAR1``."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise PipelineConfigError(f"input {path}: cannot read ({e.strerror or e})") from None
+    if magic != b"PAR1":
+        raise PipelineConfigError(
+            f"input {path}: not a Parquet file (no PAR1 magic bytes); check --format"
+        )
+
+
 class ReadDocuments(beam.PTransform):
     """Beam source for one :class:`InputSpec`: a PCollection of document dicts.
 
     Raises (at construction):
-        PipelineConfigError: the pattern matches no file.
+        PipelineConfigError: the pattern matches no file, or (``parquet``) a matched file does
+            not start with the Parquet magic bytes (the file is named).
     """
 
     def __init__(self, spec: InputSpec, check_exists: bool = True):
@@ -230,8 +284,12 @@ class ReadDocuments(beam.PTransform):
         if check_exists:
             import glob
 
-            if not glob.glob(file_pattern(spec.path)):
+            files = glob.glob(file_pattern(spec.path))
+            if not files:
                 raise PipelineConfigError(f"input {spec.path!r}: no file matches")
+            if spec.format == "parquet":
+                for f in sorted(files):
+                    _check_parquet(f)
 
     def expand(self, pbegin):
         pattern = file_pattern(self.spec.path)

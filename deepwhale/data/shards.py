@@ -11,7 +11,8 @@ Layout of a shard folder::
 
 A shard is *complete* when its ``.json`` record exists and the ``.bin`` has the recorded size. Both
 are written to a temporary name and renamed, the ``.bin`` first, so a crash never leaves a
-record for a half-written file, and a re-run can skip complete shards (:func:`shard_complete`).
+record for a half-written file, and a re-run can skip complete shards (:func:`shard_complete`,
+which with ``verify=True`` also checks the sha256, as the pipeline's re-run does).
 
 Packing follows the GPT-2/litgpt convention: each document's ids are followed by EOS, the stream
 is concatenated and cut into rows of ``seq_len`` tokens; the remainder shorter than a row is
@@ -127,20 +128,27 @@ def write_shard(out_dir: str | Path, index: int, rows: np.ndarray, vocab_size: i
     return record
 
 
-def shard_complete(out_dir: str | Path, index: int) -> dict | None:
+def shard_complete(out_dir: str | Path, index: int, verify: bool = False) -> dict | None:
     """The record of shard ``index`` if it was written completely, else ``None``.
 
-    Complete means: the ``.json`` record parses and the ``.bin`` has exactly the recorded size.
-    The content hash is checked on read (:class:`PackedDataset`), not here, so skipping is cheap.
+    Complete means: the ``.json`` record parses and the ``.bin`` has exactly the recorded size,
+    and, with ``verify``, the ``.bin``'s sha256 matches the record (a flipped byte makes the
+    shard incomplete, so a re-run rewrites it). Without ``verify`` the check is cheap; the hash
+    is then checked on read (:class:`PackedDataset`).
     """
     out = Path(out_dir)
     stem = shard_name(index)
     try:
         record = json.loads((out / f"{stem}.json").read_text())
-        size = (out / record["file"]).stat().st_size
+        path = out / record["file"]
+        size = path.stat().st_size
+        if size != record.get("bytes"):
+            return None
+        if verify and _sha256(path) != record.get("sha256"):
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return record if size == record.get("bytes") else None
+    return record
 
 
 def write_manifest(

@@ -31,6 +31,7 @@ from deepwhale.data.readers import (
     parse_pairs,
     parse_poetry,
     parse_text,
+    undecodable,
 )
 from deepwhale.data.report import plot_histogram, ppl_summary
 
@@ -40,6 +41,9 @@ from deepwhale.data.report import plot_histogram, ppl_summary
 def test_decode_strips_bom_and_crlf():
     assert decode("\ufeffa\r\nb\rc".encode()) == "a\nb\nc"
     assert decode(b"\xff ok") == "\ufffd ok"
+    escaped = decode("\ufeff中\r\n".encode() + "é".encode("latin-1"), errors="surrogateescape")
+    assert escaped.startswith("中\n") and undecodable(escaped)
+    assert not undecodable(decode("中文 \ufffd ok".encode(), errors="surrogateescape"))
 
 
 def test_parse_text_modes():
@@ -78,7 +82,9 @@ def test_parse_pairs_groups(corpus):
     assert one[0] == (0, "Hi.\n嗨。")
     grouped = list(parse_pairs(text, 3))
     assert grouped[0][1].count("\n\n") == 2 and len(grouped) == math.ceil(len(one) / 3)
-    assert list(parse_pairs("no tab here\n")) == []
+    assert list(parse_pairs("no tab here\n\n\tzh\n")) == []
+    bad = list(parse_pairs("no tab here\n\n\tzh\na\tb\n", report_malformed=True))
+    assert bad == ["malformed_pair", "malformed_pair", (0, "a\nb")]
 
 
 def test_parse_jsonl_reports_bad_lines():
@@ -133,7 +139,10 @@ def test_quality_reasons(text, reason):
 
 def test_quality_bounds_and_cjk_words():
     assert quality_reason(EN, C.QualityParams(max_chars=10, min_chars=1)) == "too_long"
-    assert quality_reason(EN, C.QualityParams(min_chars=1, max_words=3)) == "too_many_words"
+    assert (
+        quality_reason(EN, C.QualityParams(min_chars=1, min_words=1, max_words=3))
+        == "too_many_words"
+    )
     assert quality_reason("   \n\t  " * 10, C.QualityParams(min_chars=1)) == "too_short"
     text = "\n".join([ZH, ZH, "第一行", "第二行", "第三行", "第四行"])
     assert quality_reason(text, C.QualityParams(min_chars=1, min_words=1)) == "dup_line_chars"
@@ -220,6 +229,19 @@ def test_config_defaults_and_types():
         ({"input": {"path": "a", "pairs_per_doc": 0}}, "pairs_per_doc must be"),
         ({"input": {"format": "text"}}, "missing 1 required"),
         ({"input": "a", "write_docs": "y"}, "expected bool"),
+        ({"input": "a", "stages": [{"quality": {"min_chars": -3}}]}, "quality.min_chars must"),
+        (
+            {"input": "a", "stages": [{"quality": {"max_symbol_ratio": 5}}]},
+            "quality.max_symbol_ratio must be in [0, 1], got 5.0",
+        ),
+        (
+            {"input": "a", "stages": [{"quality": {"min_words": 9, "max_words": 3}}]},
+            "quality.min_words (9) must not exceed quality.max_words (3)",
+        ),
+        ({"input": "a", "stages": [{"clean": {"min_chars": -1}}]}, "clean.min_chars must"),
+        ({"input": "a", "stages": [{"langid": {"max_chars": 0}}]}, "langid.max_chars must"),
+        ({"input": "a", "stages": [{"perplexity": {"max_ppl": -1}}]}, "max_ppl must be > 0"),
+        ({"input": "a", "streaming": {"window_s": 0}}, "streaming.window_s must be > 0"),
     ],
 )
 def test_config_errors_name_the_key(raw, message):

@@ -93,3 +93,14 @@ def test_bad_manifests(tmp_path):
     (tmp_path / "shard-00001.bin").unlink()
     with pytest.raises(ShardError, match="missing"):
         PackedDataset(tmp_path)
+
+
+def test_shard_complete_verify_checks_sha256(tmp_path):
+    _write(tmp_path)
+    assert shard_complete(tmp_path, 0, verify=True)["rows"] == 2
+    f = tmp_path / "shard-00000.bin"
+    b = bytearray(f.read_bytes())
+    b[0] ^= 0xFF
+    f.write_bytes(bytes(b))
+    assert shard_complete(tmp_path, 0) is not None  # size only: still "complete"
+    assert shard_complete(tmp_path, 0, verify=True) is None
