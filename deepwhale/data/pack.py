@@ -32,14 +32,18 @@ def shard_of(doc_id: str, num_shards: int) -> int:
 
 
 def tokenizer_folder(path: str | None) -> Path:
-    """The tokenizer folder (default: the bundled stories260K).
+    """The tokenizer folder: a path, or a bundled model's name (``deepwhale-demo``,
+    ``stories260K``); default the bundled stories260K.
 
     Raises:
         PipelineConfigError: no ``tokenizer.json`` in it.
     """
     from deepwhale.api import DEFAULT_MODEL
+    from deepwhale.checkpoint.hub import BUNDLED
 
     folder = Path(path) if path else DEFAULT_MODEL
+    if path and not folder.exists() and "/" not in path and (BUNDLED / path).is_dir():
+        folder = BUNDLED / path
     if not (folder / "tokenizer.json").is_file():
         raise PipelineConfigError(f"tokenize.tokenizer: no tokenizer.json in {folder}")
     return folder

@@ -214,8 +214,15 @@ def _check_stage(stage: Stage) -> None:
                 raise PipelineConfigError(
                     "perplexity.backend 'kenlm' needs the kenlm package (pip install kenlm)"
                 ) from None
-        elif p.model is not None and not Path(p.model).is_dir():
-            raise PipelineConfigError(f"perplexity.model: no such folder {p.model!r}")
+        elif p.model is not None:
+            from deepwhale.checkpoint.hub import CheckpointError, resolve_checkpoint
+
+            try:  # a folder or a bundled model's name; never a download here
+                if not Path(p.model).is_dir() and "/" in p.model:
+                    raise CheckpointError(f"no such folder {p.model!r}")
+                resolve_checkpoint(p.model)
+            except CheckpointError as e:
+                raise PipelineConfigError(f"perplexity.model: {e}") from None
 
 
 def apply_stages(docs, cfg: PipelineConfig, out_dir: Path) -> tuple:

@@ -328,3 +328,11 @@ def test_keep_fluent_threshold_and_percentile():
     docs = [{"id": str(i), "ppl": p} for i, p in enumerate([5.0, 50.0, 500.0, math.inf])]
     assert [d["id"] for d in docs for _ in keep.process(d)] == ["0", "1"]
     assert [d["id"] for d in docs for _ in keep.process(d, cutoff=10.0)] == ["0"]
+
+
+def test_bundled_model_names_work_for_tokenize_and_perplexity():
+    from deepwhale.checkpoint.hub import BUNDLED
+    from deepwhale.data.pack import tokenizer_folder, tokenizer_info
+
+    assert tokenizer_folder("deepwhale-demo") == BUNDLED / "deepwhale-demo"
+    assert tokenizer_info("deepwhale-demo") == (8192, 1)
