@@ -8,8 +8,6 @@ the tensors in place. Every mismatch is an error that names the key and the file
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from deepwhale.atomic import atomic_write, write_json  # noqa: F401  (re-exported)
 from deepwhale.checkpoint.hub import CheckpointError
 from deepwhale.checkpoint.keys import dequantize_fp8, hf_to_ours, is_skipped
 from deepwhale.config import ModelConfig
@@ -189,32 +188,6 @@ def _dequantize(f, key, tensor, file, key_to_file, block, device) -> torch.Tenso
         return dequantize_fp8(tensor, scale, block)
     except ValueError as e:
         raise CheckpointError(f"{file}: {key!r}: {e}") from e
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
-
-    A reader never sees a half-written ``path``: either the old file or the complete new one.
-    The temporary file is removed if ``write`` raises.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as indented JSON atomically."""
-    atomic_write(
-        path, lambda p: p.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    )
 
 
 def save_model(

@@ -39,7 +39,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 
-from deepwhale.checkpoint.io import atomic_write, write_json
+from deepwhale.atomic import atomic_write, write_json
 
 __all__ = [
     "BPEError",

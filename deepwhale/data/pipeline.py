@@ -34,7 +34,7 @@ import apache_beam as beam
 from apache_beam.coders import BooleanCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from deepwhale.checkpoint.io import atomic_write, write_json
+from deepwhale.atomic import atomic_write, write_json
 from deepwhale.data.config import (
     AugmentParams,
     PipelineConfig,

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from deepwhale.checkpoint.io import atomic_write, write_json
+from deepwhale.atomic import atomic_write, write_json
 
 
 def ppl_summary(values: list[float]) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepwhale.checkpoint.io import atomic_write, write_json
+from deepwhale.atomic import atomic_write, write_json
 
 FORMAT = "deepwhale-packed-tokens"
 VERSION = 1

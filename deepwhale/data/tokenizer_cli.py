@@ -96,7 +96,7 @@ def train(
         table["train_bytes"] = corpus.train_bytes
         table["inputs"] = [str(p) for p in corpus.paths]
         table["holdout"] = holdout
-        from deepwhale.checkpoint.io import write_json
+        from deepwhale.atomic import write_json
 
         write_json(folder / "compression.json", table)
     except (bpe.BPEError, OSError) as exc:

@@ -7,6 +7,13 @@
 Needs the ``serve`` extra (``pip install "deepwhale[serve]"``).
 """
 
-from deepwhale.serve.app import create_app
-
 __all__ = ["create_app"]
+
+
+def __getattr__(name: str):
+    # lazy, so `deepwhale keys` / `deepwhale audit` (auth.py, audit.py) start without torch
+    if name == "create_app":
+        from deepwhale.serve.app import create_app
+
+        return create_app
+    raise AttributeError(f"module 'deepwhale.serve' has no attribute {name!r}")

@@ -41,7 +41,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from deepwhale.checkpoint.io import write_json
+from deepwhale.atomic import write_json
 from deepwhale.serve.auth import now_iso
 
 logger = logging.getLogger("deepwhale.serve.audit")
