@@ -463,9 +463,22 @@ def _n_changes(rate: float, n_words: int) -> int:
     return max(1, int(rate * n_words)) if n_words else 0
 
 
+@dataclass(frozen=True)
+class _LexiconStrategy(_Strategy):
+    """A strategy that looks words up in a :class:`SynonymLexicon` (built once, in
+    ``__post_init__``, from ``synonyms`` and, with ``builtin``, the shipped lexicons)."""
+
+    synonyms: str | None = None
+    builtin: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "_lexicon", SynonymLexicon(self.synonyms, self.builtin))
+
+
 @register("synonym_replacement")
 @dataclass(frozen=True)
-class SynonymReplacement(_Strategy):
+class SynonymReplacement(_LexiconStrategy):
     """EDA synonym replacement: ``max(1, int(rate * n_words))`` distinct non-stop words, each
     replaced (every occurrence) by one random synonym. Words without a synonym are skipped.
 
@@ -476,13 +489,6 @@ class SynonymReplacement(_Strategy):
     """
 
     name: ClassVar[str] = "synonym_replacement"
-    rate: float = 0.1
-    synonyms: str | None = None
-    builtin: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "_lexicon", SynonymLexicon(self.synonyms, self.builtin))
 
     def _apply(self, text: str, rng: random.Random) -> str:
         words = _Words(text)
@@ -510,7 +516,7 @@ class SynonymReplacement(_Strategy):
 
 @register("random_insertion")
 @dataclass(frozen=True)
-class RandomInsertion(_Strategy):
+class RandomInsertion(_LexiconStrategy):
     """EDA random insertion: ``max(1, int(rate * n_words))`` times, insert a synonym of a random
     word at a random word position (a space is added between Latin words, none between Han
     words). If no word of the text has a synonym, a copy of a random word is inserted instead.
@@ -522,13 +528,6 @@ class RandomInsertion(_Strategy):
     """
 
     name: ClassVar[str] = "random_insertion"
-    rate: float = 0.1
-    synonyms: str | None = None
-    builtin: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "_lexicon", SynonymLexicon(self.synonyms, self.builtin))
 
     def _apply(self, text: str, rng: random.Random) -> str:
         words = _Words(text)

@@ -720,6 +720,18 @@ def _install_auth(app: FastAPI, keys: KeyStore) -> None:
 # hides client disconnects from the routes (encode/starlette discussion 2094).
 
 
+class _StatusRecorder:
+    """An ASGI ``send`` wrapper remembering the response status (500 until one is sent)."""
+
+    def __init__(self, send) -> None:
+        self.send, self.status, self.started = send, 500, False
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.status, self.started = message["status"], True
+        await self.send(message)
+
+
 class _InternalErrorMiddleware:
     """An exception escaping a route becomes a 500 in OpenAI's error shape instead of a dropped
     connection (an exception handler would not do: Starlette re-raises after a catch-all
@@ -732,18 +744,12 @@ class _InternalErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def send_started(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        recorder = _StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_started)
+            await self.app(scope, receive, recorder)
         except Exception as e:
             logger.exception("internal error on %s", scope["path"])
-            if not started:
+            if not recorder.started:
                 response = error_response(
                     500, f"internal error: {type(e).__name__}: {e}", "server_error"
                 )
@@ -762,17 +768,11 @@ class _CountMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
-
-        async def send_status(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        recorder = _StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, recorder)
         finally:
+            status = recorder.status
             route = scope["path"] if scope["path"] in self.routes else "other"
             self.metrics.request_latency.labels(route).observe(time.perf_counter() - start)
             self.metrics.requests.labels(route, str(status)).inc()
@@ -855,17 +855,11 @@ class _AuditMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
-
-        async def send_status(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        recorder = _StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, recorder)
         finally:
+            status = recorder.status
             state = scope.get("state", {})
             key, req = state.get("api_key"), state.get("audit_request")
             row = dict(
