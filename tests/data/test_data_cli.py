@@ -136,3 +136,33 @@ def test_rerun_with_another_config_is_refused(tmp_path, corpus):
     (tmp_path / "out/shards/pipeline.json").unlink()
     r = _run(*args, *out, "--set", "tokenize.seq_len=32")
     assert r.exit_code == 2 and "unknown origin" in r.output
+
+
+def test_relative_input_paths_give_the_same_shards_anywhere(tmp_path, corpus, monkeypatch):
+    """Ids are ``path#index`` with the path as written, so a relative input yields identical
+    shards from two different working directories (the README's advice)."""
+    text = (corpus / "en/tinystories/tinystories_sample.txt").read_bytes()
+    shas = []
+    for where in (tmp_path / "a", tmp_path / "b/deeper"):
+        (where / "data").mkdir(parents=True)
+        (where / "data/x.txt").write_bytes(text)
+        monkeypatch.chdir(where)
+        r = _run(
+            "-i",
+            "data/x.txt",
+            "--split",
+            "line",
+            "--stages",
+            "clean,tokenize",
+            "--quiet",
+            "--set",
+            "tokenize.seq_len=32",
+            "--set",
+            "tokenize.num_shards=3",
+            "-o",
+            "out",
+        )
+        assert r.exit_code == 0, r.output
+        manifest = json.loads((where / "out/shards/manifest.json").read_text())
+        shas.append([s["sha256"] for s in manifest["shards"]])
+    assert len(shas[0]) == 3 and shas[0] == shas[1]
