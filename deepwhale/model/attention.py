@@ -119,9 +119,10 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallelism each rank holds only its share of the heads
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin, self.interleave)
         k = apply_rotary(k, cos, sin, self.interleave)
         if cache is not None:
@@ -138,9 +139,9 @@ class Attention(nn.Module):
                 v,
                 attn_mask=mask,
                 scale=self.scale,
-                enable_gqa=self.n_kv_heads != self.n_heads,
+                enable_gqa=k.shape[1] != q.shape[1],
             )  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, H * D)
 
 
 class MLA(nn.Module):
@@ -209,7 +210,7 @@ class MLA(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(b, t, self.n_heads, self.qk_dim).transpose(1, 2)  # (B, H, T, nope+rope)
+        q = q.view(b, t, -1, self.qk_dim).transpose(1, 2)  # (B, H, T, nope+rope); -1: TP shard
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         kv_a = self.kv_a_proj_with_mqa(x)  # (B, T, kv_lora_rank + rope)
         c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -230,14 +231,15 @@ class MLA(nn.Module):
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask(positions, k_pos))
         else:
             out = self._naive(q_nope, q_pe, c_kv, k_pe, attention_mask(positions, k_pos))
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, H * v_head_dim)
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Expand per-head keys/values from the latent; returns ``(B, H, T, v_head_dim)``."""
         b, s = c_kv.shape[:2]
-        kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope_dim + self.v_dim)
+        h = q_nope.shape[1]  # all heads, or this rank's share under tensor parallelism
+        kv = self.kv_b_proj(c_kv).view(b, s, h, self.nope_dim + self.v_dim)  # (B, S, H, nope+v)
         k_nope, v = kv.transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)  # (B, H, S, *)
-        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, self.n_heads, -1, -1)), dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, h, -1, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepwhale.parallel.layout import LayoutError, ParallelLayout
+
 
 class TrainConfigError(ValueError):
     """A training config that cannot run: unknown key, wrong type, bad value or missing file."""
@@ -302,7 +304,9 @@ class TrainConfig:
 
     Attributes:
         out_dir: run folder: ``metrics.csv``, ``tb/``, ``checkpoints/``, ``final/`` / ``adapter/``.
-        model, data, optim, schedule, train, moe, eval, checkpoint, log, lora: the sections.
+        model, data, optim, schedule, train, moe, eval, checkpoint, log, lora, parallel: the
+            sections (``parallel`` is :class:`~deepwhale.parallel.layout.ParallelLayout`; it
+            matters only under ``torchrun``).
     """
 
     out_dir: str = "runs/train"
@@ -316,6 +320,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-serialisable)."""
@@ -420,6 +425,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         return cls(**kwargs)
     except TrainConfigError:
         raise
+    except LayoutError as e:  # its message already names the dotted key
+        raise TrainConfigError(str(e)) from None
     except (TypeError, ValueError) as e:  # pragma: no cover - guarded by _coerce
         raise TrainConfigError(f"{where}: {e}") from None
 
