@@ -62,14 +62,18 @@ def _fail(e: BaseException) -> None:
 def _run(cfg_path: Path | None, overrides: list[str], quiet: bool) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
+        from deepwhale.parallel.runtime import launched_by_torchrun
         from deepwhale.train.config import load_config
         from deepwhale.train.trainer import Trainer
 
         cfg = load_config(cfg_path, overrides)
         if quiet:
             cfg.log.quiet = True
-        trainer = Trainer(cfg)
-        history = trainer.fit()
+        if launched_by_torchrun() or cfg.parallel.is_parallel():
+            history = _run_parallel(cfg)
+        else:
+            trainer = Trainer(cfg)
+            history = trainer.fit()
     except _user_errors() as e:
         _fail(e)
     except KeyboardInterrupt:  # pragma: no cover - interactive
@@ -79,6 +83,45 @@ def _run(cfg_path: Path | None, overrides: list[str], quiet: bool) -> None:
         last = history[-1]
         val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
         typer.echo(f"done: step {last['step']}, loss {last['loss']:.4f}{val} -> {cfg.out_dir}")
+
+
+def _run_parallel(cfg) -> list:
+    """One rank of a ``torchrun`` job. The layout is checked on every rank before any process
+    group exists, so a bad one exits 2 everywhere with one line from rank 0; an error after that
+    is printed by the rank it happened on, prefixed ``rank R/W``, and torchrun stops the others."""
+    from deepwhale.parallel.layout import LayoutError, describe
+    from deepwhale.parallel.runtime import env_world, init_runtime, launched_by_torchrun, preflight
+
+    rank, _, world = env_world()
+    try:
+        if not launched_by_torchrun():
+            need = cfg.parallel.fixed_size
+            raise LayoutError(
+                f"parallel {describe(cfg.parallel)} needs {need} processes: start it with "
+                f"torchrun --nproc-per-node {need} -m deepwhale train ..."
+            )
+        layout = preflight(cfg, world)
+    except _user_errors() as e:
+        if rank == 0:
+            _fail(e)
+        raise typer.Exit(2) from None
+    from deepwhale.parallel.runtime import shutdown
+    from deepwhale.parallel.trainer import ParallelTrainer
+
+    try:
+        runtime = init_runtime(layout, cfg.train.device)
+        trainer = ParallelTrainer(cfg, runtime)
+        history = trainer.fit()
+    except _user_errors() as e:
+        from deepwhale.extras import describe_import_error
+
+        typer.echo(f"error: rank {rank}/{world}: {describe_import_error(e)}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as e:  # a crash on this rank: one line naming it, then torchrun stops all
+        typer.echo(f"error: rank {rank}/{world}: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(1) from None
+    shutdown()
+    return history if rank == 0 else []
 
 
 def train(
@@ -94,6 +137,13 @@ def train(
         str | None, typer.Option(help="none, auto (newest complete checkpoint) or a folder.")
     ] = None,
     out_dir: Annotated[str | None, typer.Option(help="Run folder (config: out_dir).")] = None,
+    parallel: Annotated[
+        str | None,
+        typer.Option(
+            help="Parallel layout under torchrun, e.g. dp=2,tp=2,pp=2 (dp, dp_shard, tp, pp, ep); "
+            "the same as the config's parallel: section."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train or continue a model from a YAML config; any key can be overridden.
@@ -101,12 +151,22 @@ def train(
     Data: packed shards (a folder with manifest.json), a .txt file or a .jsonl file. Writes
     metrics.csv, TensorBoard events (tb/), checkpoints/step-N and final/ (an HF folder) under
     out_dir.
+
+    Under torchrun (torchrun --nproc-per-node 4 -m deepwhale train -c cfg.yaml --parallel
+    dp=2,tp=2) every process trains its share; checkpoints are then sharded (torch DCP).
     """
     extra = list(overrides or []) + list(set_ or [])
     if resume is not None:
         extra.append(f"checkpoint.resume={resume}")
     if out_dir is not None:
         extra.append(f"out_dir={out_dir}")
+    if parallel is not None:
+        from deepwhale.parallel.layout import LayoutError, parse_layout
+
+        try:
+            extra += [f"parallel.{k}={v}" for k, v in parse_layout(parallel).items()]
+        except LayoutError as e:
+            _fail(e)
     _run(config, extra, quiet)
 
 

@@ -89,7 +89,7 @@ def _fmt(v: Any) -> Any:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return f"{v:.9g}"  # round-trips fp32 values exactly
     return v
 
 

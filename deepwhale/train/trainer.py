@@ -139,7 +139,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
-        self.device = resolve_device(cfg.train.device)
+        self.device = self._device()
         precision = cfg.train.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -199,6 +199,7 @@ class Trainer:
                 verbose=not cfg.log.quiet,
             )
         self.model.to(self.device).train()
+        self._parallelize()
 
         # MoE balancing
         self.aux_alpha = (
@@ -235,6 +236,13 @@ class Trainer:
         self._resume()
 
     # ------------------------------------------------------------------ setup helpers
+    def _device(self) -> torch.device:
+        """The device to train on (``train.device``); the parallel trainer picks its rank's."""
+        return resolve_device(self.cfg.train.device)
+
+    def _parallelize(self) -> None:
+        """Apply parallel plans to ``self.model`` (the single-process trainer has none)."""
+
     def tokenizer(self):
         """The tokenizer for text/chat data (see ``model.tokenizer``), loaded on first use.
 
@@ -335,6 +343,11 @@ class Trainer:
             CheckpointNotFound: missing or incomplete folder.
             DataError: the dataset changed size since the checkpoint.
         """
+        from deepwhale.parallel.checkpoint import is_dcp
+
+        if is_dcp(Path(folder)):  # saved by a parallel run: DCP reshards it onto one process
+            self._load_dcp(Path(folder))
+            return
         data = ckpt.load_checkpoint(Path(folder))
         try:
             missing, unexpected = self.model.load_state_dict(data["model"], strict=False)
@@ -353,6 +366,18 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         ckpt.set_rng_state(data["rng"])
+        self.resumed_from = Path(folder)
+
+    def _load_dcp(self, folder: Path) -> None:
+        """Resume a single process from a distributed checkpoint (any layout)."""
+        from deepwhale.parallel.checkpoint import load_dcp
+
+        if self.cfg.lora.enabled:
+            raise ckpt.CheckpointNotFound(f"{folder}: a distributed checkpoint cannot resume LoRA")
+        state = load_dcp(folder, self.model, self.optimizer)["state"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
         self.resumed_from = Path(folder)
 
     # ------------------------------------------------------------------ one step

@@ -1,0 +1,231 @@
+"""Sharded, resharding checkpoints for parallel runs, on torch Distributed Checkpoint (DCP).
+
+Layout: ``<out_dir>/checkpoints/step-00000100/`` holds DCP's files (``.metadata`` and one
+``__R_0.distcp`` per writing rank) plus ``state.json`` (step, data position, schedule, the layout
+it was saved under, and the size of every file). Every rank writes its shards into the hidden
+``.tmp-step-...-dcp`` folder; after a barrier rank 0 writes ``state.json`` last and renames the
+folder into place, so a checkpoint is complete only when :func:`deepwhale.train.checkpoint.
+is_complete` finds every listed file at its size; a crash mid-save is never resumed from.
+
+The model and optimizer states go through ``torch.distributed.checkpoint.state_dict``
+(``get_model_state_dict`` / ``get_optimizer_state_dict``), whose keys are the single-device FQNs
+(the HF checkpoint keys) whatever the wrapping (DDP, FSDP2, TP DTensors, pipeline stages that keep
+their layers' global names, expert-parallel shards that keep their experts' global names). So a
+checkpoint saved under one layout loads under any other, and on one process (``no_dist``): DCP
+reads only the pieces each rank needs. RNG states are stored per rank (``rng/rank{R}``); a rank
+that did not exist at save time takes rank 0's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from deepwhale.train import checkpoint as ckpt
+
+METADATA = ".metadata"
+
+
+def is_dcp(folder: Path) -> bool:
+    """Whether ``folder`` holds a DCP checkpoint (its ``.metadata`` file)."""
+    return (Path(folder) / METADATA).is_file()
+
+
+def _rng_bytes() -> torch.Tensor:
+    buf = io.BytesIO()
+    torch.save(ckpt.rng_state(), buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def _set_rng_bytes(t: torch.Tensor) -> None:
+    state = torch.load(io.BytesIO(t.numpy().tobytes()), map_location="cpu", weights_only=False)
+    ckpt.set_rng_state(state)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save_dcp(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep_last: int,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save checkpoint ``step`` of a (possibly parallel) run; every rank calls this.
+
+    Args:
+        root: the checkpoints folder (shared by all ranks).
+        step: optimizer steps completed.
+        model: the wrapped model (DDP, FSDP2, TP or a pipeline stage).
+        optimizer: its optimizer.
+        state: JSON-serialisable trainer state (the same on every rank; rank 0 writes it).
+        keep_last: complete checkpoints to keep.
+        extra: per-rank tensors (e.g. gradient-compression residuals), stored under
+            ``extra/rank{R}/...`` and returned by :func:`load_dcp`.
+
+    Returns the final folder. Raises ``OSError`` / ``CheckpointException`` on write errors.
+    """
+    root = Path(root)
+    final = ckpt.step_dir(root, step)
+    tmp = root / f".tmp-{final.name}-dcp"
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    sd: dict[str, Any] = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+        "rng": {f"rank{rank}": _rng_bytes()},
+    }
+    if extra:
+        sd["extra"] = {f"rank{rank}": dict(extra)}
+    dcp.save(sd, checkpoint_id=str(tmp))
+    _barrier()
+    if rank == 0:
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = {**state, "step": step, "format": "dcp", "files": sizes, "complete": True}
+        with open(tmp / ckpt.STATE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpt.prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _stored_keys(folder: Path) -> set[str]:
+    reader = dcp.FileSystemReader(str(folder))
+    return set(reader.read_metadata().state_dict_metadata)
+
+
+def load_dcp(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra_template: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Load a DCP checkpoint into ``model`` (and ``optimizer``), resharding to the current layout.
+
+    Works on one process without a process group as well as under ``torchrun``.
+
+    Args:
+        folder: a complete ``step-N`` folder.
+        model: the model, wrapped as for training.
+        optimizer: its optimizer (None: weights only).
+        extra_template: per-rank tensors to restore (shapes as saved); missing ones are skipped.
+
+    Returns:
+        ``{"state": state.json contents, "extra": restored extra tensors or {}}``.
+
+    Raises:
+        CheckpointNotFound: ``folder`` is not a complete DCP checkpoint, or it does not match the
+            model (a missing or wrongly shaped tensor; the message names it).
+    """
+    folder = Path(folder)
+    if not ckpt.is_complete(folder) or not is_dcp(folder):
+        raise ckpt.CheckpointNotFound(
+            f"{folder}: not a complete distributed checkpoint (missing, half-written or not "
+            "named step-N)"
+        )
+    no_dist = not dist.is_initialized()
+    rank = _rank()
+    stored = _stored_keys(folder)
+    sd: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        sd["optim"] = get_optimizer_state_dict(model, optimizer)
+    rng_key = f"rank{rank}" if f"rng.rank{rank}" in stored else "rank0"
+    sd["rng"] = {rng_key: torch.empty(0, dtype=torch.uint8)}
+    if f"rng.{rng_key}" in stored:
+        nbytes = _tensor_numel(folder, f"rng.{rng_key}")
+        sd["rng"][rng_key] = torch.empty(nbytes, dtype=torch.uint8)
+    else:
+        del sd["rng"]
+    if extra_template:
+        wanted = {
+            k: torch.empty_like(v)
+            for k, v in extra_template.items()
+            if f"extra.rank{rank}.{k}" in stored
+        }
+        if wanted:
+            sd["extra"] = {f"rank{rank}": wanted}
+    try:
+        dcp.load(sd, checkpoint_id=str(folder), no_dist=no_dist)
+    except (RuntimeError, ValueError, KeyError) as e:  # CheckpointException is a BaseException
+        raise ckpt.CheckpointNotFound(
+            f"{folder}: checkpoint does not match this model ({str(e).splitlines()[0][:300]})"
+        ) from None
+    except BaseException as e:  # noqa: BLE001 - DCP wraps per-rank failures
+        if type(e).__name__ != "CheckpointException":
+            raise
+        raise ckpt.CheckpointNotFound(
+            f"{folder}: checkpoint does not match this model ({str(e).splitlines()[0][:300]})"
+        ) from None
+    set_model_state_dict(model, sd["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, sd["optim"])
+    if "rng" in sd:
+        _set_rng_bytes(sd["rng"][rng_key])
+    state = json.loads((folder / ckpt.STATE).read_text(encoding="utf-8"))
+    extra = sd.get("extra", {}).get(f"rank{rank}", {})
+    return {"state": state, "extra": extra}
+
+
+def _tensor_numel(folder: Path, key: str) -> int:
+    reader = dcp.FileSystemReader(str(folder))
+    md = reader.read_metadata().state_dict_metadata[key]
+    return int(md.size.numel())
+
+
+def export_hf(folder: Path, model_config, out: Path) -> Path:
+    """Write an HF folder (``config.json`` + safetensors) from the weights of a DCP checkpoint.
+
+    Runs on one process (no collectives): a fresh single-device model is allocated on CPU and
+    DCP reads every piece of every tensor into it.
+
+    Args:
+        folder: a complete DCP ``step-N`` folder.
+        model_config: the run's :class:`~deepwhale.config.ModelConfig`.
+        out: the output folder (written atomically by :func:`deepwhale.checkpoint.io.save_model`).
+
+    Raises:
+        CheckpointNotFound: an incomplete folder or one that does not match the config.
+    """
+    from deepwhale.checkpoint.io import save_model
+    from deepwhale.model.transformer import CausalLM
+
+    model = CausalLM(model_config)
+    # plain state_dict(): no collectives, this runs on rank 0 alone
+    sd = {"model": model.state_dict()}
+    if not ckpt.is_complete(Path(folder)) or not is_dcp(Path(folder)):
+        raise ckpt.CheckpointNotFound(f"{folder}: not a complete distributed checkpoint")
+    dcp.load(sd, checkpoint_id=str(folder), no_dist=True)
+    model.load_state_dict(sd["model"], strict=True)
+    save_model(model, Path(out))
+    return Path(out)

@@ -1,0 +1,412 @@
+"""The training loop under ``torchrun``: the single-process :class:`~deepwhale.train.trainer.Trainer`
+with parallel plans applied to its model from outside.
+
+Plans are applied in torchtitan's order: pipeline split (each rank keeps its stage), TP (+SP),
+EP, then FSDP2 (``dp_shard``, HSDP with ``dp``) or DDP (``dp`` alone). Equivalence with one process
+is the design rule:
+
+* **Data.** All ranks run the same seeded sampler. A step's window is ``grad_accum`` global
+  micro-batches of ``micro_batch_size x (dp x dp_shard)`` sequences; data-parallel rank ``d``
+  takes sequences ``[d*mbs, (d+1)*mbs)`` of each (TP and PP peers take the same ones), so the
+  window is exactly the one-process window of ``micro_batch_size x dp_degree`` sequences.
+  ``train.micro_batch_size`` is therefore *per data-parallel rank*.
+* **Loss.** Each rank's loss is ``sum of its token CEs / N x dp_degree``, ``N`` the label tokens of
+  the whole global window (every rank counts them from the sampler's ids, no collective), so the
+  data-parallel mean that DDP/FSDP2 apply gives the one-process gradient of the window's mean
+  token loss. The logged loss is summed over data-parallel ranks.
+* **Clipping.** The global gradient norm is assembled from DTensor norms (TP/FSDP shards),
+  expert shards (summed over the EP group) and pipeline stages (summed over ``pp``), then every
+  gradient is scaled by ``min(1, max_norm / (norm + 1e-6))`` as ``clip_grad_norm_`` does.
+* **MoE.** Router loads are summed over the data-parallel ranks before the DeepSeek-V3 bias
+  update, so every replica applies the same update as one process would.
+
+Checkpoints are DCP (:mod:`deepwhale.parallel.checkpoint`): sharded, resumable bit for bit on
+the same layout and reshardable to another layout or to one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from deepwhale.parallel import checkpoint as pckpt
+from deepwhale.parallel.runtime import Runtime
+from deepwhale.parallel.tp import loss_context
+from deepwhale.train import checkpoint as ckpt
+from deepwhale.train.data import IGNORE_INDEX, collate
+from deepwhale.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def _local(t):
+    """A DTensor's full value (replicated scalars), else ``t``."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class ParallelTrainer(Trainer):
+    """:class:`~deepwhale.train.trainer.Trainer` for one rank of a ``torchrun`` job.
+
+    Args:
+        cfg: the run's :class:`~deepwhale.train.config.TrainConfig` (rank 0 logs; other ranks
+            are quiet and write no metrics files).
+        runtime: from :func:`deepwhale.parallel.runtime.init_runtime`.
+
+    Raises:
+        Everything :class:`Trainer` raises; ``LayoutError`` for unsupported combinations.
+    """
+
+    def __init__(self, cfg, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.layout = runtime.layout
+        if not runtime.is_main:  # one rank logs; the others only compute
+            cfg = dataclasses.replace(
+                cfg, log=dataclasses.replace(cfg.log, quiet=True, csv=False, tensorboard=False)
+            )
+        self._ddp = None
+        self._fsdp = False
+        self._window_tokens = 0
+        self.compression = None
+        super().__init__(cfg)
+
+    # ------------------------------------------------------------------ setup
+    def _device(self) -> torch.device:
+        return self.rt.device
+
+    def _parallelize(self) -> None:
+        """TP -> EP -> FSDP2 / DDP on ``self.model``; keeps the unwrapped module as ``inner``."""
+        lay, rt = self.layout, self.rt
+        model = self.model
+        self.inner = model
+        if lay.tp > 1:
+            from deepwhale.parallel.tp import apply_tensor_parallel
+
+            apply_tensor_parallel(model, rt.tp_mesh, lay.sequence_parallel)
+        if lay.ep > 1:
+            from deepwhale.parallel.ep import apply_expert_parallel
+
+            apply_expert_parallel(model, rt.ep_group)
+        self._expert_params = [
+            p for n, p in model.named_parameters() if ".experts." in n and lay.ep > 1
+        ]
+        if lay.dp_shard > 1 or (lay.dp > 1 and (lay.tp > 1 or lay.pp > 1)):
+            self._apply_fsdp(model)
+        elif lay.dp > 1:
+            self._apply_ddp(model)
+        if rt.is_main and not self.cfg.log.quiet:
+            print(f"parallel: {rt.describe()}", flush=True)
+
+    def _apply_fsdp(self, model) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        lay = self.layout
+        mesh = self.rt.sub("dp_replicate", "dp_shard") if lay.dp > 1 else self.rt.sub("dp_shard")
+        ignored = set(self._expert_params) or None
+        stack = model.model
+        layers = stack.layers.values() if hasattr(stack.layers, "values") else stack.layers
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, ignored_params=ignored)
+        fully_shard(model, mesh=mesh, ignored_params=ignored)
+        self._fsdp = True
+
+    def _apply_ddp(self, model) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if self._expert_params:
+            ids = {id(p) for p in self._expert_params}
+            names = [n for n, p in model.named_parameters() if id(p) in ids]
+            DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+        # routed experts that get no token on a rank have no gradient there
+        moe = bool(self.config.n_routed_experts)
+        self._ddp = DDP(
+            model,
+            process_group=self.rt.dp_group,
+            broadcast_buffers=False,
+            find_unused_parameters=moe,
+        )
+        self.model = self._ddp
+        gc = self.layout.grad_compression
+        if gc.method != "none":
+            from deepwhale.parallel.compression import register_compression
+
+            self.compression = register_compression(self._ddp, gc, self.rt.dp_group)
+
+    # ------------------------------------------------------------------ data
+    def next_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the next window (see the module docstring); also counts
+        the label tokens of the whole global window."""
+        t, lay = self.cfg.train, self.layout
+        mbs, dp, d = t.micro_batch_size, lay.dp_degree, self.rt.dp_rank
+        batches, tokens = [], 0
+        for _ in range(t.grad_accum):
+            ids = self.sampler.take(mbs * dp)
+            samples = [self.train_ds[i] for i in ids]
+            tokens += int(sum(int((np.asarray(y) != IGNORE_INDEX).sum()) for _, y in samples))
+            batches.append(self._pad(collate(samples[d * mbs : (d + 1) * mbs], self.pad_id)))
+        self._window_tokens = tokens
+        return batches
+
+    def _pad(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Right-pad the time dim to a multiple of ``tp`` under sequence parallelism (padding is
+        masked from the loss and, being on the right, changes no real token's logits)."""
+        tp = self.layout.tp
+        t = b["input_ids"].shape[1]
+        if tp == 1 or not self.layout.sequence_parallel or t % tp == 0:
+            return b
+        extra = tp - t % tp
+        return {
+            "input_ids": F.pad(b["input_ids"], (0, extra), value=self.pad_id),
+            "labels": F.pad(b["labels"], (0, extra), value=IGNORE_INDEX),
+            "mask": F.pad(b["mask"], (0, extra), value=False),
+        }
+
+    # ------------------------------------------------------------------ one step
+    def _ce_sum(self, logits, labels):
+        """Summed token cross-entropy; ``logits`` may be vocabulary-sharded (loss parallel)."""
+        return F.cross_entropy(
+            logits.float().flatten(0, 1),
+            labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+
+    def backward_window(self, batches):
+        """Forward/backward of this rank's micro-batches (see the module docstring)."""
+        lay = self.layout
+        denom = max(self._window_tokens, 1)
+        scale = float(lay.dp_degree)
+        n_seqs = sum(b["input_ids"].shape[0] for b in batches) * lay.dp_degree
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        tp = lay.tp > 1
+        for j, b in enumerate(batches):
+            last = j == len(batches) - 1
+            ids = b["input_ids"].to(self.device)
+            labels = b["labels"].to(self.device)
+            mask = b["mask"].to(self.device)
+            if self._fsdp:
+                self.model.set_requires_gradient_sync(last)
+            sync = (
+                self._ddp.no_sync()
+                if self._ddp is not None and not last
+                else contextlib.nullcontext()
+            )
+            if self.monitor is not None:
+                self.monitor.clear()
+            with sync:
+                with self._autocast():
+                    logits = self.model(ids)  # (B, T, V), vocabulary-sharded under TP
+                with loss_context(tp):
+                    loss = _local(self._ce_sum(logits, labels)) / denom  # differentiable
+                    total = loss * scale
+                    if self.monitor is not None:
+                        if self.aux_alpha > 0:
+                            aux = self.monitor.aux_loss(mask, self.aux_alpha, self.seq_aux)
+                            aux = aux / (n_seqs if self.seq_aux else len(batches) * lay.dp_degree)
+                            total = total + aux * scale
+                            aux_sum += aux.detach()
+                        if self.bias_gamma > 0:
+                            self.monitor.add_loads(mask)
+                        self.monitor.clear()
+                    total.backward()
+            loss_sum += loss.detach()
+        return {"loss": loss_sum, "aux_loss": aux_sum, "tokens": self._window_tokens}
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of all gradients (every shard counted once)."""
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        expert_sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        experts = {id(p) for p in self._expert_params}
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                continue
+            if isinstance(g, DTensor):
+                sq += torch.linalg.vector_norm(g.float()).full_tensor() ** 2
+            elif id(p) in experts:
+                expert_sq += g.float().pow(2).sum()
+            else:
+                sq += g.float().pow(2).sum()
+        if self.rt.ep_group is not None:
+            dist.all_reduce(expert_sq, group=self.rt.ep_group)
+        sq += expert_sq
+        if self.layout.pp > 1:
+            dist.all_reduce(sq, group=self.rt.pp_mesh.get_group())
+        return sq.sqrt()
+
+    def _sync_expert_grads(self) -> None:
+        """Expert gradients (outside DDP/FSDP): sum over the ranks holding the same experts and
+        undo the data-parallel loss scale."""
+        if not self._expert_params:
+            return
+        outer = self.rt.ep_outer_group
+        for p in self._expert_params:
+            if p.grad is None:
+                continue
+            if dist.get_world_size(outer) > 1:
+                dist.all_reduce(p.grad, group=outer)
+            p.grad.div_(self.layout.dp_degree)
+
+    def train_step(self) -> dict:
+        """One optimizer step on every rank; the returned metrics are global (same on all)."""
+        lr = self.schedule.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.compression is not None:
+            self.compression.set_step(self.step)
+        metrics = self.backward_window(self.next_batches())
+        self._sync_expert_grads()
+        clip = self.cfg.optim.grad_clip
+        grad_norm = self._grad_norm()
+        if clip > 0:
+            coef = torch.clamp(clip / (grad_norm + 1e-6), max=1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        balance = self.monitor is not None and self.bias_gamma > 0
+        imbalance = torch.ones((), device=self.device)
+        if balance:
+            self._sum_loads()
+            imbalance = self.monitor.update_bias(self.bias_gamma)
+        self.step += 1
+        self.tokens_seen += metrics["tokens"]
+        packed = torch.stack([metrics["loss"], metrics["aux_loss"]]).float()
+        dist.all_reduce(packed, group=self.rt.dp_group)  # the window's loss = sum over dp ranks
+        if self.layout.pp > 1:  # only the last stage computed it
+            dist.all_reduce(packed, group=self.rt.pp_mesh.get_group())
+        loss, aux = packed.tolist()
+        return {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": metrics["tokens"],
+            "aux_loss": aux if self.aux_alpha > 0 else None,
+            "expert_imbalance": float(imbalance) if balance else None,
+        }
+
+    def _sum_loads(self) -> None:
+        """Sum the routers' per-expert loads over the data-parallel ranks (one all-reduce)."""
+        loads = self.monitor.loads
+        if not loads or self.layout.dp_degree == 1:
+            return
+        flat = torch.cat([x.to(self.device) for x in loads])
+        dist.all_reduce(flat, group=self.rt.dp_group)
+        for x, y in zip(loads, flat.split([len(x) for x in loads]), strict=True):
+            x.copy_(y)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss: data-parallel ranks split the validation micro-batches by sequence;
+        sums are all-reduced, so every rank returns the one-process value."""
+        if self.val_ds is None:
+            return {}
+        self.model.eval()
+        if self.monitor is not None:
+            self.monitor.enabled = False
+        mbs = self.cfg.train.micro_batch_size
+        dp, d = self.layout.dp_degree, self.rt.dp_rank
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, tokens
+        for j in range(self.cfg.eval.max_batches):
+            idx = list(range(j * mbs, min((j + 1) * mbs, len(self.val_ds))))
+            if not idx:
+                break
+            # every rank runs every batch (FSDP/TP collectives need all of them); the loss of
+            # sequences outside this rank's share is masked so each counts once
+            b = self._pad(collate([self.val_ds[i] for i in idx], self.pad_id))
+            labels = b["labels"].to(self.device)
+            keep = torch.zeros(labels.shape[0], dtype=torch.bool, device=self.device)
+            keep[d::dp] = True
+            labels = labels.masked_fill(~keep[:, None], IGNORE_INDEX)
+            with self._autocast():
+                logits = self.model(b["input_ids"].to(self.device))
+            with loss_context(self.layout.tp > 1):
+                ce = _local(self._ce_sum(logits, labels))
+            sums[0] += ce.double()
+            sums[1] += int((labels != IGNORE_INDEX).sum())
+        dist.all_reduce(sums, group=self.rt.dp_group)
+        self.model.train()
+        if self.monitor is not None:
+            self.monitor.enabled = True
+        from deepwhale.train.metrics import perplexity
+
+        mean = float(sums[0] / sums[1].clamp(min=1))
+        return {"val_loss": mean, "val_ppl": perplexity(mean)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {
+            "sampler": self.sampler.state_dict(),
+            "tokens_seen": self.tokens_seen,
+            "schedule": self.schedule.state_dict(),
+            "config": self.cfg.to_dict(),
+            "layout": dataclasses.asdict(self.layout),
+            "world_size": self.rt.world_size,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """A DCP checkpoint of this step, written by every rank (see
+        :mod:`deepwhale.parallel.checkpoint`)."""
+        extra = self.compression.state_dict() if self.compression is not None else None
+        return pckpt.save_dcp(
+            self.out / "checkpoints",
+            self.step,
+            self.model,
+            self.optimizer,
+            self._state(),
+            self.cfg.checkpoint.keep_last,
+            extra=extra,
+        )
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Restore from a DCP checkpoint saved under any layout (DCP reshards).
+
+        Raises:
+            CheckpointNotFound: missing, incomplete, a single-process checkpoint, or another
+                model's.
+        """
+        folder = Path(folder)
+        if ckpt.is_complete(folder) and not pckpt.is_dcp(folder):
+            raise ckpt.CheckpointNotFound(
+                f"{folder}: a single-process checkpoint; a parallel run resumes from the "
+                "distributed (DCP) checkpoints that parallel runs write"
+            )
+        t0 = time.perf_counter()
+        template = self.compression.state_dict() if self.compression is not None else None
+        out = pckpt.load_dcp(folder, self.model, self.optimizer, template)
+        if self.compression is not None and out["extra"]:
+            self.compression.load_state_dict(out["extra"])
+        state = out["state"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.resumed_from = folder
+        self.load_seconds = time.perf_counter() - t0
+
+    def save_final(self) -> Path:
+        """Save a last DCP checkpoint, then rank 0 writes ``final/`` (an HF folder) from it."""
+        from deepwhale.lora import copy_tokenizer_files
+
+        root = self.out / "checkpoints"
+        folder = ckpt.step_dir(root, self.step)
+        if not (ckpt.is_complete(folder) and pckpt.is_dcp(folder)):
+            folder = self.save_checkpoint()
+        final = self.out / "final"
+        if self.rt.is_main:
+            pckpt.export_hf(folder, self.config, final)
+            src = self.tokenizer_folder
+            if src is not None:
+                copy_tokenizer_files(src, final)
+        dist.barrier()
+        return final
