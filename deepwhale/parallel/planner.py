@@ -814,6 +814,8 @@ def estimate(
         exp_local = sum(u.exp_local * n for u, n in weighted)
         exp_shard_n = sum(u.exp_shard * n for u, n in weighted)
         held = shard_n + exp_shard_n
+        if ep == 1:  # without EP the experts are ordinary parameters of the same groups
+            local, shard_n, exp_local, exp_shard_n = local + exp_local, held, 0, 0
         n_units = len(layers) + len(roots)
         mem = Memory()
         mem.params = held * param_bytes
