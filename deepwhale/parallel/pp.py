@@ -123,6 +123,9 @@ class StageModule(nn.Module):
         super().__init__()
         self.config = model.config
         self.stage_idx, self.n_stages, self.layer_ids = stage_idx, n_stages, layer_ids
+        #: the residual stream is split this many ways along the sequence (TP's sequence
+        #: parallelism sets it to tp); positions and RoPE always cover the full sequence
+        self.seq_shards = 1
         self.is_first, self.is_last = stage_idx == 0, stage_idx == n_stages - 1
         self.model = _StageStack(model.model, layer_ids, self.is_first, self.is_last)
         if self.is_last:
@@ -143,8 +146,11 @@ class StageModule(nn.Module):
                 raise ValueError(
                     f"token ids must be in [0, {vocab}), got [{int(x.min())}, {int(x.max())}]"
                 )
-            x = self.model.embed_tokens(x)  # (B, T, H)
-        b, t = x.shape[:2]
+            t = x.shape[1]
+            x = self.model.embed_tokens(x)  # (B, T, H), or (B, T / tp, H) under SP
+        else:  # under sequence parallelism the activations hold T / seq_shards tokens
+            t = x.shape[1] * self.seq_shards
+        b = x.shape[0]
         positions = torch.arange(t, device=x.device).expand(b, t)  # (B, T)
         cos, sin = self.model.rotary_emb(positions)  # (B, T, rope_dim/2)
         for layer in self.model.layers.values():
@@ -257,6 +263,7 @@ def build_pipeline(
     loss_fn,
     n_microbatches: int | None = None,
     batch_shape: tuple[int, int] | None = None,
+    parallelize=None,
 ):
     """Stages of this rank and the ``torch.distributed.pipelining`` schedule that runs them.
 
@@ -281,6 +288,10 @@ def build_pipeline(
             uninitialised tensors. None lets torch infer shapes from the first step (dynamic mode:
             stages after the first run once on empty tensors). Either way the shapes are fixed
             after the first step; feed windows of one ``(B, T)``.
+        parallelize: ``fn(stage_module) -> None`` applied to each stage module (on ``device``)
+            before it is wrapped in a ``PipelineStage``: the TP / FSDP2 plans of the other mesh
+            dimensions. Under sequence parallelism pass ``batch_shape=None`` (the activations
+            between stages are then ``(b, T / tp, H)``).
 
     Returns:
         ``(stage_modules, schedule)``: this rank's :class:`StageModule` list in stage order (one,
@@ -322,6 +333,8 @@ def build_pipeline(
     modules, stages = [], []
     for s in stage_ids:
         mod = build_stage_module(model, s, n_stages).to(device)
+        if parallelize is not None:
+            parallelize(mod)
         meta = (
             {} if batch_shape is None else _static_meta(mod, batch_shape[0] // n_mb, batch_shape[1])
         )

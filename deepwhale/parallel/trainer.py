@@ -87,23 +87,107 @@ class ParallelTrainer(Trainer):
         lay, rt = self.layout, self.rt
         model = self.model
         self.inner = model
+        self._expert_params = []
+        if lay.pp > 1:
+            self._build_pipeline()
+            return
         if lay.tp > 1:
             from deepwhale.parallel.tp import apply_tensor_parallel
 
             apply_tensor_parallel(model, rt.tp_mesh, lay.sequence_parallel)
         if lay.ep > 1:
-            from deepwhale.parallel.ep import apply_expert_parallel
+            from deepwhale.parallel.ep import apply_expert_parallel, expert_parameter_names
 
             apply_expert_parallel(model, rt.ep_group)
-        self._expert_params = [
-            p for n, p in model.named_parameters() if ".experts." in n and lay.ep > 1
-        ]
-        if lay.dp_shard > 1 or (lay.dp > 1 and (lay.tp > 1 or lay.pp > 1)):
+            names = expert_parameter_names(model)
+            self._expert_params = [p for n, p in model.named_parameters() if n in names]
+        if lay.dp_shard > 1 or (lay.dp > 1 and lay.tp > 1):
             self._apply_fsdp(model)
         elif lay.dp > 1:
             self._apply_ddp(model)
         if rt.is_main and not self.cfg.log.quiet:
             print(f"parallel: {rt.describe()}", flush=True)
+
+    def _build_pipeline(self) -> None:
+        """Cut the model into this rank's pipeline stage(s), apply TP / FSDP2 to each stage, and
+        build the schedule; ``self.model`` becomes a module holding exactly this rank's parts
+        (single-device FQNs) for the optimizer, the router monitor and checkpoints."""
+        from deepwhale.parallel.layout import LayoutError
+        from deepwhale.parallel.pp import build_pipeline
+
+        lay, rt = self.layout, self.rt
+        if self.data_format == "chat":
+            raise LayoutError(
+                "parallel.pp > 1 needs rows of one length (packed text or shards); chat data is "
+                "padded per batch — train it with dp/dp_shard/tp"
+            )
+        t = self.cfg.train
+        n_mb = lay.microbatches or t.grad_accum
+        rows = t.micro_batch_size * t.grad_accum
+        seq = self.train_ds[0][0].shape[0]
+
+        def parallelize(stage) -> None:
+            if lay.tp > 1:
+                from deepwhale.parallel.tp import apply_tensor_parallel
+
+                apply_tensor_parallel(stage, rt.tp_mesh, lay.sequence_parallel)
+                if lay.sequence_parallel:
+                    stage.seq_shards = lay.tp
+            if lay.dp_degree > 1:
+                self._apply_fsdp(stage)
+
+        self.pp_loss = _TokenLoss(lay.tp > 1)
+        self.stages, self.pp_schedule = build_pipeline(
+            self.inner,
+            rt.pp_mesh.get_group(),
+            lay,
+            self.device,
+            self.pp_loss,
+            n_mb,
+            batch_shape=None if lay.tp > 1 else (rows, seq),
+            parallelize=parallelize,
+        )
+        self.model = _RankModule(self.stages)
+        self._pp_rows = rows
+        self._pp_aux = torch.zeros((), device=self.device)
+        self._pp_hooks_installed = False
+
+    def _install_pp_moe_hooks(self) -> None:
+        """Under PP the loss is computed inside the schedule, so each MoE layer adds its balance
+        loss to the graph itself (an identity on its output whose backward feeds the loss's
+        gradient, as Megatron-LM's MoE aux-loss scaler does) and counts its router loads."""
+        if self._pp_hooks_installed or self.monitor is None:
+            return
+        self._pp_hooks_installed = True
+        from deepwhale.model.moe import MoE
+
+        index = {id(g): i for i, g in enumerate(self.monitor.gates)}
+        for mod in self.model.modules():
+            if isinstance(mod, MoE):
+                mod.register_forward_hook(self._pp_moe_hook(index[id(mod.gate)]))
+
+    def _pp_moe_hook(self, i: int):
+        def hook(mod, args, out):
+            mon = self.monitor
+            if not mon.enabled or i not in mon._outputs:
+                return None
+            x = args[0]
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # full rows
+            if self.bias_gamma > 0:
+                indices = mon._outputs[i][0]
+                counts = torch.bincount(indices.flatten(), minlength=mon.gates[i].n_experts)
+                mon.loads[i] = mon.loads[i].to(counts.device) + counts.double()
+            if self.aux_alpha <= 0:
+                mon._outputs.pop(i)
+                return None
+            term = mon.layer_balance_term(i, mask, self.seq_aux) * self.aux_alpha
+            mon._outputs.pop(i)
+            denom = self._pp_aux_denom
+            aux = term / denom
+            self._pp_aux += aux.detach()
+            return _AttachLoss.apply(out, aux * self.layout.dp_degree)
+
+        return hook
 
     def _apply_fsdp(self, model) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -179,9 +263,34 @@ class ParallelTrainer(Trainer):
             reduction="sum",
         )
 
+    def _pipeline_window(self, batches):
+        """One window through the pipeline schedule (forward and backward of all microbatches)."""
+        from deepwhale.parallel.pp import pipeline_step
+
+        lay = self.layout
+        self._install_pp_moe_hooks()
+        ids = torch.cat([b["input_ids"] for b in batches]).to(self.device)  # (rows, T)
+        labels = torch.cat([b["labels"] for b in batches]).to(self.device)
+        scale = float(lay.dp_degree)
+        self.pp_loss.denom = max(self._window_tokens, 1) / scale
+        n_mb = lay.microbatches or self.cfg.train.grad_accum
+        n_seqs = ids.shape[0] * lay.dp_degree
+        self._pp_aux_denom = n_seqs if self.seq_aux else n_mb * lay.dp_degree
+        self._pp_aux = torch.zeros((), device=self.device)
+        if self.monitor is not None:
+            self.monitor.clear()
+        with loss_context(lay.tp > 1):
+            loss = pipeline_step(self.pp_schedule, self.stages, ids, labels, train=True)
+        if self.monitor is not None:
+            self.monitor.clear()
+        loss = torch.zeros((), device=self.device) if loss is None else loss / scale
+        return {"loss": loss, "aux_loss": self._pp_aux.clone(), "tokens": self._window_tokens}
+
     def backward_window(self, batches):
         """Forward/backward of this rank's micro-batches (see the module docstring)."""
         lay = self.layout
+        if lay.pp > 1:
+            return self._pipeline_window(batches)
         denom = max(self._window_tokens, 1)
         scale = float(lay.dp_degree)
         n_seqs = sum(b["input_ids"].shape[0] for b in batches) * lay.dp_degree
@@ -306,35 +415,75 @@ class ParallelTrainer(Trainer):
         for x, y in zip(loads, flat.split([len(x) for x in loads]), strict=True):
             x.copy_(y)
 
+    def _val_share(self) -> tuple[list[int], int]:
+        """This data-parallel rank's validation sequences: the first ``eval.max_batches x
+        micro_batch_size x dp_degree`` (what one process with the global micro-batch evaluates),
+        dealt round-robin; and how many every rank has at most."""
+        dp, d = self.layout.dp_degree, self.rt.dp_rank
+        n = min(self.cfg.eval.max_batches * self.cfg.train.micro_batch_size * dp, len(self.val_ds))
+        return list(range(d, n, dp)), -(-n // dp)
+
+    def _val_batches(self, rows: int):
+        """This rank's validation batches of ``rows`` sequences, the same number on every rank
+        (collectives need it); filler rows are masked from the loss."""
+        mine, most = self._val_share()
+        for start in range(0, most, rows):
+            idx = mine[start : start + rows]
+            real = len(idx)
+            fill = idx[-1] if idx else 0
+            b = self._pad(
+                collate([self.val_ds[i] for i in idx + [fill] * (rows - real)], self.pad_id)
+            )
+            b["labels"][real:] = IGNORE_INDEX
+            yield b
+
+    @torch.no_grad()
+    def _pipeline_evaluate(self) -> torch.Tensor:
+        """Validation sums ``(loss, tokens)`` through ``schedule.eval``, in batches of the training
+        window's shape (the pipeline's shapes are fixed)."""
+        from deepwhale.parallel.pp import pipeline_step
+
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.pp_loss.denom = 1.0
+        last = any(m.is_last for m in self.stages)
+        for b in self._val_batches(self._pp_rows):
+            labels = b["labels"].to(self.device)
+            with loss_context(self.layout.tp > 1):
+                ce = pipeline_step(
+                    self.pp_schedule,
+                    self.stages,
+                    b["input_ids"].to(self.device),
+                    labels,
+                    train=False,
+                )
+            if last:
+                sums[0] += ce.double()
+                sums[1] += int((labels != IGNORE_INDEX).sum())
+        dist.all_reduce(sums, group=self.rt.pp_mesh.get_group())
+        return sums
+
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss: data-parallel ranks split the validation micro-batches by sequence;
-        sums are all-reduced, so every rank returns the one-process value."""
+        """Validation loss over the sequences one process with the global micro-batch would
+        evaluate; data-parallel ranks split them and the sums are all-reduced, so every rank
+        returns the one-process value."""
         if self.val_ds is None:
             return {}
         self.model.eval()
         if self.monitor is not None:
             self.monitor.enabled = False
-        mbs = self.cfg.train.micro_batch_size
-        dp, d = self.layout.dp_degree, self.rt.dp_rank
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, tokens
-        for j in range(self.cfg.eval.max_batches):
-            idx = list(range(j * mbs, min((j + 1) * mbs, len(self.val_ds))))
-            if not idx:
-                break
-            # every rank runs every batch (FSDP/TP collectives need all of them); the loss of
-            # sequences outside this rank's share is masked so each counts once
-            b = self._pad(collate([self.val_ds[i] for i in idx], self.pad_id))
-            labels = b["labels"].to(self.device)
-            keep = torch.zeros(labels.shape[0], dtype=torch.bool, device=self.device)
-            keep[d::dp] = True
-            labels = labels.masked_fill(~keep[:, None], IGNORE_INDEX)
-            with self._autocast():
-                logits = self.model(b["input_ids"].to(self.device))
-            with loss_context(self.layout.tp > 1):
-                ce = _local(self._ce_sum(logits, labels))
-            sums[0] += ce.double()
-            sums[1] += int((labels != IGNORE_INDEX).sum())
+        if self.layout.pp > 1:
+            sums = self._pipeline_evaluate()
+        else:
+            sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, tokens
+            for b in self._val_batches(self.cfg.train.micro_batch_size):
+                labels = b["labels"].to(self.device)
+                with self._autocast():
+                    logits = self.model(b["input_ids"].to(self.device))
+                with loss_context(self.layout.tp > 1):
+                    ce = _local(self._ce_sum(logits, labels))
+                sums[0] += ce.double()
+                sums[1] += int((labels != IGNORE_INDEX).sum())
         dist.all_reduce(sums, group=self.rt.dp_group)
         self.model.train()
         if self.monitor is not None:
@@ -410,3 +559,56 @@ class ParallelTrainer(Trainer):
                 copy_tokenizer_files(src, final)
         dist.barrier()
         return final
+
+
+class _TokenLoss:
+    """The pipeline's loss: ``sum of token CEs / denom`` for one microbatch (``denom`` set per
+    window); a plain tensor even when the logits are vocabulary-sharded (TP)."""
+
+    def __init__(self, tp: bool) -> None:
+        self.tp = tp
+        self.denom = 1.0
+
+    def __call__(self, logits, labels):
+        ce = F.cross_entropy(
+            logits.float().flatten(0, 1),
+            labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return _local(ce) / self.denom
+
+
+class _AttachLoss(torch.autograd.Function):
+    """``forward(out, loss) = out``; ``backward`` passes the gradient through and gives ``loss``
+    a gradient of 1, so a loss computed inside a pipeline stage joins the backward pass."""
+
+    @staticmethod
+    def forward(ctx, out, loss):
+        ctx.save_for_backward(loss)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (loss,) = ctx.saved_tensors
+        return grad, torch.ones_like(loss)
+
+
+class _RankModule(torch.nn.Module):
+    """This rank's pipeline stage(s) under the single-device attribute names (``model.
+    embed_tokens``, ``model.layers.{i}``, ``model.norm``, ``lm_head``), so state dicts and
+    checkpoints use the HF keys whatever the layout. It only holds modules; it has no forward."""
+
+    def __init__(self, stages) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        layers = torch.nn.ModuleDict()
+        for st in stages:
+            for k, layer in st.model.layers.items():
+                layers[k] = layer
+            if st.is_first:
+                self.model.embed_tokens = st.model.embed_tokens
+            if st.is_last:
+                self.model.norm = st.model.norm
+                self.lm_head = st.lm_head
+        self.model.layers = layers

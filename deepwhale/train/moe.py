@@ -75,30 +75,35 @@ class RouterMonitor:
             A scalar fp32 tensor (0 when there are no MoE layers).
         """
         total = torch.zeros((), device=mask.device)
+        for i in sorted(self._outputs):
+            total = total + self.layer_balance_term(i, mask, seq_aux)
+        return alpha * total
+
+    def layer_balance_term(self, i: int, mask: torch.Tensor, seq_aux: bool) -> torch.Tensor:
+        """``sum_i f_i * P_i`` (summed over sequences with ``seq_aux``) of MoE layer ``i`` for
+        its last forward pass, without the ``alpha`` weight; ``mask`` as in :meth:`aux_loss`."""
+        indices, scores = self._outputs[i]
         b, t = mask.shape
         m = mask.reshape(b, t, 1).float()
-        for i, (indices, scores) in sorted(self._outputs.items()):
-            gate = self.gates[i]
-            e, k = gate.n_experts, gate.top_k
-            s = scores
-            if gate.scoring_func == "sigmoid":
-                s = s / (s.sum(dim=-1, keepdim=True) + 1e-20)  # V3 eq. 19
-            s = s.view(b, t, e)  # (B, T, E)
-            hits = torch.zeros(b * t, e, device=s.device).scatter_add_(
-                1, indices, torch.ones_like(indices, dtype=torch.float32)
-            )
-            hits = hits.view(b, t, e) * m  # (B, T, E), padding removed
-            if seq_aux:
-                n_tok = m.sum(dim=1).clamp(min=1)  # (B, 1)
-                f = hits.sum(dim=1) * e / (k * n_tok)  # (B, E)
-                p = (s * m).sum(dim=1) / n_tok  # (B, E)
-                total = total + (f * p).sum()
-            else:
-                n_tok = m.sum().clamp(min=1)
-                f = hits.sum(dim=(0, 1)) * e / (k * n_tok)  # (E,)
-                p = (s * m).sum(dim=(0, 1)) / n_tok
-                total = total + (f * p).sum()
-        return alpha * total
+        gate = self.gates[i]
+        e, k = gate.n_experts, gate.top_k
+        s = scores
+        if gate.scoring_func == "sigmoid":
+            s = s / (s.sum(dim=-1, keepdim=True) + 1e-20)  # V3 eq. 19
+        s = s.view(b, t, e)  # (B, T, E)
+        hits = torch.zeros(b * t, e, device=s.device).scatter_add_(
+            1, indices, torch.ones_like(indices, dtype=torch.float32)
+        )
+        hits = hits.view(b, t, e) * m  # (B, T, E), padding removed
+        if seq_aux:
+            n_tok = m.sum(dim=1).clamp(min=1)  # (B, 1)
+            f = hits.sum(dim=1) * e / (k * n_tok)  # (B, E)
+            p = (s * m).sum(dim=1) / n_tok  # (B, E)
+        else:
+            n_tok = m.sum().clamp(min=1)
+            f = hits.sum(dim=(0, 1)) * e / (k * n_tok)  # (E,)
+            p = (s * m).sum(dim=(0, 1)) / n_tok
+        return (f * p).sum()
 
     def add_loads(self, mask: torch.Tensor) -> None:
         """Add the last forward pass's per-expert token counts (real tokens only) to :attr:`loads`."""
