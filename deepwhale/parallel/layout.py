@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 COMPRESSION_METHODS = ("none", "topk", "powersgd")
+TOPK_SCOPES = ("tensor", "bucket")
 DEGREES = ("dp", "dp_shard", "tp", "pp", "ep")
 
 
@@ -56,6 +57,11 @@ class GradCompression:
             instead of plain gradients.
         momentum: the momentum factor of the correction.
         powersgd_rank: matrix rank of PowerSGD's low-rank approximation.
+        topk_scope: what Top-k ranks entries within: ``tensor`` (default; each parameter's
+            gradient sends ``ceil(ratio * numel)`` entries, DGC Algorithm 1's per-layer
+            selection, independent of DDP's bucket layout, so a resumed run continues bit for
+            bit) or ``bucket`` (one ``ceil(ratio * N)`` over each DDP bucket; it depends on the
+            layout, which DDP rebuilds after the first iteration of every run, resumed ones too).
     """
 
     method: str = "none"
@@ -64,6 +70,7 @@ class GradCompression:
     momentum_correction: bool = True
     momentum: float = 0.9
     powersgd_rank: int = 4
+    topk_scope: str = "tensor"
 
     def __post_init__(self) -> None:
         if self.method not in COMPRESSION_METHODS:
@@ -81,6 +88,11 @@ class GradCompression:
             raise LayoutError("parallel.grad_compression.momentum: must be in [0, 1)")
         if self.powersgd_rank < 1:
             raise LayoutError("parallel.grad_compression.powersgd_rank: must be >= 1")
+        if self.topk_scope not in TOPK_SCOPES:
+            raise LayoutError(
+                f"parallel.grad_compression.topk_scope: {self.topk_scope!r} is not one of "
+                f"{', '.join(TOPK_SCOPES)}"
+            )
 
 
 @dataclass

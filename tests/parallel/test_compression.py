@@ -1,0 +1,421 @@
+"""Gradient compression hooks (deepwhale.parallel.compression) on real gloo process groups.
+
+Multi-rank checks run in one spawned group per world size (starting processes costs more than
+the checks); each worker saves its findings and the test asserts on them here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from deepwhale.parallel import compression as C
+from deepwhale.parallel.layout import GradCompression, LayoutError, ParallelLayout
+
+SPAWN_TIMEOUT_S = 120
+
+
+# ------------------------------------------------------------------------------------- harness
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, out_dir, fn_name):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        rank=rank,
+        world_size=world,
+        init_method=f"tcp://127.0.0.1:{port}",
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        result = globals()[fn_name](rank, world)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn_name: str, world: int, tmp_path) -> list[dict]:
+    """Run worker ``fn_name(rank, world) -> dict`` on ``world`` gloo ranks; a hung or failed
+    rank fails the test within SPAWN_TIMEOUT_S instead of hanging it."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the children read it at start
+    ctx = mp.start_processes(
+        _entry,
+        args=(world, _free_port(), str(tmp_path), fn_name),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{fn_name} on {world} ranks did not finish in {SPAWN_TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# -------------------------------------------------------------------------------- model & data
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+
+
+def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(8, 16, generator=g)
+    return x, x[:, :8] * 0.5 - x[:, 8:].sum(1, keepdim=True) * 0.1  # learnable target
+
+
+def _ddp(model: torch.nn.Module) -> DDP:
+    # 1 KiB buckets: the first iteration runs all 808 parameters in one bucket, then DDP
+    # rebuilds in gradient-ready order into [2.bias, 2.weight] (264) and [0.bias, 0.weight] (544)
+    return DDP(model, bucket_cap_mb=1 / 1024)
+
+
+def _train(cfg, steps, rank, start=0, ddp=None, state=None, opt=None):
+    """``steps`` SGD steps; returns (ddp, state, opt, losses, per-step payload bytes)."""
+    if ddp is None:
+        ddp = _ddp(_model())
+        state = C.register_compression(ddp, cfg)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    losses, sent = [], []
+    for step in range(start, start + steps):
+        if state is not None:
+            state.set_step(step)
+        x, y = _batch(rank, step)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        sent.append(state.bytes_sent_step if state is not None else 0)
+    return ddp, state, opt, losses, sent
+
+
+def _params(ddp) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in ddp.module.parameters()]
+
+
+# -------------------------------------------------------------------------------------- workers
+def _worker_dense_parity(rank, world):
+    """ratio=1 (k = N every step) against DDP without a hook, same data."""
+    out = {}
+    cfg = GradCompression(method="topk", ratio=1.0, warmup_steps=0, momentum_correction=False)
+    plain, _, _, plain_losses, _ = _train(GradCompression(), 3, rank)
+    hooked, state, _, hooked_losses, _ = _train(cfg, 3, rank)
+    out["params"] = (_params(plain), _params(hooked))
+    out["losses"] = (plain_losses, hooked_losses)
+    out["dense_steps"] = state.dense_steps
+    out["bytes"] = (state.bytes_sent_total, state.dense_bytes_total)
+    return out
+
+
+def _worker_topk(rank, world):
+    out = {}
+    # (2) mass conservation inside a real run, plain error feedback and momentum correction
+    for mc in (False, True):
+        scope = "tensor" if mc else "bucket"
+        cfg = GradCompression(
+            method="topk", ratio=0.1, warmup_steps=0, momentum_correction=mc, topk_scope=scope
+        )
+        ddp = _ddp(_model())
+        names = {id(p): n for n, p in ddp.module.named_parameters()}
+        state = C.TopKState(cfg, names)
+        records = []
+
+        def probe(state, bucket, records=records, cfg=cfg):
+            grad = bucket.buffer().clone()
+            before = {k: v.clone() for k, v in state.bucket_tensors(bucket).items()}
+            fut = C.topk_hook(state, bucket)
+            after = {k: v.clone() for k, v in state.bucket_tensors(bucket).items()}
+            rec = {"grad": grad, "before": before, "after": after}
+            rec["sent"] = state.last_sent[bucket.index()]
+            records.append(rec)
+            return fut.then(lambda f: rec.setdefault("result", f.value().clone()))
+
+        ddp.register_comm_hook(state, probe)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        _train(cfg, 3, rank, ddp=ddp, state=state, opt=opt)
+        conserved, averaged = True, True
+        for rec in records:
+            n = rec["grad"].numel()
+            values, indices = rec["sent"]
+            sent = torch.zeros(n).index_put_((indices.long(),), values)
+            if mc:
+                u = rec["before"]["momentum"] * cfg.momentum + rec["grad"]
+                acc = rec["before"]["residual"] + u
+                conserved &= torch.equal(
+                    rec["after"]["momentum"][indices.long()], torch.zeros(len(indices))
+                )
+            else:
+                acc = rec["before"]["residual"] + rec["grad"]
+            conserved &= torch.equal(sent + rec["after"]["residual"], acc)
+            conserved &= torch.count_nonzero(rec["after"]["residual"][indices.long()]).item() == 0
+            everyone = [torch.empty_like(sent) for _ in range(world)]
+            dist.all_gather(everyone, sent)
+            total = torch.zeros(n)
+            for s in everyone:
+                total += s
+            averaged &= torch.equal(rec["result"], total / world)
+        out[f"conserved_mc{mc}"] = conserved
+        out[f"averaged_mc{mc}"] = averaged
+        out[f"bucket_sizes_mc{mc}"] = [r["grad"].numel() for r in records]
+
+    # (3) reproducible and (4) bytes, with warm-up
+    cfg = GradCompression(method="topk", ratio=0.01, warmup_steps=2, momentum_correction=True)
+    runs = [_train(cfg, 4, rank) for _ in range(2)]
+    out["repro"] = all(
+        torch.equal(a, b) for a, b in zip(_params(runs[0][0]), _params(runs[1][0]), strict=True)
+    )
+    out["sent_per_step"] = runs[0][4]
+    state = runs[0][1]
+    out["dense_step_bytes"] = state.dense_bytes_step
+    out["wire_step"] = (state.wire_bytes_step, state.dense_wire_bytes_step)
+    out["dense_steps"] = state.dense_steps
+    out["bucket_numels"] = [sum(n for _, n in sig) for sig, _ in state.residual.meta.values()]
+
+    # (6) state_dict round trip: 3 steps + checkpoint + fresh DDP + 3 steps == 6 steps
+    cfg = GradCompression(method="topk", ratio=0.1, warmup_steps=2, momentum_correction=True)
+    out["resume_topk"] = _resume_matches(cfg, rank)
+    return out
+
+
+def _resume_matches(cfg, rank) -> bool:
+    whole = _train(cfg, 6, rank)[0]
+    ddp, state, opt, _, _ = _train(cfg, 3, rank)
+    ckpt = {
+        "model": {k: v.clone() for k, v in ddp.module.state_dict().items()},
+        "opt": opt.state_dict(),
+        "comp": state.state_dict(),
+    }
+    model = _model()
+    model.load_state_dict(ckpt["model"])
+    ddp2 = _ddp(model)
+    state2 = C.register_compression(ddp2, cfg)
+    state2.load_state_dict(ckpt["comp"])
+    opt2 = torch.optim.SGD(ddp2.parameters(), lr=0.1)
+    opt2.load_state_dict(ckpt["opt"])
+    resumed = _train(cfg, 3, rank, start=3, ddp=ddp2, state=state2, opt=opt2)[0]
+    return all(torch.equal(a, b) for a, b in zip(_params(whole), _params(resumed), strict=True))
+
+
+def _worker_powersgd(rank, world):
+    out = {}
+    cfg = GradCompression(method="powersgd", powersgd_rank=2, warmup_steps=2)
+    ddp, state, _, losses, sent = _train(cfg, 12, rank)
+    out["losses"] = losses
+    out["sent"] = sent
+    out["dense_steps"] = state.dense_steps
+    out["step_bytes"] = (state.bytes_sent_step, state.dense_bytes_step)
+    # our P/Q estimate against the memories torch allocated (warm start keeps them)
+    p = sum(t.numel() for t in state.psgd.p_memory_dict.values())
+    q = sum(t.numel() for t in state.psgd.q_memory_dict.values())
+    out["torch_pq_bytes"] = (p + q) * 4
+    out["resume_powersgd"] = _resume_matches(cfg, rank)
+    return out
+
+
+def _worker_two(rank, world):
+    """Every two-rank check in one process group (starting processes is the slow part)."""
+    return {
+        "dense_parity": _worker_dense_parity(rank, world),
+        "topk": _worker_topk(rank, world),
+        "powersgd": _worker_powersgd(rank, world),
+    }
+
+
+def _worker_three(rank, world):
+    cfg = GradCompression(method="topk", ratio=1.0, warmup_steps=0, momentum_correction=False)
+    plain = _train(GradCompression(), 2, rank)[0]
+    hooked = _train(cfg, 2, rank)[0]
+    sparse_cfg = GradCompression(method="topk", ratio=0.05, warmup_steps=0)
+    _, state, _, losses, _ = _train(sparse_cfg, 3, rank)
+    return {
+        "close": all(
+            torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+            for a, b in zip(_params(plain), _params(hooked), strict=True)
+        ),
+        "sparse_losses": losses,
+        "wire": (state.wire_bytes_step, state.bytes_sent_step),
+    }
+
+
+# -------------------------------------------------------------------------------- pure tests
+def test_topk_compress_conserves_mass_bitwise():
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(1, 1), (10, 3), (1000, 10), (4097, 4097)]:
+        acc = torch.randn(n, generator=g) * torch.logspace(-8, 8, n)
+        before = acc.clone()
+        values, indices, residual = C.topk_compress(acc, k)
+        assert torch.equal(acc, before)  # input untouched
+        assert values.shape == (k,) and indices.dtype == torch.int32
+        assert torch.equal(residual.index_put((indices.long(),), values), acc)
+        assert torch.unique(indices).numel() == k
+        if k < n:
+            assert values.abs().min() >= residual.abs().max()
+    with pytest.raises(ValueError):
+        C.topk_compress(torch.zeros(4), 5)
+    with pytest.raises(ValueError):
+        C.topk_compress(torch.zeros(2, 2), 1)
+
+
+def test_warmup_density_schedule():
+    cfg = GradCompression(method="topk", ratio=0.01, warmup_steps=4)
+    got = [C.topk_density(s, cfg) for s in range(7)]
+    want = [1.0, 0.01**0.25, 0.1, 0.01**0.75, 0.01, 0.01, 0.01]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert C.topk_density(0, GradCompression(method="topk", ratio=0.05, warmup_steps=0)) == 0.05
+    assert [C.topk_k(1000, d) for d in got[:5]] == [1000, 317, 100, 32, 10]
+    assert C.topk_k(100, 0.07) == 7  # not 8 from 7.000000000000001
+    assert C.topk_k(10, 1e-9) == 1
+    with pytest.raises(ValueError):
+        C.topk_density(-1, cfg)
+
+
+def test_byte_formulas_and_world_size_crossover():
+    n, r = 1_000_000, 0.01
+    k = C.topk_k(n, r)
+    payload, wire = C.sparse_allgather_bytes(k, 4, 4, world=2)
+    dense_payload, dense_wire = C.dense_allreduce_bytes(n, 4, world=2)
+    assert payload == k * (4 + 4) == 80_000
+    assert dense_payload == 4 * n and dense_wire == 4 * n  # 2 (W-1)/W = 1 at W=2
+    assert payload < 0.3 * dense_payload
+    # sparse/dense wire = W * r * (b_v + b_i) / (2 b_v): crossover at W = 1/r for fp32 + int32
+    for world in (50, 99, 101, 200):
+        sparse = C.sparse_allgather_bytes(k, 4, 4, world)[1]
+        dense = C.dense_allreduce_bytes(n, 4, world)[1]
+        assert (sparse > dense) == (world > 1 / r)
+        assert sparse / dense == pytest.approx(world * r)
+    assert C.index_dtype(2**31 - 1) == torch.int32 and C.index_dtype(2**31) == torch.int64
+
+
+def test_powersgd_plan_matches_torch_rule():
+    shapes = [torch.Size([32, 16]), torch.Size([32]), torch.Size([8, 32]), torch.Size([32, 16])]
+    uncompressed, plan = C.powersgd_plan(shapes, rank=2)
+    assert uncompressed == 32  # the bias
+    assert [pos for pos, *_ in plan] == [0, 3, 2]  # grouped by shape, first appearance
+    assert [(n, m, r) for _, n, m, r in plan] == [(32, 16, 2), (32, 16, 2), (8, 32, 2)]
+
+
+def test_check_compression_supported_messages():
+    topk = GradCompression(method="topk")
+    C.check_compression_supported(topk, ParallelLayout(dp=4))
+    C.check_compression_supported(GradCompression(), ParallelLayout(dp=1, dp_shard=2, tp=2))
+    cases = {
+        "dp_shard=2 (FSDP2 reduce-scatters inside fully_shard, no comm hook)": dict(dp_shard=2),
+        "tp=2 (tensor-parallel": dict(tp=2),
+        "pp=2 (pipeline stages": dict(pp=2),
+        "ep=2 (expert-parallel": dict(ep=2),
+    }
+    for text, degrees in cases.items():
+        with pytest.raises(LayoutError) as err:
+            C.check_compression_supported(topk, ParallelLayout(dp=2, **degrees))
+        msg = str(err.value)
+        assert "\n" not in msg
+        assert msg.startswith(
+            "parallel.grad_compression=topk works with DDP (dp) only; it cannot be combined with "
+        )
+        assert text in msg
+    with pytest.raises(LayoutError, match=r"powersgd .* tp=2 .*pp=2"):
+        C.check_compression_supported(
+            GradCompression(method="powersgd"), ParallelLayout(dp=1, tp=2, pp=2)
+        )
+
+
+def test_topk_scope_is_validated():
+    with pytest.raises(LayoutError, match="topk_scope: 'layer' is not one of tensor, bucket"):
+        GradCompression(method="topk", topk_scope="layer")
+
+
+def test_register_none_and_non_ddp():
+    assert C.register_compression(torch.nn.Linear(2, 2), GradCompression()) is None
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        C.register_compression(torch.nn.Linear(2, 2), GradCompression(method="topk"))
+
+
+# --------------------------------------------------------------------------- multi-rank tests
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
+    results = _spawn("_worker_two", 2, tmp_path_factory.mktemp("two_ranks"))
+    return {name: [r[name] for r in results] for name in results[0]}
+
+
+def test_ratio_one_equals_dense_allreduce(two_ranks):
+    for r in two_ranks["dense_parity"]:
+        plain, hooked = r["params"]
+        for a, b in zip(plain, hooked, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        assert r["losses"][0] == pytest.approx(r["losses"][1], rel=1e-6)
+        assert r["dense_steps"] == 3
+        assert r["bytes"][0] == r["bytes"][1] == 3 * 808 * 4  # 808 parameters, fp32
+
+
+def test_topk_run(two_ranks):
+    results = two_ranks["topk"]
+    for r in results:
+        for mc in (False, True):
+            assert r[f"conserved_mc{mc}"], f"mass not conserved (momentum_correction={mc})"
+            assert r[f"averaged_mc{mc}"], "result != sum of ranks' sent entries / W"
+            sizes = r[f"bucket_sizes_mc{mc}"]
+            assert sizes == [808, 264, 544, 264, 544]  # one bucket, then rebuilt into two
+        assert r["repro"]
+        # warm-up 2 at ratio 0.01: step 0 dense, step 1 density 0.1, then 0.01
+        sent = r["sent_per_step"]
+        assert sent[0] == 808 * 4
+        assert r["dense_steps"] == 1
+        assert sent[2] == sent[3] < 0.3 * r["dense_step_bytes"]
+        assert sum(r["bucket_numels"]) == 808
+        # topk_scope=tensor: ceil(ratio * numel) per parameter (808 = 512 + 32 + 256 + 8)
+        numels = [512, 32, 256, 8]
+        assert sent[3] == sum(C.topk_k(n, 0.01) * (4 + 4) for n in numels) == 11 * 8
+        assert sent[1] == sum(C.topk_k(n, 0.1) * (4 + 4) for n in numels) == 83 * 8
+        assert r["dense_step_bytes"] == 808 * 4
+        wire, dense_wire = r["wire_step"]
+        assert wire == sent[3] * (2 - 1) and dense_wire == 808 * 4 * 2 * (2 - 1) / 2
+        assert r["resume_topk"], "resumed run differs from the uninterrupted one"
+    assert results[0]["sent_per_step"] == results[1]["sent_per_step"]
+
+
+def test_powersgd_run(two_ranks):
+    for r in two_ranks["powersgd"]:
+        losses = r["losses"]
+        assert all(math.isfinite(x) for x in losses)
+        assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3
+        assert r["dense_steps"] == 2  # start_powerSGD_iter = max(2, warmup_steps)
+        assert r["sent"][0] == r["sent"][1] == 808 * 4
+        payload, dense = r["step_bytes"]
+        assert payload < dense
+        # our estimate = uncompressed biases + P + Q, with torch's P/Q sizes
+        assert payload == r["torch_pq_bytes"] + (32 + 8) * 4
+        assert r["resume_powersgd"], "resumed PowerSGD run differs from the uninterrupted one"
+
+
+@pytest.mark.slow
+def test_three_ranks(tmp_path):
+    """ratio=1 parity and sparse steps with W=3 (1/3 is not exact in float: allclose)."""
+    for r in _spawn("_worker_three", 3, tmp_path):
+        assert r["close"]
+        assert all(math.isfinite(x) for x in r["sparse_losses"])
+        wire, payload = r["wire"]
+        assert wire == 2 * payload  # (W - 1) * payload
