@@ -45,15 +45,15 @@ def is_dcp(folder: Path) -> bool:
     return (Path(folder) / METADATA).is_file()
 
 
-def _rng_bytes() -> torch.Tensor:
+def _to_bytes(obj: Any) -> torch.Tensor:
+    """A picklable object (RNG states, compression residuals) as a uint8 tensor ``(nbytes,)``."""
     buf = io.BytesIO()
-    torch.save(ckpt.rng_state(), buf)
+    torch.save(obj, buf)
     return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
 
 
-def _set_rng_bytes(t: torch.Tensor) -> None:
-    state = torch.load(io.BytesIO(t.numpy().tobytes()), map_location="cpu", weights_only=False)
-    ckpt.set_rng_state(state)
+def _from_bytes(t: torch.Tensor) -> Any:
+    return torch.load(io.BytesIO(t.numpy().tobytes()), map_location="cpu", weights_only=False)
 
 
 def _barrier() -> None:
@@ -72,7 +72,7 @@ def save_dcp(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_last: int,
-    extra: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Save checkpoint ``step`` of a (possibly parallel) run; every rank calls this.
 
@@ -83,8 +83,8 @@ def save_dcp(
         optimizer: its optimizer.
         state: JSON-serialisable trainer state (the same on every rank; rank 0 writes it).
         keep_last: complete checkpoints to keep.
-        extra: per-rank tensors (e.g. gradient-compression residuals), stored under
-            ``extra/rank{R}/...`` and returned by :func:`load_dcp`.
+        extra: this rank's own state (e.g. gradient-compression residuals, any picklable
+            object), stored under ``extra.rank{R}`` and returned by :func:`load_dcp`.
 
     Returns the final folder. Raises ``OSError`` / ``CheckpointException`` on write errors.
     """
@@ -99,10 +99,10 @@ def save_dcp(
     sd: dict[str, Any] = {
         "model": get_model_state_dict(model),
         "optim": get_optimizer_state_dict(model, optimizer),
-        "rng": {f"rank{rank}": _rng_bytes()},
+        "rng": {f"rank{rank}": _to_bytes(ckpt.rng_state())},
     }
     if extra:
-        sd["extra"] = {f"rank{rank}": dict(extra)}
+        sd["extra"] = {f"rank{rank}": _to_bytes(extra)}
     dcp.save(sd, checkpoint_id=str(tmp))
     _barrier()
     if rank == 0:
@@ -129,7 +129,7 @@ def load_dcp(
     folder: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    extra_template: dict[str, torch.Tensor] | None = None,
+    want_extra: bool = False,
 ) -> dict[str, Any]:
     """Load a DCP checkpoint into ``model`` (and ``optimizer``), resharding to the current layout.
 
@@ -139,10 +139,11 @@ def load_dcp(
         folder: a complete ``step-N`` folder.
         model: the model, wrapped as for training.
         optimizer: its optimizer (None: weights only).
-        extra_template: per-rank tensors to restore (shapes as saved); missing ones are skipped.
+        want_extra: also return this rank's ``extra`` state (None when it was not saved, e.g.
+            a rank that did not exist at save time).
 
     Returns:
-        ``{"state": state.json contents, "extra": restored extra tensors or {}}``.
+        ``{"state": state.json contents, "extra": this rank's extra state or None}``.
 
     Raises:
         CheckpointNotFound: ``folder`` is not a complete DCP checkpoint, or it does not match the
@@ -161,20 +162,15 @@ def load_dcp(
     if optimizer is not None:
         sd["optim"] = get_optimizer_state_dict(model, optimizer)
     rng_key = f"rank{rank}" if f"rng.rank{rank}" in stored else "rank0"
-    sd["rng"] = {rng_key: torch.empty(0, dtype=torch.uint8)}
     if f"rng.{rng_key}" in stored:
-        nbytes = _tensor_numel(folder, f"rng.{rng_key}")
-        sd["rng"][rng_key] = torch.empty(nbytes, dtype=torch.uint8)
-    else:
-        del sd["rng"]
-    if extra_template:
-        wanted = {
-            k: torch.empty_like(v)
-            for k, v in extra_template.items()
-            if f"extra.rank{rank}.{k}" in stored
+        sd["rng"] = {
+            rng_key: torch.empty(_tensor_numel(folder, f"rng.{rng_key}"), dtype=torch.uint8)
         }
-        if wanted:
-            sd["extra"] = {f"rank{rank}": wanted}
+    extra_key = f"extra.rank{rank}"
+    if want_extra and extra_key in stored:
+        sd["extra"] = {
+            f"rank{rank}": torch.empty(_tensor_numel(folder, extra_key), dtype=torch.uint8)
+        }
     try:
         dcp.load(sd, checkpoint_id=str(folder), no_dist=no_dist)
     except (RuntimeError, ValueError, KeyError) as e:  # CheckpointException is a BaseException
@@ -191,9 +187,9 @@ def load_dcp(
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, sd["optim"])
     if "rng" in sd:
-        _set_rng_bytes(sd["rng"][rng_key])
+        ckpt.set_rng_state(_from_bytes(sd["rng"][rng_key]))
     state = json.loads((folder / ckpt.STATE).read_text(encoding="utf-8"))
-    extra = sd.get("extra", {}).get(f"rank{rank}", {})
+    extra = _from_bytes(sd["extra"][f"rank{rank}"]) if "extra" in sd else None
     return {"state": state, "extra": extra}
 
 
