@@ -135,22 +135,18 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = T
                 plan[f"self_attn.{name}"] = ColwiseParallel()
             plan["self_attn.o_proj"] = rowwise
         if isinstance(mlp, MoE):
-            if sp:
+            if sp:  # the router and routed experts see the full sequence
                 plan["mlp"] = PrepareModuleInput(
                     input_layouts=(Shard(1),),
                     desired_input_layouts=(Replicate(),),
                     use_local_output=True,
                 )
-            # the MoE output is complete on every rank; under SP keep this rank's tokens
-            plan["mlp"] = plan.get("mlp")
             if mlp.shared_experts is not None:
                 plan["mlp.shared_experts.gate_proj"] = ColwiseParallel()
                 plan["mlp.shared_experts.up_proj"] = ColwiseParallel()
                 plan["mlp.shared_experts.down_proj"] = RowwiseParallel()
-            if plan["mlp"] is None:
-                del plan["mlp"]
             parallelize_module(layer, tp_mesh, plan)
-            if sp:
+            if sp:  # the MoE output is complete on every rank: keep this rank's tokens
                 parallelize_module(
                     mlp,
                     tp_mesh,

@@ -189,40 +189,6 @@ class ParallelTrainer(Trainer):
 
         return hook
 
-    def _track_expert_use(self) -> None:
-        """FSDP2 gives every sharded parameter a gradient (zeros where unused), while one process
-        leaves an expert that got no token without one (AdamW then skips it: no moment update, no
-        weight decay). Record which experts the window routed to, so :meth:`_drop_unused_grads`
-        can restore that."""
-        from deepwhale.model.moe import MoE
-
-        self._moe_use = []
-        for mod in self.model.modules():
-            if isinstance(mod, MoE):
-                used = torch.zeros(mod.gate.n_experts, dtype=torch.float32, device=self.device)
-                self._moe_use.append((mod, used))
-
-                def hook(gate, args, out, used=used):
-                    used += torch.bincount(out[1].flatten(), minlength=used.numel()).float()
-
-                mod.gate.register_forward_hook(hook)
-
-    def _drop_unused_grads(self) -> None:
-        if not getattr(self, "_moe_use", None):
-            return
-        flat = torch.cat([u for _, u in self._moe_use])
-        dist.all_reduce(flat, group=self.rt.dp_group)  # used anywhere in the window?
-        for (mod, used), total in zip(
-            self._moe_use, flat.split([u.numel() for _, u in self._moe_use]), strict=True
-        ):
-            experts = mod.experts
-            keys = experts.keys() if hasattr(experts, "keys") else range(len(experts))
-            for j in keys:
-                if total[int(j)] == 0:
-                    for p in experts[j].parameters():
-                        p.grad = None
-            used.zero_()
-
     def _apply_fsdp(self, model) -> None:
         from torch.distributed.fsdp import fully_shard
 
@@ -408,7 +374,6 @@ class ParallelTrainer(Trainer):
             self.compression.set_step(self.step)
         metrics = self.backward_window(self.next_batches())
         self._sync_expert_grads()
-        self._drop_unused_grads()
         clip = self.cfg.optim.grad_clip
         grad_norm = self._grad_norm()
         if clip > 0:
