@@ -85,6 +85,9 @@ def _run(cfg_path: Path | None, overrides: list[str], quiet: bool) -> None:
         typer.echo(f"done: step {last['step']}, loss {last['loss']:.4f}{val} -> {cfg.out_dir}")
 
 
+_PREFLIGHT_WAIT_S = 60.0  # other ranks after a bad layout (torchrun ends them sooner)
+
+
 def _run_parallel(cfg) -> list:
     """One rank of a ``torchrun`` job. The layout is checked on every rank before any process
     group exists, so a bad one exits 2 everywhere with one line from rank 0; an error after that
@@ -104,6 +107,10 @@ def _run_parallel(cfg) -> list:
     except _user_errors() as e:
         if rank == 0:
             _fail(e)
+        else:  # let rank 0 print and exit first: torchrun then stops this rank (SIGTERM)
+            import time
+
+            time.sleep(_PREFLIGHT_WAIT_S)
         raise typer.Exit(2) from None
     from deepwhale.parallel.runtime import shutdown
     from deepwhale.parallel.trainer import ParallelTrainer
