@@ -151,6 +151,7 @@ class ParallelTrainer(Trainer):
         self._pp_rows = rows
         self._pp_aux = torch.zeros((), device=self.device)
         self._pp_hooks_installed = False
+        self._pp_calls: dict[int, list] = {}  # MoE layer -> (loads, aux) per forward call
 
     def _install_pp_moe_hooks(self) -> None:
         """Under PP the loss is computed inside the schedule, so each MoE layer adds its balance
@@ -173,21 +174,33 @@ class ParallelTrainer(Trainer):
                 return None
             x = args[0]
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # full rows
+            counts = aux = None
             if self.bias_gamma > 0:
                 indices = mon._outputs[i][0]
                 counts = torch.bincount(indices.flatten(), minlength=mon.gates[i].n_experts)
-                mon.loads[i] = mon.loads[i].to(counts.device) + counts.double()
-            if self.aux_alpha <= 0:
-                mon._outputs.pop(i)
-                return None
-            term = mon.layer_balance_term(i, mask, self.seq_aux) * self.aux_alpha
+            if self.aux_alpha > 0:
+                term = mon.layer_balance_term(i, mask, self.seq_aux) * self.aux_alpha
+                aux = term / self._pp_aux_denom
             mon._outputs.pop(i)
-            denom = self._pp_aux_denom
-            aux = term / denom
-            self._pp_aux += aux.detach()
+            self._pp_calls.setdefault(i, []).append((counts, None if aux is None else aux.detach()))
+            if aux is None:
+                return None
             return _AttachLoss.apply(out, aux * self.layout.dp_degree)
 
         return hook
+
+    def _pp_window_router_stats(self, n_mb: int) -> None:
+        """Add the window's router loads and balance loss from the last ``n_mb`` forward calls of
+        each MoE layer: on the first step torch's pipelining runs one more forward per stage to
+        infer the activations' metadata (on real or uninitialised inputs), which must not count."""
+        mon = self.monitor
+        for i, calls in self._pp_calls.items():
+            for counts, aux in calls[-n_mb:]:
+                if counts is not None:
+                    mon.loads[i] = mon.loads[i].to(counts.device) + counts.double()
+                if aux is not None:
+                    self._pp_aux += aux
+        self._pp_calls = {}
 
     def _apply_fsdp(self, model) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -201,6 +214,48 @@ class ParallelTrainer(Trainer):
             fully_shard(layer, mesh=mesh, ignored_params=ignored)
         fully_shard(model, mesh=mesh, ignored_params=ignored)
         self._fsdp = True
+        if self.config.n_routed_experts and not self._expert_params:
+            self._track_expert_use(model)
+
+    def _track_expert_use(self, root) -> None:
+        """FSDP2 reduce-scatters the gradients a rank has, so every rank must hold a gradient
+        for every routed expert (else the collectives differ in size). A forward hook adds
+        ``0 * w[0]`` of each expert weight to the MoE output, so experts without tokens on a rank
+        get exact zeros there; after backward, :meth:`_drop_unused_expert_grads` sets the
+        gradients of experts no data-parallel rank routed to back to None, as one process has
+        them (AdamW then skips them: no weight decay, no moment update)."""
+        from deepwhale.model.moe import MoE
+
+        self._moe_use = []
+        for mod in root.modules():
+            if not isinstance(mod, MoE):
+                continue
+            use = torch.zeros(len(mod.experts), dtype=torch.int64, device=self.device)
+            self._moe_use.append((mod, use))
+
+            def count(gate, args, out, use=use):
+                use.add_(torch.bincount(out[1].flatten(), minlength=len(use)))
+
+            def touch(moe, args, out):
+                first = [p.reshape(-1)[0] for p in moe.experts.parameters()]
+                return out + torch.stack(first).sum().to(out.dtype) * 0.0
+
+            mod.gate.register_forward_hook(count)
+            mod.register_forward_hook(touch)
+
+    def _drop_unused_expert_grads(self) -> None:
+        """See :meth:`_track_expert_use`: one all-reduce of the per-expert token counts over
+        the data-parallel ranks; experts with none lose their (zero) gradient."""
+        uses = getattr(self, "_moe_use", None)
+        if not uses:
+            return
+        flat = torch.cat([u for _, u in uses])
+        dist.all_reduce(flat, group=self.rt.dp_group)
+        for (mod, use), total in zip(uses, flat.split([len(u) for _, u in uses]), strict=True):
+            for e in (total == 0).nonzero().flatten().tolist():
+                for q in mod.experts[e].parameters():
+                    q.grad = None
+            use.zero_()
 
     def _apply_ddp(self, model) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -279,10 +334,12 @@ class ParallelTrainer(Trainer):
         self._pp_aux = torch.zeros((), device=self.device)
         if self.monitor is not None:
             self.monitor.clear()
+        self._pp_calls = {}
         with loss_context(lay.tp > 1):
             loss = pipeline_step(self.pp_schedule, self.stages, ids, labels, train=True)
         if self.monitor is not None:
             self.monitor.clear()
+            self._pp_window_router_stats(n_mb)
         loss = torch.zeros((), device=self.device) if loss is None else loss / scale
         return {"loss": loss, "aux_loss": self._pp_aux.clone(), "tokens": self._window_tokens}
 
@@ -373,6 +430,7 @@ class ParallelTrainer(Trainer):
         if self.compression is not None:
             self.compression.set_step(self.step)
         metrics = self.backward_window(self.next_batches())
+        self._drop_unused_expert_grads()
         self._sync_expert_grads()
         clip = self.cfg.optim.grad_clip
         grad_norm = self._grad_norm()

@@ -80,16 +80,9 @@ LAYOUTS = [
 ]
 
 
-# debug-v3 (MLA + MoE) under FSDP2 (dp_shard, and dp with tp) and under tp x pp does not yet
-# match one process after step 1; those layouts run for debug-llama only (see the README)
-V3_LAYOUTS = {"dp=2", "tp=2", "pp=2 gpipe", "pp=2 1f1b", "ep=2"}
-
-
 @pytest.mark.parametrize("model", ["debug-llama", "debug-v3"])
 @pytest.mark.parametrize(("layout", "nproc", "dp"), LAYOUTS, ids=[x[0] for x in LAYOUTS])
 def test_layout_matches_one_process(tmp_path, shakespeare, reference, model, layout, nproc, dp):
-    if model == "debug-v3" and layout not in V3_LAYOUTS:
-        pytest.skip("not yet equivalent for MLA + MoE under this layout")
     if model == "debug-llama" and layout.startswith("ep"):
         pytest.skip("expert parallelism needs a MoE model")
     degrees, _, schedule = layout.partition(" ")
