@@ -76,6 +76,7 @@ class ParallelTrainer(Trainer):
         self._fsdp = False
         self._window_tokens = 0
         self.compression = None
+        self._moe_use: list = []  # (MoE module, per-expert token counts) under FSDP2
         super().__init__(cfg)
 
     # ------------------------------------------------------------------ setup
@@ -96,17 +97,25 @@ class ParallelTrainer(Trainer):
 
             apply_tensor_parallel(model, rt.tp_mesh, lay.sequence_parallel)
         if lay.ep > 1:
-            from deepwhale.parallel.ep import apply_expert_parallel, expert_parameter_names
-
-            apply_expert_parallel(model, rt.ep_group)
-            names = expert_parameter_names(model)
-            self._expert_params = [p for n, p in model.named_parameters() if n in names]
+            self._apply_ep(model)
         if lay.dp_shard > 1 or (lay.dp > 1 and lay.tp > 1):
             self._apply_fsdp(model)
         elif lay.dp > 1:
             self._apply_ddp(model)
         if rt.is_main and not self.cfg.log.quiet:
             print(f"parallel: {rt.describe()}", flush=True)
+
+    def _apply_ep(self, model) -> None:
+        """Shard the routed experts of ``model`` (the whole model, or one pipeline stage) over
+        the EP group; their parameters stay outside DDP/FSDP (:meth:`_sync_expert_grads`)."""
+        from deepwhale.model.moe import MoE
+        from deepwhale.parallel.ep import apply_expert_parallel, expert_parameter_names
+
+        if not any(isinstance(m, MoE) for m in model.modules()):
+            return  # a pipeline stage of dense layers only
+        apply_expert_parallel(model, self.rt.ep_group)
+        names = expert_parameter_names(model)
+        self._expert_params += [p for n, p in model.named_parameters() if n in names]
 
     def _build_pipeline(self) -> None:
         """Cut the model into this rank's pipeline stage(s), apply TP / FSDP2 to each stage, and
@@ -133,6 +142,8 @@ class ParallelTrainer(Trainer):
                 apply_tensor_parallel(stage, rt.tp_mesh, lay.sequence_parallel)
                 if lay.sequence_parallel:
                     stage.seq_shards = lay.tp
+            if lay.ep > 1:
+                self._apply_ep(stage)
             if lay.dp_degree > 1:
                 self._apply_fsdp(stage)
 
@@ -226,7 +237,6 @@ class ParallelTrainer(Trainer):
         them (AdamW then skips them: no weight decay, no moment update)."""
         from deepwhale.model.moe import MoE
 
-        self._moe_use = []
         for mod in root.modules():
             if not isinstance(mod, MoE):
                 continue
@@ -246,7 +256,7 @@ class ParallelTrainer(Trainer):
     def _drop_unused_expert_grads(self) -> None:
         """See :meth:`_track_expert_use`: one all-reduce of the per-expert token counts over
         the data-parallel ranks; experts with none lose their (zero) gradient."""
-        uses = getattr(self, "_moe_use", None)
+        uses = self._moe_use
         if not uses:
             return
         flat = torch.cat([u for _, u in uses])
