@@ -88,10 +88,11 @@ def _run(cfg_path: Path | None, overrides: list[str], quiet: bool) -> None:
 _PREFLIGHT_WAIT_S = 60.0  # other ranks after a bad layout (torchrun ends them sooner)
 
 
-def _run_parallel(cfg) -> list:
+def _run_parallel(cfg, keep_group: bool = False) -> list:
     """One rank of a ``torchrun`` job. The layout is checked on every rank before any process
     group exists, so a bad one exits 2 everywhere with one line from rank 0; an error after that
-    is printed by the rank it happened on, prefixed ``rank R/W``, and torchrun stops the others."""
+    is printed by the rank it happened on, prefixed ``rank R/W``, and torchrun stops the others.
+    ``keep_group``: leave the process group up for another run in the same job (tests)."""
     from deepwhale.parallel.layout import LayoutError, describe
     from deepwhale.parallel.runtime import env_world, init_runtime, launched_by_torchrun, preflight
 
@@ -127,7 +128,8 @@ def _run_parallel(cfg) -> list:
     except Exception as e:  # a crash on this rank: one line naming it, then torchrun stops all
         typer.echo(f"error: rank {rank}/{world}: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(1) from None
-    shutdown()
+    if not keep_group:
+        shutdown()
     return history if rank == 0 else []
 
 

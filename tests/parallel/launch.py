@@ -33,8 +33,15 @@ def env() -> dict[str, str]:
     return e
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 240, extra: list[str] | None = None):
-    """``torchrun --nproc-per-node nproc -m deepwhale train ARGS``; returns the CompletedProcess."""
+def torchrun(
+    nproc: int,
+    args: list[str],
+    timeout: float = 240,
+    extra: list[str] | None = None,
+    entry: tuple[str, ...] = ("deepwhale", "train"),
+):
+    """``torchrun --nproc-per-node nproc -m deepwhale train ARGS`` (``entry``: the module and its
+    leading arguments); returns the CompletedProcess."""
     cmd = [
         sys.executable,
         "-m",
@@ -45,8 +52,7 @@ def torchrun(nproc: int, args: list[str], timeout: float = 240, extra: list[str]
         "--monitor-interval=0.1",
         *(extra or []),
         "-m",
-        "deepwhale",
-        "train",
+        *entry,
         *args,
     ]
     return subprocess.run(

@@ -4,6 +4,8 @@ gloo, real torchrun process groups)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -82,17 +84,64 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("model", ["debug-llama", "debug-v3"])
+MODELS = ["debug-llama", "debug-v3"]
+
+
+def _cases(nproc: int) -> list[tuple[str, str]]:
+    return [
+        (model, layout)
+        for layout, n, _ in LAYOUTS
+        if n == nproc
+        for model in MODELS
+        if not (model == "debug-llama" and "ep=" in layout)  # EP needs a MoE model
+    ]
+
+
+def _run_dir(root, model: str, layout: str):
+    tag = layout.replace("=", "").replace(",", "x").replace(" ", "-")
+    return root / f"{model}-{tag}"
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, shakespeare):
+    """All runs of one process count in one ``torchrun`` job (see tests/parallel/multi_run.py):
+    ``launched(nproc)`` -> (root folder, the job's CompletedProcess)."""
+    cache = {}
+
+    def get(nproc: int):
+        if nproc not in cache:
+            root = tmp_path_factory.mktemp(f"launch-{nproc}")
+            jobs = []
+            for model, layout in _cases(nproc):
+                out = _run_dir(root, model, layout)
+                out.mkdir()
+                degrees, _, schedule = layout.partition(" ")
+                data = base(out / "run", shakespeare, model, MBS)
+                if schedule:
+                    data["parallel"] = {"pp_schedule": schedule}
+                cfg = write_config(out / "cfg.yaml", data)
+                jobs.append({"config": str(cfg), "parallel": degrees})
+            spec = root / "jobs.json"
+            spec.write_text(json.dumps(jobs), encoding="utf-8")
+            proc = torchrun(nproc, [str(spec)], timeout=1200, entry=("tests.parallel.multi_run",))
+            cache[nproc] = (root, proc)
+        return cache[nproc]
+
+    return get
+
+
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize(("layout", "nproc", "dp"), LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_layout_matches_one_process(tmp_path, shakespeare, reference, model, layout, nproc, dp):
+def test_layout_matches_one_process(launched, reference, model, layout, nproc, dp):
     if model == "debug-llama" and "ep=" in layout:
         pytest.skip("expert parallelism needs a MoE model")
-    degrees, _, schedule = layout.partition(" ")
-    data = base(tmp_path / "run", shakespeare, model, MBS)
-    if schedule:
-        data["parallel"] = {"pp_schedule": schedule}
-    cfg = write_config(tmp_path / "cfg.yaml", data)
-    proc = torchrun(nproc, ["-c", str(cfg), "--parallel", degrees])
-    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    assert proc.returncode == 0, "\n".join(errors) or proc.stderr[-3000:]
-    assert_same_run(tmp_path / "run", reference(model, dp))
+    root, proc = launched(nproc)
+    run = _run_dir(root, model, layout) / "run"
+    if not (run / "final" / "model.safetensors").exists():
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        pytest.fail(
+            f"{model} {layout}: no final weights (job exit {proc.returncode}; a failing layout "
+            "stops the later ones of the same process count)\n"
+            + ("\n".join(errors) or proc.stderr[-3000:])
+        )
+    assert_same_run(run, reference(model, dp))
