@@ -121,8 +121,11 @@ def _run_parallel(cfg) -> list:
         history = trainer.fit()
     except _user_errors() as e:
         from deepwhale.extras import describe_import_error
+        from deepwhale.train.checkpoint import NoUsableCheckpoint
 
-        typer.echo(f"error: rank {rank}/{world}: {describe_import_error(e)}", err=True)
+        # every rank raises NoUsableCheckpoint (rank 0 decided and broadcast): one line, rank 0's
+        if rank == 0 or not isinstance(e, NoUsableCheckpoint):
+            typer.echo(f"error: rank {rank}/{world}: {describe_import_error(e)}", err=True)
         raise typer.Exit(2) from None
     except Exception as e:  # a crash on this rank: one line naming it, then torchrun stops all
         typer.echo(f"error: rank {rank}/{world}: {type(e).__name__}: {e}", err=True)
