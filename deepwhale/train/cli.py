@@ -123,8 +123,13 @@ def _run_parallel(cfg) -> list:
         from deepwhale.extras import describe_import_error
         from deepwhale.train.checkpoint import NoUsableCheckpoint
 
-        # every rank raises NoUsableCheckpoint (rank 0 decided and broadcast): one line, rank 0's
-        if rank == 0 or not isinstance(e, NoUsableCheckpoint):
+        # every rank raises NoUsableCheckpoint (rank 0 decided and broadcast): one line, rank 0's;
+        # the others wait for rank 0 to print and exit, then torchrun stops them (SIGTERM)
+        if rank != 0 and isinstance(e, NoUsableCheckpoint):
+            import time
+
+            time.sleep(_PREFLIGHT_WAIT_S)
+        else:
             typer.echo(f"error: rank {rank}/{world}: {describe_import_error(e)}", err=True)
         raise typer.Exit(2) from None
     except Exception as e:  # a crash on this rank: one line naming it, then torchrun stops all

@@ -33,8 +33,15 @@ def env() -> dict[str, str]:
     return e
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 240, extra: list[str] | None = None):
-    """``torchrun --nproc-per-node nproc -m deepwhale train ARGS``; returns the CompletedProcess."""
+def torchrun(
+    nproc: int,
+    args: list[str],
+    timeout: float = 240,
+    extra: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+):
+    """``torchrun --nproc-per-node nproc [EXTRA] -m deepwhale train ARGS``, with ``environ`` added
+    to the child environment; returns the CompletedProcess."""
     cmd = [
         sys.executable,
         "-m",
@@ -50,7 +57,12 @@ def torchrun(nproc: int, args: list[str], timeout: float = 240, extra: list[str]
         *args,
     ]
     return subprocess.run(
-        cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=str(REPO)
+        cmd,
+        env={**env(), **(environ or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(REPO),
     )
 
 
