@@ -563,13 +563,15 @@ class ParallelTrainer(Trainer):
         return self._pending.folder
 
     def _after_step(self, first: bool) -> None:
-        if self._pending is not None and self._pending.poll():
-            self._pending = None
+        if self._pending is not None:
+            self._pending.poll()  # rank 0 renames it into place as soon as it is written
         super()._after_step(first)
 
     def wait_for_checkpoints(self) -> None:
         """Wait for the background save on every rank (rank 0 then renames it into place), then
-        a barrier, so every rank sees the checkpoint complete afterwards."""
+        a barrier, so every rank sees the checkpoint complete afterwards. ``_pending`` is kept
+        after a successful :meth:`AsyncSave.poll` until here, so every rank (whatever its own
+        write's timing) takes this barrier at the same point."""
         if self._pending is not None:
             self._pending.wait()
             self._pending = None
@@ -610,7 +612,8 @@ class ParallelTrainer(Trainer):
         try:
             saved = state["config"]["train"]
             lay = state["layout"]
-            before = saved["micro_batch_size"] * saved["grad_accum"] * lay["dp"] * lay["dp_shard"]
+            dp = (lay["dp"] or 1) * lay["dp_shard"]
+            before = saved["micro_batch_size"] * saved["grad_accum"] * dp
         except (KeyError, TypeError):
             return
         t = self.cfg.train

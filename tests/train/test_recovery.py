@@ -100,6 +100,8 @@ def test_checkpoint_problem_names_the_file(tmp_path, shakespeare, monkeypatch):
     (newest / ckpt.STATE).unlink()
     assert "state.json is missing" in ckpt.checkpoint_problem(newest)
     assert ckpt.latest_checkpoint(root).name == "step-00000002"
+    ckpt.prune(root, keep_last=1)  # keeps the newest complete one (and leaves the broken one)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
     # none left: `deepwhale train` stops with one line and exit code 2
     (ckpt.step_dir(root, 2) / "model.pt").write_bytes(b"")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
