@@ -40,8 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deepwhale.atomic import write_json
-
 HEARTBEAT = "heartbeat.json"
 RECOVERY = "recovery.json"
 FAULT_ENV = "DEEPWHALE_FAULT_INJECT"
@@ -84,10 +82,22 @@ def process_start_time() -> float:
         return _IMPORTED_AT
 
 
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file beside it, then ``os.replace``).
+
+    Unlike :func:`deepwhale.atomic.write_json` it does not touch the process umask, which a
+    background checkpoint thread may be creating files under at the same moment.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_heartbeat(out_dir: Path, step: int) -> None:
     """Write ``out_dir/heartbeat.json`` = ``{"step", "time" (s since the epoch), "pid"}`` atomically
     (rank 0 calls this after every optimizer step)."""
-    write_json(Path(out_dir) / HEARTBEAT, {"step": step, "time": time.time(), "pid": os.getpid()})
+    beat = {"step": step, "time": time.time(), "pid": os.getpid()}
+    _write_json(Path(out_dir) / HEARTBEAT, beat)
 
 
 def read_heartbeat(out_dir: Path) -> dict[str, Any] | None:
@@ -202,5 +212,5 @@ def describe(rec: dict[str, Any]) -> str:
 def write_recovery(out_dir: Path, rec: dict[str, Any]) -> Path:
     """Write ``out_dir/recovery.json`` atomically; returns its path."""
     path = Path(out_dir) / RECOVERY
-    write_json(path, rec)
+    _write_json(path, rec)
     return path
