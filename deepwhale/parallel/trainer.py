@@ -638,6 +638,7 @@ class ParallelTrainer(Trainer):
         folder = ckpt.step_dir(root, self.step)
         if not (ckpt.is_complete(folder) and pckpt.is_dcp(folder)):
             folder = self.save_checkpoint()
+            self.wait_for_checkpoints()  # an async save: rank 0 exports it once complete
         final = self.out / "final"
         if self.rt.is_main:
             pckpt.export_hf(folder, self.config, final)
