@@ -21,7 +21,10 @@ is the design rule:
   update, so every replica applies the same update as one process would.
 
 Checkpoints are DCP (:mod:`deepwhale.parallel.checkpoint`): sharded, resumable bit for bit on
-the same layout and reshardable to another layout or to one process.
+the same layout and reshardable to another layout or to one process; written in the background
+under ``checkpoint.async_save``. Under ``torchrun --max-restarts`` a restarted worker resumes from
+the newest complete checkpoint (rank 0 chooses it and broadcasts it) and rank 0 reports how long
+the recovery took (:mod:`deepwhale.train.recovery`).
 """
 
 from __future__ import annotations
