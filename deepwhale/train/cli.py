@@ -168,7 +168,9 @@ def train(
     out_dir.
 
     Under torchrun (torchrun --nproc-per-node 4 -m deepwhale train -c cfg.yaml --parallel
-    dp=2,tp=2) every process trains its share; checkpoints are then sharded (torch DCP).
+    dp=2,tp=2) every process trains its share; checkpoints are then sharded (torch DCP). With
+    torchrun --max-restarts N, workers restarted after a crash resume from the newest complete
+    checkpoint and write out_dir/recovery.json (set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on gloo).
     """
     extra = list(overrides or []) + list(set_ or [])
     if resume is not None:

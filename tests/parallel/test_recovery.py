@@ -86,7 +86,8 @@ def test_killed_worker_is_restarted_and_the_run_is_bit_exact(tmp_path, shakespea
     rec = json.loads((run / "recovery.json").read_text())
     assert rec["restart_count"] == 1 and rec["step"] in (4, 8)  # 8 unless its save was late
     assert rec["checkpoint"].endswith(f"step-{rec['step']:08d}")
-    assert rec["last_heartbeat"]["step"] == 10  # the dead run's last completed step
+    # the dead run's last completed step (9 if torchrun's SIGTERM beat rank 0's write of step 10)
+    assert rec["last_heartbeat"]["step"] in (9, 10)
     parts = [
         "detection_restart_s",
         "startup_s",
