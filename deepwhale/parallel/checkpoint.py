@@ -6,6 +6,9 @@ it was saved under, and the size of every file). Every rank writes its shards in
 ``.tmp-step-...-dcp`` folder; after a barrier rank 0 writes ``state.json`` last and renames the
 folder into place, so a checkpoint is complete only when :func:`deepwhale.train.checkpoint.
 is_complete` finds every listed file at its size; a crash mid-save is never resumed from.
+:func:`async_save_dcp` does the same with ``dcp.async_save``: the files are written by a
+background thread while training goes on, and the folder is renamed into place only once every
+rank's part is on disk.
 
 The model and optimizer states go through ``torch.distributed.checkpoint.state_dict``
 (``get_model_state_dict`` / ``get_optimizer_state_dict``), whose keys are the single-device FQNs
@@ -65,6 +68,49 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _prepare(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any] | None,
+) -> tuple[Path, Path, dict[str, Any]]:
+    """Clear the temporary folder (rank 0; a barrier follows) and gather this rank's state dict.
+
+    Returns ``(tmp, final, state_dict)``."""
+    root = Path(root)
+    final = ckpt.step_dir(root, step)
+    tmp = root / f".tmp-{final.name}-dcp"
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    sd: dict[str, Any] = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+        "rng": {f"rank{rank}": _to_bytes(ckpt.rng_state())},
+    }
+    if extra:
+        sd["extra"] = {f"rank{rank}": _to_bytes(extra)}
+    return tmp, final, sd
+
+
+def _finalize(tmp: Path, final: Path, step: int, state: dict[str, Any], keep_last: int) -> None:
+    """Rank 0, once every rank's shards and DCP's ``.metadata`` are on disk: write
+    ``state.json`` (with every file's size in bytes) last, rename the folder into place, prune."""
+    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    meta = {**state, "step": step, "format": "dcp", "files": sizes, "complete": True}
+    with open(tmp / ckpt.STATE, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    ckpt.prune(final.parent, keep_last)
+
+
 def save_dcp(
     root: Path,
     step: int,
@@ -88,36 +134,87 @@ def save_dcp(
 
     Returns the final folder. Raises ``OSError`` / ``CheckpointException`` on write errors.
     """
-    root = Path(root)
-    final = ckpt.step_dir(root, step)
-    tmp = root / f".tmp-{final.name}-dcp"
-    rank = _rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
-    sd: dict[str, Any] = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
-        "rng": {f"rank{rank}": _to_bytes(ckpt.rng_state())},
-    }
-    if extra:
-        sd["extra"] = {f"rank{rank}": _to_bytes(extra)}
+    tmp, final, sd = _prepare(root, step, model, optimizer, extra)
     dcp.save(sd, checkpoint_id=str(tmp))
     _barrier()
-    if rank == 0:
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        meta = {**state, "step": step, "format": "dcp", "files": sizes, "complete": True}
-        with open(tmp / ckpt.STATE, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ckpt.prune(root, keep_last)
+    if _rank() == 0:
+        _finalize(tmp, final, step, state, keep_last)
     _barrier()
     return final
+
+
+class AsyncSave:
+    """A checkpoint being written in the background by :func:`async_save_dcp`.
+
+    Attributes:
+        folder: the final ``step-N`` folder it will appear as.
+    """
+
+    def __init__(self, future, folder: Path, finalize) -> None:
+        self.folder = folder
+        self._future = future
+        self._finalize = finalize  # rank 0 only, else None
+        self._done = False
+
+    def poll(self) -> bool:
+        """Finish the save if the background write is done (see :meth:`wait`); never blocks.
+        The trainer polls after every step, so a checkpoint becomes visible at most one step
+        after its files are written. Returns whether it is finished."""
+        if not self._done and self._future.done():
+            self.wait()
+        return self._done
+
+    def wait(self) -> Path:
+        """Block until this rank's shards are written; on rank 0 then write ``state.json`` and
+        rename the folder into place (at most once).
+
+        Returns the final folder. Raises what the background write raised (``OSError``,
+        ``CheckpointException``).
+        """
+        if not self._done:
+            self._future.result()
+            if self._finalize is not None:
+                self._finalize()
+            self._done = True
+        return self.folder
+
+
+def async_save_dcp(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep_last: int,
+    extra: dict[str, Any] | None = None,
+    process_group=None,
+) -> AsyncSave:
+    """Start saving checkpoint ``step`` with ``torch.distributed.checkpoint.async_save``; every
+    rank calls this and training goes on while a background thread writes the files.
+
+    The state is staged (copied to CPU memory: one extra copy of this rank's model and optimizer
+    shards) before this returns, so the next optimizer step may change the live tensors. DCP's
+    planning and gathering collectives run in the background thread on ``process_group``, which
+    must be a group separate from the training collectives (a gloo group of all ranks; torchtitan
+    does the same). The checkpoint is visible only after :meth:`AsyncSave.wait` on rank 0 has
+    written ``state.json`` and renamed the folder, exactly as :func:`save_dcp` does; rank 0's
+    write ends only after every rank's shards and ``.metadata`` are on disk (DCP gathers each
+    rank's write result to the coordinator before it writes ``.metadata``). Call ``wait`` on every
+    rank before the next save and at the end of training.
+
+    Args: as :func:`save_dcp`, plus ``process_group`` (the background group).
+
+    Returns an :class:`AsyncSave`. Reference: PyTorch "Asynchronous Saving with Distributed
+    Checkpoint (DCP)" recipe.
+    """
+    tmp, final, sd = _prepare(root, step, model, optimizer, extra)
+    future = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=process_group)
+    state = json.loads(json.dumps(state))  # a snapshot: the caller's dict moves on
+
+    def finalize() -> None:
+        _finalize(tmp, final, step, state, keep_last)
+
+    return AsyncSave(future, final, finalize if _rank() == 0 else None)
 
 
 def _stored_keys(folder: Path) -> set[str]:

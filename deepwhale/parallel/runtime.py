@@ -146,6 +146,8 @@ class Runtime:
         timeout_s: the process-group timeout, seconds.
         ep_group / ep_outer_group: expert-parallel groups (None when ``ep == 1``): ranks that
             split the experts, and ranks holding the same experts.
+        init_started: when :func:`init_runtime` began, seconds since the epoch.
+        init_s: how long process-group init and the device mesh took, seconds.
     """
 
     layout: ParallelLayout
@@ -158,6 +160,8 @@ class Runtime:
     timeout_s: float
     ep_group: object = None
     ep_outer_group: object = None
+    init_started: float = 0.0
+    init_s: float = 0.0
     _dp_mesh: object = field(default=None, repr=False)
 
     @property
@@ -220,10 +224,13 @@ def init_runtime(layout: ParallelLayout, device_name: str = "auto") -> Runtime:
     Raises:
         LayoutError: CUDA asked for where there is none.
     """
+    import time
+
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    started = time.time()
     rank, local_rank, world = env_world()
     use_cuda = device_name.startswith("cuda") or (
         device_name == "auto" and torch.cuda.is_available()
@@ -243,6 +250,7 @@ def init_runtime(layout: ParallelLayout, device_name: str = "auto") -> Runtime:
     rt = Runtime(layout, rank, local_rank, world, device, backend, mesh, layout.timeout_s)
     if layout.ep > 1:
         rt.ep_group, rt.ep_outer_group = _expert_groups(mesh, layout)
+    rt.init_started, rt.init_s = started, time.time() - started
     return rt
 
 

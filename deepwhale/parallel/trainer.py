@@ -21,7 +21,10 @@ is the design rule:
   update, so every replica applies the same update as one process would.
 
 Checkpoints are DCP (:mod:`deepwhale.parallel.checkpoint`): sharded, resumable bit for bit on
-the same layout and reshardable to another layout or to one process.
+the same layout and reshardable to another layout or to one process; written in the background
+under ``checkpoint.async_save``. Under ``torchrun --max-restarts`` a restarted worker resumes from
+the newest complete checkpoint (rank 0 chooses it and broadcasts it) and rank 0 reports how long
+the recovery took (:mod:`deepwhale.train.recovery`).
 """
 
 from __future__ import annotations
@@ -77,9 +80,45 @@ class ParallelTrainer(Trainer):
         self._window_tokens = 0
         self.compression = None
         self._moe_use: list = []  # (MoE module, per-expert token counts) under FSDP2
+        self._pending = None  # the checkpoint being written in the background
+        self._ckpt_group = None  # the gloo group of async saves (created on first use)
         super().__init__(cfg)
 
     # ------------------------------------------------------------------ setup
+    @property
+    def rank(self) -> int:
+        return self.rt.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rt.is_main
+
+    def _rendezvous_times(self) -> tuple[float, float]:
+        return self.rt.init_started, self.rt.init_started + self.rt.init_s
+
+    def _resume_folder(self) -> Path | None:
+        """Rank 0 chooses the checkpoint (:meth:`Trainer._resume_folder`, its warnings logged
+        once) and broadcasts it, so every rank loads the same folder even if a save finishes
+        while they look. A folder appears only complete (``state.json`` written last, then an
+        atomic rename), so a save cut short by the crash is never chosen.
+
+        Raises:
+            NoUsableCheckpoint: on every rank when rank 0 found none usable (only rank 0's
+                message is printed).
+        """
+        choice: list = [None]
+        if self.rt.is_main:
+            try:
+                folder = super()._resume_folder()
+                choice = [("ok", None if folder is None else str(folder))]
+            except ckpt.NoUsableCheckpoint as e:
+                choice = [("none", str(e))]
+        dist.broadcast_object_list(choice, src=0)
+        kind, value = choice[0]
+        if kind == "none":
+            raise ckpt.NoUsableCheckpoint(value)
+        return None if value is None else Path(value)
+
     def _device(self) -> torch.device:
         return self.rt.device
 
@@ -574,17 +613,40 @@ class ParallelTrainer(Trainer):
 
     def save_checkpoint(self) -> Path:
         """A DCP checkpoint of this step, written by every rank (see
-        :mod:`deepwhale.parallel.checkpoint`)."""
+        :mod:`deepwhale.parallel.checkpoint`). Under ``checkpoint.async_save`` the write goes on
+        in the background (the previous one is waited for first) and the returned folder
+        appears once it is complete; otherwise it is complete on return."""
+        self.wait_for_checkpoints()
         extra = self.compression.state_dict() if self.compression is not None else None
-        return pckpt.save_dcp(
+        args = (
             self.out / "checkpoints",
             self.step,
             self.model,
             self.optimizer,
             self._state(),
             self.cfg.checkpoint.keep_last,
-            extra=extra,
         )
+        if not self.cfg.checkpoint.async_save:
+            return pckpt.save_dcp(*args, extra=extra)
+        if self._ckpt_group is None:
+            self._ckpt_group = dist.new_group(backend="gloo")
+        self._pending = pckpt.async_save_dcp(*args, extra=extra, process_group=self._ckpt_group)
+        return self._pending.folder
+
+    def _after_step(self, first: bool) -> None:
+        if self._pending is not None:
+            self._pending.poll()  # rank 0 renames it into place as soon as it is written
+        super()._after_step(first)
+
+    def wait_for_checkpoints(self) -> None:
+        """Wait for the background save on every rank (rank 0 then renames it into place), then
+        a barrier, so every rank sees the checkpoint complete afterwards. ``_pending`` is kept
+        after a successful :meth:`AsyncSave.poll` until here, so every rank (whatever its own
+        write's timing) takes this barrier at the same point."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+            dist.barrier()
 
     def load_checkpoint(self, folder: Path) -> None:
         """Restore from a DCP checkpoint saved under any layout (DCP reshards).
@@ -606,20 +668,48 @@ class ParallelTrainer(Trainer):
         if self.compression is not None and out["extra"] is not None:
             self.compression.load_state_dict(out["extra"])
         state = out["state"]
+        self._check_global_batch(folder, state)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.resumed_from = folder
         self.load_seconds = time.perf_counter() - t0
 
+    def _check_global_batch(self, folder: Path, state: dict) -> None:
+        """Warn (rank 0) when the sequences per optimizer step differ from the saved run's: the
+        data order, and so the losses, then differ from an uninterrupted run. Restarting on
+        fewer processes keeps them by scaling ``train.micro_batch_size`` (per data-parallel
+        rank) by the inverse of the data-parallel degree."""
+        try:
+            saved = state["config"]["train"]
+            lay = state["layout"]
+            dp = (lay["dp"] or 1) * lay["dp_shard"]
+            before = saved["micro_batch_size"] * saved["grad_accum"] * dp
+        except (KeyError, TypeError):
+            return
+        t = self.cfg.train
+        now = t.micro_batch_size * t.grad_accum * self.layout.dp_degree
+        if before != now and self.rt.is_main:
+            log.warning(
+                "%s was saved with %d sequences per optimizer step, this run takes %d: the data "
+                "order differs from the original run (keep train.micro_batch_size x "
+                "train.grad_accum x data-parallel degree the same, e.g. double "
+                "micro_batch_size on half the processes)",
+                folder,
+                before,
+                now,
+            )
+
     def save_final(self) -> Path:
         """Save a last DCP checkpoint, then rank 0 writes ``final/`` (an HF folder) from it."""
         from deepwhale.lora import copy_tokenizer_files
 
+        self.wait_for_checkpoints()
         root = self.out / "checkpoints"
         folder = ckpt.step_dir(root, self.step)
         if not (ckpt.is_complete(folder) and pckpt.is_dcp(folder)):
             folder = self.save_checkpoint()
+            self.wait_for_checkpoints()  # an async save: rank 0 exports it once complete
         final = self.out / "final"
         if self.rt.is_main:
             pckpt.export_hf(folder, self.config, final)

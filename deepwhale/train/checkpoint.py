@@ -31,6 +31,10 @@ class CheckpointNotFound(ValueError):
     """A checkpoint asked for by path is missing or incomplete."""
 
 
+class NoUsableCheckpoint(CheckpointNotFound):
+    """``resume: auto`` found checkpoints, but every one is incomplete or corrupt."""
+
+
 def step_dir(root: Path, step: int) -> Path:
     """``root/step-000000NN``."""
     return root / f"step-{step:08d}"
@@ -128,17 +132,39 @@ def save_checkpoint(
     return final
 
 
-def is_complete(folder: Path) -> bool:
-    """Whether ``folder`` is a finished checkpoint (see the module docstring)."""
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a finished checkpoint, or None when it is one.
+
+    Checks the name (``step-N``), that ``state.json`` parses with ``"complete": true``, and that
+    every file it lists exists with its recorded size in bytes (a truncated DCP shard
+    ``__R_0.distcp`` or ``model.pt`` is named with both sizes).
+    """
+    folder = Path(folder)
     if not STEP_DIR.match(folder.name) or not folder.is_dir():
-        return False
+        return "not a step-N folder"
     try:
         meta = json.loads((folder / STATE).read_text(encoding="utf-8"))
-        if meta.get("complete") is not True:
-            return False
-        return all((folder / n).stat().st_size == s for n, s in meta["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+    except (OSError, ValueError):
+        return f"{STATE} is missing or unreadable (a save that did not finish)"
+    if not isinstance(meta, dict) or meta.get("complete") is not True:
+        return f"{STATE} does not mark it complete"
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return f"{STATE} lists no files"
+    for name, size in files.items():
+        path = folder / name
+        try:
+            actual = path.stat().st_size
+        except OSError:
+            return f"{path} is missing"
+        if actual != size:
+            return f"{path} is {actual} bytes, {STATE} records {size} (truncated or corrupt)"
+    return None
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` is a finished checkpoint (see :func:`checkpoint_problem`)."""
+    return checkpoint_problem(folder) is None
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

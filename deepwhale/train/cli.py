@@ -122,8 +122,16 @@ def _run_parallel(cfg, keep_group: bool = False) -> list:
         history = trainer.fit()
     except _user_errors() as e:
         from deepwhale.extras import describe_import_error
+        from deepwhale.train.checkpoint import NoUsableCheckpoint
 
-        typer.echo(f"error: rank {rank}/{world}: {describe_import_error(e)}", err=True)
+        # every rank raises NoUsableCheckpoint (rank 0 decided and broadcast): one line, rank 0's;
+        # the others wait for rank 0 to print and exit, then torchrun stops them (SIGTERM)
+        if rank != 0 and isinstance(e, NoUsableCheckpoint):
+            import time
+
+            time.sleep(_PREFLIGHT_WAIT_S)
+        else:
+            typer.echo(f"error: rank {rank}/{world}: {describe_import_error(e)}", err=True)
         raise typer.Exit(2) from None
     except Exception as e:  # a crash on this rank: one line naming it, then torchrun stops all
         typer.echo(f"error: rank {rank}/{world}: {type(e).__name__}: {e}", err=True)
@@ -162,7 +170,9 @@ def train(
     out_dir.
 
     Under torchrun (torchrun --nproc-per-node 4 -m deepwhale train -c cfg.yaml --parallel
-    dp=2,tp=2) every process trains its share; checkpoints are then sharded (torch DCP).
+    dp=2,tp=2) every process trains its share; checkpoints are then sharded (torch DCP). With
+    torchrun --max-restarts N, workers restarted after a crash resume from the newest complete
+    checkpoint and write out_dir/recovery.json (set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on gloo).
     """
     extra = list(overrides or []) + list(set_ or [])
     if resume is not None:

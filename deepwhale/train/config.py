@@ -238,16 +238,27 @@ class CheckpointSection:
     Attributes:
         interval: save every this many optimizer steps (0 = none besides the final model).
         keep_last: keep the newest K complete checkpoints.
-        resume: ``none``, ``auto`` (the newest complete checkpoint in ``out_dir``, or a fresh
-            start when there is none) or a checkpoint folder.
+        resume: ``none``, ``auto`` (the newest complete checkpoint in ``out_dir``; a fresh
+            start when there is none; step-N folders that are incomplete or truncated are
+            skipped with a warning, and when every one is, the run stops with exit code 2) or a
+            checkpoint folder. A worker restarted by ``torchrun --max-restarts``
+            (``TORCHELASTIC_RESTART_COUNT`` > 0) always resumes as ``auto``.
         save_final: write the final model as an HF folder ``<out_dir>/final`` (LoRA runs write
             the adapter to ``<out_dir>/adapter``).
+        async_save: parallel runs (torchrun) write checkpoints with
+            ``torch.distributed.checkpoint.async_save`` on a separate gloo group: the state is
+            copied to CPU memory (one extra copy of each rank's model and optimizer shards), then
+            a background thread writes it while training goes on; the folder is renamed into
+            place only once every rank's files are on disk. Checked on gloo/CPU with torch
+            2.13 (DDP, shards equal to a synchronous save's). False: every rank waits for the
+            write. One-process runs always save synchronously.
     """
 
     interval: int = 0
     keep_last: int = 2
     resume: str = "none"
     save_final: bool = True
+    async_save: bool = True
 
     def __post_init__(self) -> None:
         _require(self.interval >= 0, "checkpoint.interval", "must be >= 0")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from deepwhale.train import checkpoint as ckpt
+from deepwhale.train import recovery
 from deepwhale.train.config import TrainConfig, TrainConfigError
 from deepwhale.train.data import IGNORE_INDEX, EpochSampler, build_datasets, check_vocab, collate
 from deepwhale.train.metrics import MetricsLogger, Progress, perplexity
@@ -139,6 +140,14 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
+        self._fault = recovery.FaultInjection.from_env()
+        rdzv_start, rdzv_end = self._rendezvous_times()
+        self._clock = recovery.RecoveryClock(
+            heartbeat=recovery.read_heartbeat(self.out) if self.is_main else None,
+            process_start=recovery.process_start_time(),
+            rendezvous_start=rdzv_start,
+            rendezvous_end=rdzv_end,
+        )
         self.device = self._device()
         precision = cfg.train.precision
         if precision == "auto":
@@ -236,6 +245,22 @@ class Trainer:
         self._resume()
 
     # ------------------------------------------------------------------ setup helpers
+    @property
+    def rank(self) -> int:
+        """This process's global rank (0 on one process)."""
+        return 0
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs and writes the run's shared files (rank 0)."""
+        return True
+
+    def _rendezvous_times(self) -> tuple[float, float]:
+        """Wall times (s since the epoch) around process-group init; on one process there is
+        none, so both are now."""
+        now = time.time()
+        return now, now
+
     def _device(self) -> torch.device:
         """The device to train on (``train.device``); the parallel trainer picks its rank's."""
         return resolve_device(self.cfg.train.device)
@@ -274,41 +299,78 @@ class Trainer:
         return BUNDLED_TOKENIZER
 
     def _resume(self) -> None:
-        """Apply ``checkpoint.resume``. Under ``auto``, step-N folders newer than the newest
-        complete checkpoint (half-written, truncated) are skipped with a warning naming them, and
-        a run with no usable checkpoint starts fresh, also with a warning when broken ones exist.
+        """Apply ``checkpoint.resume`` (see :meth:`_resume_folder`) and time the load for the
+        recovery report.
 
         Raises:
             CheckpointNotFound: a named folder that is missing or incomplete.
+            NoUsableCheckpoint: ``auto`` found step-N folders but none is complete.
             TrainConfigError: the checkpoint is past ``train.steps``.
         """
-        mode = self.cfg.checkpoint.resume
-        if mode == "none":
+        folder = self._resume_folder()
+        if folder is None:
             return
-        root = self.out / "checkpoints"
-        if mode == "auto":
-            folder = ckpt.latest_checkpoint(root)
-            newest = int(ckpt.STEP_DIR.match(folder.name).group(1)) if folder else -1
-            skipped = [
-                p
-                for p in (sorted(root.iterdir()) if root.is_dir() else [])
-                if (m := ckpt.STEP_DIR.match(p.name)) and int(m.group(1)) > newest
-            ]
-            for p in skipped:
-                log.warning("resume auto: skipping %s (incomplete or truncated checkpoint)", p)
-            if folder is None:
-                if skipped:
-                    log.warning("resume auto: no usable checkpoint under %s; starting fresh", root)
-                return  # auto with nothing to resume: a fresh start
-        else:
-            folder = Path(mode)
+        self._clock.load_start = time.time()
         self.load_checkpoint(folder)
+        self._clock.load_end = time.time()
         if self.step > self.cfg.train.steps:
             raise TrainConfigError(
                 f"{folder}: the checkpoint is at step {self.step}, past train.steps="
                 f"{self.cfg.train.steps}; raise train.steps to continue it, or use a new out_dir "
                 "(or checkpoint.resume=none) to start over"
             )
+
+    def _resume_folder(self) -> Path | None:
+        """The checkpoint to resume from, or None for a fresh start.
+
+        ``checkpoint.resume``: ``none``, a folder, or ``auto``: the newest complete checkpoint
+        under ``out_dir/checkpoints``. Step-N folders newer than it (half-written, truncated)
+        are skipped with a warning naming the bad file. A process restarted by torchrun
+        (``TORCHELASTIC_RESTART_COUNT`` > 0) always resumes as ``auto`` (a named folder is
+        still used when ``out_dir`` has no checkpoint yet), so a job under ``--max-restarts``
+        continues from its newest checkpoint after a worker dies.
+
+        Raises:
+            NoUsableCheckpoint: ``auto`` found step-N folders but none is complete (one line,
+                naming each and why).
+        """
+        mode = self.cfg.checkpoint.resume
+        restarts = recovery.restart_count()
+        named = None if mode in ("none", "auto") else Path(mode)
+        if restarts > 0 and mode != "auto":
+            log.warning(
+                "restart %d of this torchrun job: checkpoint.resume=%s taken as auto (the newest "
+                "complete checkpoint in %s)",
+                restarts,
+                mode,
+                self.out,
+            )
+            mode = "auto"
+        if mode == "none":
+            return None
+        if mode != "auto":
+            return Path(mode)
+        root = self.out / "checkpoints"
+        folder = ckpt.latest_checkpoint(root)
+        newest = int(ckpt.STEP_DIR.match(folder.name).group(1)) if folder else -1
+        skipped = [
+            (p, ckpt.checkpoint_problem(p))
+            for p in (sorted(root.iterdir()) if root.is_dir() else [])
+            if (m := ckpt.STEP_DIR.match(p.name)) and int(m.group(1)) > newest
+        ]
+        for p, why in skipped:
+            log.warning("resume auto: skipping %s (incomplete or truncated checkpoint: %s)", p, why)
+        if folder is None:
+            if named is not None:
+                return named
+            if skipped:
+                raise ckpt.NoUsableCheckpoint(
+                    f"resume auto: no usable checkpoint under {root} ("
+                    + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                    + "); restore or remove them, or set checkpoint.resume=none to start over"
+                )
+            return None  # auto with nothing to resume: a fresh start
+        return folder
 
     def _model_state(self) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()
@@ -544,8 +606,11 @@ class Trainer:
         t_last, tokens_since = time.perf_counter(), 0
         try:
             while self.step < stop:
+                if self._fault is not None:
+                    self._fault.maybe_kill(self.rank, self.step + 1)
                 m = self.train_step()
                 history.append(m)
+                self._after_step(len(history) == 1)
                 tokens_since += m["tokens"]
                 now = time.perf_counter()
                 m["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
@@ -563,6 +628,7 @@ class Trainer:
                 bar.update(self.step, info)
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save_checkpoint()
+            self.wait_for_checkpoints()
             if self.step >= cfg.train.steps and cfg.checkpoint.save_final:
                 where = self.save_final()
                 bar.print(f"saved {where}")
@@ -570,6 +636,21 @@ class Trainer:
             bar.close()
             logger.close()
         return history
+
+    def _after_step(self, first: bool) -> None:
+        """Rank 0: write the heartbeat; after the first step of a resumed or restarted process,
+        log the recovery line and write ``recovery.json`` (:mod:`deepwhale.train.recovery`)."""
+        if not self.is_main:
+            return
+        recovery.write_heartbeat(self.out, self.step)
+        if first and (self.resumed_from is not None or recovery.restart_count() > 0):
+            rec = self._clock.report(self.step - 1, self.resumed_from, time.time())
+            recovery.write_recovery(self.out, rec)
+            log.warning("%s", recovery.describe(rec))
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until checkpoints being written in the background are complete (the
+        single-process trainer writes them synchronously: nothing to wait for)."""
 
     def save_final(self) -> Path:
         """Write ``out_dir/final`` (an HF folder: config, safetensors, tokenizer files), or under

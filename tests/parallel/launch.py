@@ -38,10 +38,12 @@ def torchrun(
     args: list[str],
     timeout: float = 240,
     extra: list[str] | None = None,
+    environ: dict[str, str] | None = None,
     entry: tuple[str, ...] = ("deepwhale", "train"),
 ):
-    """``torchrun --nproc-per-node nproc -m deepwhale train ARGS`` (``entry``: the module and its
-    leading arguments); returns the CompletedProcess."""
+    """``torchrun --nproc-per-node nproc [EXTRA] -m deepwhale train ARGS`` (``entry``: the module
+    and its leading arguments), with ``environ`` added to the child environment; returns the
+    CompletedProcess."""
     cmd = [
         sys.executable,
         "-m",
@@ -56,7 +58,12 @@ def torchrun(
         *args,
     ]
     return subprocess.run(
-        cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=str(REPO)
+        cmd,
+        env={**env(), **(environ or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(REPO),
     )
 
 

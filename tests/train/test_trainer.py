@@ -332,11 +332,15 @@ def test_resume_of_a_finished_run_does_nothing(tmp_path, shakespeare, caplog):
     assert any("nothing to train" in r.getMessage() for r in caplog.records)
     with pytest.raises(TrainConfigError, match="at step 2, past train.steps=1; raise train.steps"):
         make(tmp_path, shakespeare, **{**kw, "train.steps": 1, "checkpoint.resume": "auto"})
-    # every checkpoint broken: a warning, then a fresh start
+    # every checkpoint broken: a warning naming the truncated file, then a stop (not a fresh
+    # start that would overwrite the run)
     for f in (tmp_path / "checkpoints").glob("step-*/model.pt"):
         f.write_bytes(f.read_bytes()[:100])
     caplog.clear()
     with caplog.at_level("WARNING", logger="deepwhale.train.trainer"):
-        fresh = make(tmp_path, shakespeare, **kw, **{"checkpoint.resume": "auto"})
+        with pytest.raises(ckpt.NoUsableCheckpoint, match="no usable checkpoint") as err:
+            make(tmp_path, shakespeare, **kw, **{"checkpoint.resume": "auto"})
+    assert "model.pt is 100 bytes" in str(err.value) and "\n" not in str(err.value)
+    assert any("model.pt is 100 bytes" in r.getMessage() for r in caplog.records)
+    fresh = make(tmp_path, shakespeare, **kw, **{"checkpoint.resume": "none"})
     assert fresh.step == 0 and fresh.resumed_from is None
-    assert any("no usable checkpoint" in r.getMessage() for r in caplog.records)
