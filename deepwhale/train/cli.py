@@ -88,6 +88,14 @@ def _run(cfg_path: Path | None, overrides: list[str], quiet: bool) -> None:
 _PREFLIGHT_WAIT_S = 60.0  # other ranks after a bad layout (torchrun ends them sooner)
 
 
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a collective failing because another rank died (gloo/NCCL transport)."""
+    return any(m in str(e) for m in _PEER_GONE)
+
+
 def _run_parallel(cfg, keep_group: bool = False) -> list:
     """One rank of a ``torchrun`` job. The layout is checked on every rank before any process
     group exists, so a bad one exits 2 everywhere with one line from rank 0; an error after that
@@ -134,7 +142,11 @@ def _run_parallel(cfg, keep_group: bool = False) -> list:
             typer.echo(f"error: rank {rank}/{world}: {describe_import_error(e)}", err=True)
         raise typer.Exit(2) from None
     except Exception as e:  # a crash on this rank: one line naming it, then torchrun stops all
-        typer.echo(f"error: rank {rank}/{world}: {type(e).__name__}: {e}", err=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if _lost_peer(e):  # the consequence of another rank's failure, not a second error
+            typer.echo(f"rank {rank}/{world}: stopped, a peer rank went away ({first})", err=True)
+        else:
+            typer.echo(f"error: rank {rank}/{world}: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(1) from None
     if not keep_group:
         shutdown()

@@ -113,16 +113,19 @@ def read_heartbeat(out_dir: Path) -> dict[str, Any] | None:
 class FaultInjection:
     """A testing hook: ``DEEPWHALE_FAULT_INJECT="rank=1,step=7"`` makes rank 1 ``SIGKILL`` itself
     just before it runs optimizer step 7 (after 6 completed steps), on the first attempt only
-    (``TORCHELASTIC_RESTART_COUNT`` = 0), so the restarted job runs through. Never set it in
-    production.
+    (``TORCHELASTIC_RESTART_COUNT`` = 0), so the restarted job runs through. With ``,mode=raise``
+    the rank raises ``RuntimeError("injected fault ...")`` instead (a crash in our code rather
+    than a dead process). Never set it in production.
 
     Attributes:
         rank: the global rank that dies.
         step: the optimizer step (1-based) it dies before.
+        mode: ``"kill"`` (SIGKILL) or ``"raise"``.
     """
 
     rank: int
     step: int
+    mode: str = "kill"
 
     @classmethod
     def from_env(cls) -> FaultInjection | None:
@@ -136,16 +139,22 @@ class FaultInjection:
             return None
         try:
             kv = dict(item.split("=", 1) for item in raw.split(","))
-            return cls(rank=int(kv.get("rank", 0)), step=int(kv["step"]))
+            mode = kv.get("mode", "kill")
+            if mode not in ("kill", "raise"):
+                raise ValueError(mode)
+            return cls(rank=int(kv.get("rank", 0)), step=int(kv["step"]), mode=mode)
         except (ValueError, KeyError):
             raise ValueError(
-                f"{FAULT_ENV}={raw!r}: expected 'rank=R,step=K' (kill rank R before step K)"
+                f"{FAULT_ENV}={raw!r}: expected 'rank=R,step=K[,mode=kill|raise]' (kill rank R "
+                "before step K)"
             ) from None
 
     def maybe_kill(self, rank: int, next_step: int) -> None:
         """``SIGKILL`` this process if it is the chosen rank, about to run the chosen step, on the
         first attempt."""
         if rank == self.rank and next_step == self.step and restart_count() == 0:
+            if self.mode == "raise":
+                raise RuntimeError(f"injected fault ({FAULT_ENV}) before step {next_step}")
             log.warning("%s: rank %d kills itself before step %d", FAULT_ENV, rank, next_step)
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -34,7 +34,7 @@ def test_fault_injection_parses_and_kills_only_its_rank_step_and_first_attempt(m
     monkeypatch.setenv(recovery.FAULT_ENV, "rank=1,step=7")
     assert recovery.FaultInjection.from_env() == recovery.FaultInjection(rank=1, step=7)
     monkeypatch.setenv(recovery.FAULT_ENV, "step7")
-    with pytest.raises(ValueError, match="expected 'rank=R,step=K'"):
+    with pytest.raises(ValueError, match=r"expected 'rank=R,step=K\[,mode=kill\|raise\]'"):
         recovery.FaultInjection.from_env()
     monkeypatch.delenv(recovery.FAULT_ENV)
     assert recovery.FaultInjection.from_env() is None
