@@ -323,3 +323,35 @@ def step_bytes(record: dict, dim: str, op: str | None = None, skip: int = 1) -> 
         d = s["bytes"].get(dim, {})
         vals.append(d.get(op, 0) if op else sum(d.values()))
     return statistics.median(vals) if vals else 0.0
+
+
+def planner_estimate(record: dict, param_bytes: int = 4, optim_bytes_per_param: int = 8):
+    """:func:`deepwhale.parallel.planner.estimate` for the run a rank's record describes: its
+    model, layout, micro-batch, sequence length and microbatches (``layout.microbatches`` or
+    ``grad_accum``), fp32 by default (params, grads and activations of ``param_bytes``).
+    FSDP2 reduce-scatters every microbatch only when there is one (the trainer syncs on the
+    last)."""
+    import dataclasses
+
+    from deepwhale.config import ModelConfig
+    from deepwhale.parallel import planner
+    from deepwhale.parallel.layout import GradCompression, ParallelLayout
+
+    lay = dict(record["layout"])
+    lay["grad_compression"] = GradCompression(**lay["grad_compression"])
+    layout = ParallelLayout(**lay)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    config = ModelConfig(**{k: v for k, v in record["model"].items() if k in fields})
+    m = layout.microbatches or record["grad_accum"]
+    return planner.estimate(
+        config,
+        layout,
+        record["micro_batch_size"],
+        record["seq_len"],
+        m,
+        param_bytes=param_bytes,
+        grad_bytes=param_bytes,
+        optim_bytes_per_param=optim_bytes_per_param,
+        activation_bytes=param_bytes,
+        fsdp_sync_every_microbatch=m == 1,
+    )

@@ -98,6 +98,10 @@ class ParallelTrainer(Trainer):
                 "pp_rank": runtime.pp_rank,
                 "layout": dataclasses.asdict(lay),
                 "dims": dims,
+                "model": dataclasses.asdict(self.config),
+                "micro_batch_size": cfg.train.micro_batch_size,
+                "grad_accum": cfg.train.grad_accum,
+                "seq_len": int(self.train_ds[0][0].shape[0]),
             }
             path = self.out / "comm" / f"rank{runtime.rank}.json"
             self.comm = StepRecorder(counter, path, meta)
