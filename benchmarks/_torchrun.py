@@ -44,7 +44,12 @@ def child_env(count: bool = True) -> dict[str, str]:
 
 
 def train(
-    nproc: int, config: dict, folder: Path, parallel: str | None = None, timeout: float = 600
+    nproc: int,
+    config: dict,
+    folder: Path,
+    parallel: str | None = None,
+    timeout: float = 600,
+    count: bool = True,
 ):
     """Write ``config`` to ``folder/cfg.yaml`` and run ``torchrun --nproc-per-node nproc -m
     deepwhale train -c cfg.yaml [--parallel PARALLEL]``; returns the CompletedProcess."""
@@ -67,7 +72,7 @@ def train(
         *(["--parallel", parallel] if parallel else []),
     ]
     return subprocess.run(
-        cmd, env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=str(REPO)
+        cmd, env=child_env(count), capture_output=True, text=True, timeout=timeout, cwd=str(REPO)
     )
 
 
@@ -82,3 +87,19 @@ def text_slice(tmp: Path, chars: int, text: Path = TEXT) -> Path:
     out = tmp / "text.txt"
     out.write_text(text.read_text(encoding="utf-8")[:chars], encoding="utf-8")
     return out
+
+
+def failure(stderr: str) -> str:
+    """The line that says why a run failed: the trainer's ``error: rank R/W: ...`` line, else the
+    last exception line, else the tail of stderr."""
+    lines = [x.strip() for x in stderr.splitlines() if x.strip()]
+    for pick in (
+        lambda x: x.startswith("what():"),  # gloo's own reason, before the peers' resets
+        lambda x: x.startswith("error: rank") and "Connection reset" not in x,
+        lambda x: x.startswith("error: rank"),
+        lambda x: "Error:" in x and not x.startswith("torch.distributed.elastic"),
+    ):
+        hits = [x for x in lines if pick(x)]
+        if hits:
+            return hits[-1][:500]
+    return " | ".join(lines[-3:])[:500]

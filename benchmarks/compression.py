@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
-from benchmarks._torchrun import TEXT, metrics, text_slice, train  # noqa: E402
+from benchmarks._torchrun import TEXT, failure, metrics, text_slice, train  # noqa: E402
 from deepwhale.parallel import comm_counter as cc  # noqa: E402
 
 RECIPE = REPO / "examples" / "train" / "demo-v3.yaml"
@@ -90,8 +90,7 @@ def bench_run(tmp: Path, data: Path, name: str, world: int, args) -> dict:
     proc = train(world, cfg, folder, timeout=args.timeout)
     row = {"method": name, "procs": world, "wall_s": round(time.perf_counter() - t0, 1)}
     if proc.returncode != 0:
-        lines = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
-        row["error"] = (lines[-1] if lines else proc.stderr[-300:]).strip()
+        row["error"] = failure(proc.stderr)
         return row
     rec = cc.read_records(folder / "run")[0]
     steps = rec["steps"]

@@ -152,6 +152,8 @@ class CommCounter:
             if group.size() == 1:
                 return
             group = group.get_group()
+        if not isinstance(group, str) and group.size() == 1:
+            return
         name = group if isinstance(group, str) else group.group_name
         self.labels[name] = dim
 

@@ -37,7 +37,9 @@ def test_counts_payload_bytes_per_label_and_op(world):
     originals = {name: getattr(dist, name) for name in cc.DIST_OPS}
     sub = dist.new_group([0])
     with cc.CommCounter() as counter:
-        counter.label(sub, "tp")
+        counter.label(sub, "tp")  # a one-rank group sends nothing: not labelled
+        assert counter.labels == {}
+        counter.label(sub.group_name, "tp")  # by name it is
         x = torch.ones(10)  # 40 bytes
         dist.all_reduce(x)  # default group: "world"
         dist.all_reduce(x, group=sub)
