@@ -8,7 +8,7 @@ and global batch for every method, and only ``parallel.grad_compression`` changi
 
 * ``dense``: ``method: none`` (DDP's all-reduce);
 * ``topk 1%`` and ``topk 0.1%``: Top-k with error feedback, ``ratio`` 0.01 / 0.001, DGC's sparsity
-  warm-up over the first tenth of the steps; plain error feedback (``momentum_correction: false``)
+  warm-up over the first tenth of the steps (``--warmup-frac``); plain error feedback (``momentum_correction: false``)
   because the recipe's optimizer is AdamW (DGC's momentum correction is meant for SGD);
 * ``powersgd r4``: torch's PowerSGD hook, rank 4, the same warm-up.
 
@@ -38,6 +38,7 @@ import os
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -64,11 +65,11 @@ GOAL_SAVED, GOAL_LOSS = 0.70, 0.02
 def run_config(out: Path, data: Path, world: int, method: dict, args) -> dict:
     """The demo recipe, shortened (see the module docstring), for ``world`` dp processes."""
     d = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
-    warm = max(2, args.steps // 10)
+    warm = max(2, round(args.steps * args.warmup_frac))
     d["out_dir"] = str(out)
     d["model"] = {"name": "demo-v3", "vocab_size": 8192}
     d["data"] = {"path": str(data), "seq_len": args.seq_len + 1, "val_fraction": 0.05}
-    d["schedule"]["warmup_steps"] = warm
+    d["schedule"]["warmup_steps"] = max(2, args.steps // 10)
     d["train"].update(
         steps=args.steps, micro_batch_size=args.global_batch // world, grad_accum=1, device="cpu"
     )
@@ -177,7 +178,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 60 * len(worlds)), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -193,6 +194,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (recipe: 2200)")
     ap.add_argument("--global-batch", type=int, default=8, help="sequences per step (recipe: 8)")
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (recipe: 256)")
+    ap.add_argument(
+        "--warmup-frac",
+        type=float,
+        default=0.1,
+        help="share of the steps for the compression warm-up (the lr warm-up is a tenth)",
+    )
     ap.add_argument("--eval-interval", type=int, default=10)
     ap.add_argument("--eval-batches", type=int, default=4, help="validation micro-batches")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per torchrun")
@@ -216,7 +223,8 @@ def main() -> None:
             bar.advance(task)
     summarize(results)
     shortened = (
-        f"demo-v3 recipe shortened: {args.steps} steps (recipe 2200) x {args.global_batch} "
+        f"demo-v3 recipe shortened: {args.steps} steps (recipe 2200; warm-ups "
+        f"{max(2, round(args.steps * args.warmup_frac))}) x {args.global_batch} "
         f"sequences x {args.seq_len} tokens (recipe 256) on tiny shakespeare (bundled 512-token "
         "tokenizer; the model keeps its 8192-row vocabulary) instead of the pipeline's shards"
     )
