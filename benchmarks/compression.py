@@ -91,7 +91,7 @@ def bench_run(tmp: Path, data: Path, name: str, world: int, args) -> dict:
     proc = train(world, cfg, folder, timeout=args.timeout)
     row = {"method": name, "procs": world, "wall_s": round(time.perf_counter() - t0, 1)}
     if proc.returncode != 0:
-        row["error"] = failure(proc.stderr)
+        row["error"] = failure(proc.stderr + proc.stdout)
         return row
     rec = cc.read_records(folder / "run")[0]
     steps = rec["steps"]

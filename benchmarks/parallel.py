@@ -38,9 +38,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._torchrun import TEXT, failure, text_slice, train  # noqa: E402
+from deepwhale.model.flavours import flavour_config  # noqa: E402
 from deepwhale.parallel import comm_counter as cc  # noqa: E402
 from deepwhale.parallel import planner  # noqa: E402, F401
-from deepwhale.parallel.layout import GradCompression, LayoutError, ParallelLayout  # noqa: E402
+from deepwhale.parallel.layout import (  # noqa: E402
+    GradCompression,
+    LayoutError,
+    ParallelLayout,
+    check_layout,
+)
 
 LAYOUTS = ("dp", "dp_shard", "tp", "pp")
 PLANNER_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send")
@@ -141,6 +147,11 @@ def bench_run(tmp: Path, data: Path, model: str, layout: str, n: int, args) -> d
     cfg = run_config(
         folder / "run", data, model, args.micro_batch_size, args.seq_len, args.steps, accum
     )
+    row = {"model": model, "layout": layout if n > 1 else "single", "procs": n}
+    try:  # what the trainer's preflight would refuse, without starting processes
+        check_layout(ParallelLayout(**{layout: n}).resolved(n), flavour_config(model), args.seq_len)
+    except LayoutError as e:
+        return {**row, "error": f"layout refused: {e}"}
     t0 = time.perf_counter()
     proc = train(n, cfg, folder, parallel, timeout=args.timeout)
     wall = time.perf_counter() - t0
@@ -151,7 +162,7 @@ def bench_run(tmp: Path, data: Path, model: str, layout: str, n: int, args) -> d
         "wall_s": round(wall, 1),
     }
     if proc.returncode != 0:
-        row["error"] = failure(proc.stderr)
+        row["error"] = failure(proc.stderr + proc.stdout)
         return row
     records = cc.read_records(folder / "run")
     r0 = records[0]
