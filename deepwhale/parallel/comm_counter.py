@@ -7,6 +7,9 @@ environment the parallel trainer (:class:`~deepwhale.parallel.trainer.ParallelTr
 bytes of that step per dimension and operation, the gradient-compression hook's own byte count,
 the step's seconds, and once the optimizer has state, this rank's parameter, gradient and
 optimizer-state bytes counted from the live tensors plus the process's peak RSS.
+``DEEPWHALE_COUNT_COMM=trace`` also lists every call of the step as ``(dim, op, bytes)`` (that is
+how the planner's TP formula was checked). The wrappers stay installed for the life of the
+process; counting costs a signature bind per collective.
 
 How it counts: :meth:`CommCounter.install` wraps the public collectives of ``torch.distributed``
 (``all_reduce``, ``all_gather``, ``all_gather_into_tensor``, ``all_gather_single``,
