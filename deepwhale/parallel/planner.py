@@ -689,6 +689,99 @@ def _group_intra(stride: int, size: int, gpus_per_node: int) -> bool:
     return size == 1 or stride * size <= gpus_per_node
 
 
+def tp_collectives(
+    config: ModelConfig,
+    dense_layers: int,
+    moe_layers: int,
+    first: bool,
+    last: bool,
+    sp: bool,
+    full_ac: bool = False,
+) -> dict[str, tuple[int, int]]:
+    """The TP collectives of one microbatch on a rank, as deepwhale's plan
+    (:mod:`deepwhale.parallel.tp`) runs them on torch's ``ColwiseParallel`` / ``RowwiseParallel``
+    / ``SequenceParallel``: ``{op: (elements per token summed over calls, calls)}``, where one
+    call moves ``elements per token x tokens`` (an all-gather's payload is its input, ``1/tp``
+    of that; the caller divides).
+
+    Counted from traces of the real runs (``DEEPWHALE_COUNT_COMM=trace``, torch 2.13), ``H`` the
+    hidden size:
+
+    * every column-parallel projection all-reduces the gradient of its own (replicated) input
+      in backward — torch does not merge the projections that share an input, so GQA attention
+      costs 3 all-reduces of ``H`` (q, k, v), MLA one of ``q_lora_rank`` (``q_b_proj``; ``H``
+      for ``q_proj``) plus one of ``kv_lora_rank`` (``kv_b_proj``) plus the RoPE-key gradient
+      hook's ``qk_rope_head_dim``, a SwiGLU MLP 2 of ``H`` (gate, up); the sequence-parallel
+      all-gather before the block then has nothing to reduce-scatter in backward;
+    * the row-parallel output: an all-reduce of ``H`` without SP, an all-gather + a
+      reduce-scatter (forward; an all-gather in backward) with SP;
+    * DeepSeekMoE under SP: all-gather the input, the shared experts' ``down_proj`` all-reduces
+      ``H`` (row-parallel to a replicated output), the output is sliced back to this rank's
+      tokens (backward: an all-gather); without shared experts a MoE layer sends nothing;
+    * vocabulary-parallel embedding: all-reduce (or reduce-scatter under SP, all-gather in
+      backward); the column-parallel ``lm_head``: an all-reduce of its input gradient (SP: an
+      all-gather forward, a reduce-scatter backward);
+    * full activation checkpointing repeats the layers' forward collectives in backward.
+    """
+    c = config
+    h = c.hidden_size
+    ops: dict[str, list[int]] = {
+        "all_gather": [0, 0],
+        "reduce_scatter": [0, 0],
+        "all_reduce": [0, 0],
+    }
+
+    def add(op: str, elems: int, calls: int) -> None:
+        if calls:
+            ops[op][0] += elems * calls
+            ops[op][1] += calls
+
+    def row_out(calls: int, fwd_only: bool = False) -> None:
+        if sp:
+            add("all_gather", h, calls)  # forward, before the block
+            add("reduce_scatter", h, calls)  # forward, after it
+            if not fwd_only:
+                add("all_gather", h, calls)  # backward of the reduce-scatter
+        else:
+            add("all_reduce", h, calls)
+
+    if c.is_mla:
+        q_in = h if c.q_lora_rank is None else c.q_lora_rank
+        attn_bwd = [q_in, c.kv_lora_rank, c.qk_rope_head_dim]
+    else:
+        attn_bwd = [h, h, h]
+    n = dense_layers + moe_layers
+    passes = 2 if full_ac else 1  # forward, and the recomputed forward
+    row_out(n * passes, fwd_only=True)
+    if sp:
+        add("all_gather", h, n)  # backward of the attention's reduce-scatter
+    for e in attn_bwd:
+        add("all_reduce", e, n)
+    row_out(dense_layers * passes, fwd_only=True)
+    if sp:
+        add("all_gather", h, dense_layers)
+    add("all_reduce", h, 2 * dense_layers)
+    if c.n_shared_experts:
+        if sp:
+            add("all_gather", h, moe_layers * passes)  # the MoE input
+            add("all_gather", h, moe_layers)  # backward of the output slice
+        add("all_reduce", h, moe_layers * passes)  # shared down_proj, forward
+        add("all_reduce", h, 2 * moe_layers)  # shared gate/up input gradients
+    if first:
+        if sp:
+            add("reduce_scatter", h, 1)
+            add("all_gather", h, 1)
+        else:
+            add("all_reduce", h, 1)
+    if last:
+        if sp:
+            add("all_gather", h, 1)
+            add("reduce_scatter", h, 1)
+        else:
+            add("all_reduce", h, 1)
+    return {op: (e, k) for op, (e, k) in ops.items() if k}
+
+
 def estimate(
     model_config: ModelConfig,
     layout: ParallelLayout,
@@ -821,6 +914,11 @@ def estimate(
         mem.params = held * param_bytes
         unsharded_grads = (shard > 1 or exp_shard > 1) and not fsdp_sync_every_microbatch
         mem.grads = (local + exp_local if unsharded_grads else held) * grad_bytes
+        if tp > 1 and shard == 1 and 0 in my_stages:
+            # torch's embedding backward on a vocabulary-parallel (Shard(0)) weight returns a
+            # Replicate gradient: every TP rank holds the full (V, H) gradient (torch 2.13)
+            full = c.vocab_size * c.hidden_size
+            mem.grads += (full - _shard_numel((c.vocab_size, c.hidden_size), tp)) * grad_bytes
         mem.optimizer = held * optim_bytes_per_param
         if shard > 1 or exp_shard > 1:
             biggest = max((u.gather for u, _ in kinds), default=0)
@@ -909,51 +1007,19 @@ def estimate(
                     )
                 )
         if tp > 1:
-            msg = tokens_mb * c.hidden_size * ab
-            per_layer_ops = 4 + (2 if full_ac else 0)  # fwd 2, bwd 2, recomputed fwd 2
-            extra = (1 if 0 in my_stages else 0) + (1 if pp * v - 1 in my_stages else 0)
-            n_ops = (per_layer_ops * len(layers) + extra) * m
-            if sp:  # every all-reduce becomes an all-gather + a reduce-scatter
-                wire = (tp - 1) / tp * msg * n_ops
+            first, last = 0 in my_stages, pp * v - 1 in my_stages
+            ops = tp_collectives(c, len(layers) - n_moe, n_moe, first, last, sp, full_ac)
+            for op, (elems, calls) in ops.items():
+                payload = elems * tokens_mb * ab // (tp if op == "all_gather" else 1) * m
+                out_b = payload * tp if op == "all_gather" else payload // tp
+                if op == "all_reduce":
+                    out_b, wire = payload, 2 * (tp - 1) / tp * payload
+                else:  # (n-1)/n of the full size
+                    wire = (tp - 1) / tp * max(payload, out_b)
                 comm.append(
-                    Collective(
-                        "tp",
-                        "all_gather",
-                        "activations",
-                        tp,
-                        n_ops,
-                        msg // tp * n_ops,
-                        msg * n_ops,
-                        wire,
-                    )
+                    Collective("tp", op, "activations", tp, calls * m, payload, out_b, wire)
                 )
-                comm.append(
-                    Collective(
-                        "tp",
-                        "reduce_scatter",
-                        "activations",
-                        tp,
-                        n_ops,
-                        msg * n_ops,
-                        msg // tp * n_ops,
-                        wire,
-                    )
-                )
-            else:
-                n_ar = (per_layer_ops * len(layers) + extra) * m
-                comm.append(
-                    Collective(
-                        "tp",
-                        "all_reduce",
-                        "activations",
-                        tp,
-                        n_ar,
-                        msg * n_ar,
-                        msg * n_ar,
-                        2 * (tp - 1) / tp * msg * n_ar,
-                    )
-                )
-            if pp * v - 1 in my_stages:  # loss parallel: max, sum of exp, target logit (fp32)
+            if last:  # loss parallel: max, sum of exp, target logit (fp32)
                 small = tokens_mb * 4 * 3 * m
                 comm.append(
                     Collective(

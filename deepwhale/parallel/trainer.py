@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -82,7 +83,34 @@ class ParallelTrainer(Trainer):
         self._moe_use: list = []  # (MoE module, per-expert token counts) under FSDP2
         self._pending = None  # the checkpoint being written in the background
         self._ckpt_group = None  # the gloo group of async saves (created on first use)
+        self._memory = None
+        self.comm = None  # a StepRecorder under DEEPWHALE_COUNT_COMM=1 (comm_counter)
+        self._counter = counter = self._start_counting()
         super().__init__(cfg)
+        if counter is not None:
+            from deepwhale.parallel.comm_counter import StepRecorder
+
+            lay = self.layout
+            dims = {
+                "dp": lay.dp,
+                "dp_shard": lay.dp_shard,
+                "tp": lay.tp,
+                "pp": lay.pp,
+                "ep": lay.ep,
+            }
+            meta = {
+                "rank": runtime.rank,
+                "world_size": runtime.world_size,
+                "pp_rank": runtime.pp_rank,
+                "layout": dataclasses.asdict(lay),
+                "dims": dims,
+                "model": dataclasses.asdict(self.config),
+                "micro_batch_size": cfg.train.micro_batch_size,
+                "grad_accum": cfg.train.grad_accum,
+                "seq_len": int(self.train_ds[0][0].shape[0]),
+            }
+            path = self.out / "comm" / f"rank{runtime.rank}.json"
+            self.comm = StepRecorder(counter, path, meta)
 
     # ------------------------------------------------------------------ setup
     @property
@@ -118,6 +146,31 @@ class ParallelTrainer(Trainer):
         if kind == "none":
             raise ckpt.NoUsableCheckpoint(value)
         return None if value is None else Path(value)
+
+    def _start_counting(self):
+        """Under ``DEEPWHALE_COUNT_COMM=1``: install a
+        :class:`~deepwhale.parallel.comm_counter.CommCounter` (before any plan is applied, so
+        pipeline P2P ops see the wrapped functions) with this run's groups labelled by mesh
+        dimension; else None."""
+        from deepwhale.parallel import comm_counter
+
+        if not comm_counter.enabled():
+            return None
+        rt, lay = self.rt, self.layout
+        counter = comm_counter.CommCounter()
+        if os.environ.get(comm_counter.ENV) == "trace":
+            counter.trace = []
+        # the flattened data-parallel group: DDP, the loss and validation sums
+        counter.label(
+            rt.dp_group, "dp" if lay.dp_shard == 1 else "dp_shard" if lay.dp == 1 else "dp_all"
+        )
+        counter.label(rt.sub("dp_replicate"), "dp")
+        counter.label(rt.sub("dp_shard"), "dp_shard")
+        counter.label(rt.tp_mesh, "tp")
+        counter.label(rt.pp_mesh, "pp")
+        counter.label(rt.ep_group, "ep")
+        counter.label(rt.ep_outer_group, "ep_outer")
+        return counter.install()
 
     def _device(self) -> torch.device:
         return self.rt.device
@@ -327,6 +380,12 @@ class ParallelTrainer(Trainer):
             from deepwhale.parallel.compression import register_compression
 
             self.compression = register_compression(self._ddp, gc, self.rt.dp_group)
+        elif self._counter is not None:
+            # DDP's built-in all-reduce runs in C++, out of the counter's sight: torch's Python
+            # allreduce_hook computes the same average through dist.all_reduce
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            self._ddp.register_comm_hook(self.rt.dp_group, default_hooks.allreduce_hook)
 
     # ------------------------------------------------------------------ data
     def next_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -472,7 +531,28 @@ class ParallelTrainer(Trainer):
             p.grad.div_(self.layout.dp_degree)
 
     def train_step(self) -> dict:
-        """One optimizer step on every rank; the returned metrics are global (same on all)."""
+        """One optimizer step on every rank; the returned metrics are global (same on all).
+        Under ``DEEPWHALE_COUNT_COMM=1`` the step's collectives are recorded (comm_counter)."""
+        if self.comm is None:
+            return self._train_step()
+        self.comm.begin()
+        t0 = time.perf_counter()
+        self._memory = None
+        out = self._train_step()
+        seconds = time.perf_counter() - t0
+        hook = None
+        c = self.compression
+        if c is not None:
+            hook = {
+                "payload": c.bytes_sent_step,
+                "wire": c.wire_bytes_step,
+                "dense_payload": c.dense_bytes_step,
+                "dense_wire": c.dense_wire_bytes_step,
+            }
+        self.comm.end(self.step, seconds, hook, self._memory)
+        return out
+
+    def _train_step(self) -> dict:
         lr = self.schedule.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -489,6 +569,10 @@ class ParallelTrainer(Trainer):
                 if p.grad is not None:
                     p.grad.mul_(coef)
         self.optimizer.step()
+        if self.comm is not None and not self.comm.data["memory"]:
+            from deepwhale.parallel.comm_counter import state_bytes
+
+            self._memory = state_bytes(self.params, self.optimizer)  # grads still held here
         self.optimizer.zero_grad(set_to_none=True)
         balance = self.monitor is not None and self.bias_gamma > 0
         imbalance = torch.ones((), device=self.device)
