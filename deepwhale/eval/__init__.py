@@ -10,7 +10,15 @@ Modules, one job each: ``tasks`` (task files), ``datasets`` (local readers), ``p
 ``lm_eval_model`` (``lm_eval --model deepwhale``).
 """
 
-from deepwhale.eval.runner import evaluate
 from deepwhale.eval.tasks import TaskConfig, TaskError, available_tasks, load_task
 
 __all__ = ["TaskConfig", "TaskError", "available_tasks", "evaluate", "load_task"]
+
+
+def __getattr__(name: str):
+    """``evaluate`` loads on first use, so importing the package (the CLI) skips torch."""
+    if name == "evaluate":
+        from deepwhale.eval.runner import evaluate
+
+        return evaluate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

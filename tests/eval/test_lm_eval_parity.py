@@ -1,0 +1,102 @@
+"""Acceptance: ``deepwhale eval`` equals lm-eval 0.4.x (``--model hf``) on the bundled
+stories260K folder, for ARC-Easy and HellaSwag (acc, acc_norm, stderr) and a rolling
+perplexity task (word/byte perplexity, bits per byte), 20 documents each, within 1e-4; and
+lm-eval driving our engine (``model="deepwhale"``) gives our numbers.
+
+The lm-eval tasks are lm-eval YAML equivalents of the built-in task files (see
+``lm_eval_tasks.py``) fed the same documents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+
+import torch  # noqa: E402
+
+from deepwhale.api import DEFAULT_MODEL, DeepSeekModel  # noqa: E402
+from deepwhale.eval import evaluate  # noqa: E402
+from deepwhale.eval.datasets import read_hellaswag_text  # noqa: E402
+from tests.eval.lm_eval_tasks import write_tasks  # noqa: E402
+from tests.helpers import shared_data  # noqa: E402
+
+N = 20
+MC = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+PPL = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    torch.set_num_threads(1)
+    bench = shared_data("bench")
+    corpus = shared_data("corpus", "en")
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    hs = read_hellaswag_text(bench / "hellaswag" / "hellaswag_val_full.txt.bz2")[:N]
+    story = (corpus / "tinystories" / "tinystories_sample.txt").read_text()
+    docs = [{"text": t.strip()} for t in story.split("<|endoftext|>") if t.strip()]
+    docs.append({"text": (corpus / "tinyshakespeare" / "input.txt").read_text()[:4000]})
+    write_tasks(folder, bench / "arc_easy" / "test.json", hs, docs)
+    model = DeepSeekModel.from_pretrained(device="cpu")
+    ours = evaluate(
+        model,
+        ["arc_easy", "hellaswag", f"ppl:{folder / 'ppl.jsonl'}"],
+        bench,
+        limit=N,
+        batch_size=8,
+    )["results"]
+    ours["dw_arc_easy"] = ours.pop("arc_easy")
+    ours["dw_hellaswag"] = ours.pop("hellaswag")
+    ours["dw_ppl"] = ours.pop(f"ppl:{folder / 'ppl.jsonl'}")
+    return folder, ours
+
+
+def _lm_eval(folder, model: str, model_args: str) -> dict:
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=["dw_arc_easy", "dw_hellaswag", "dw_ppl"],
+        limit=N,
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+        device="cpu",
+        batch_size=4,
+    )
+    return {
+        task: {k.split(",")[0]: v for k, v in res.items() if k.endswith(",none")}
+        for task, res in out["results"].items()
+    }
+
+
+def _compare(ours: dict, theirs: dict) -> dict:
+    """The largest relative difference per metric (and assert it is within 1e-4)."""
+    diffs = {}
+    for task, res in theirs.items():
+        for key in MC if "ppl" not in task else PPL:
+            a, b = ours[task][key], float(res[key])
+            diffs[f"{task}/{key}"] = abs(a - b) / max(abs(b), 1e-12)
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-12), (task, key, a, b)
+    return diffs
+
+
+def test_matches_lm_eval_hf(setup, capsys):
+    folder, ours = setup
+    theirs = _lm_eval(folder, "hf", f"pretrained={DEFAULT_MODEL},dtype=float32")
+    diffs = _compare(ours, theirs)
+    assert ours["dw_ppl"]["samples"] == 6 and ours["dw_arc_easy"]["samples"] == N
+    with capsys.disabled():
+        print("\nparity vs lm-eval hf (max relative difference):", json.dumps(diffs, indent=1))
+
+
+def test_lm_eval_drives_our_engine(setup):
+    import deepwhale.eval.lm_eval_model  # noqa: F401  (registers "deepwhale")
+
+    folder, ours = setup
+    theirs = _lm_eval(folder, "deepwhale", f"pretrained={DEFAULT_MODEL},dtype=float32")
+    _compare(ours, theirs)
