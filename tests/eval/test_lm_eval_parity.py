@@ -100,3 +100,41 @@ def test_lm_eval_drives_our_engine(setup):
     folder, ours = setup
     theirs = _lm_eval(folder, "deepwhale", f"pretrained={DEFAULT_MODEL},dtype=float32")
     _compare(ours, theirs)
+
+
+FEWSHOT = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {bench}/arc_easy/test.json
+    validation: {bench}/arc_easy/validation.json
+test_split: test
+fewshot_split: {split}
+num_fewshot: 2
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+"""
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_fewshot_prompts_match_lm_eval(tmp_path, split):
+    """2-shot ARC-Easy contexts equal lm-eval's ``fewshot_context`` (seed 1234), with shots from
+    another split and from the scored split itself (the document never its own shot)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from deepwhale.eval.tasks import build_examples, load_docs, load_task
+
+    bench = shared_data("bench")
+    (tmp_path / "fs.yaml").write_text(FEWSHOT.format(name="dw_fs", bench=bench, split=split))
+    tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    task = get_task_dict(["dw_fs"], tm)["dw_fs"]
+    task.set_fewshot_seed(1234)
+    theirs = [task.fewshot_context(d, 2) for d in list(task.test_docs())[:8]]
+    ours_task = load_task("arc_easy")
+    ours_task.num_fewshot, ours_task.fewshot_split = 2, split
+    test_docs = load_docs(ours_task, "test", bench)
+    pool = test_docs if split == "test" else load_docs(ours_task, split, bench)
+    ours = [e.context for e in build_examples(ours_task, test_docs[:8], pool)]
+    assert ours == theirs

@@ -103,3 +103,14 @@ def test_missing_data_file_is_named(tmp_path):
         load_docs(load_task("arc_easy"), "test", tmp_path)
     with pytest.raises(TaskError, match="data file not found"):
         load_docs(load_task("ppl:nowhere.txt"), "test", tmp_path)
+
+
+def test_generative_tasks_are_refused_for_now(tmp_path):
+    from deepwhale.eval.runner import prepare
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"q": "2+2?"}) + "\n")
+    path = _write(
+        tmp_path, "task: gen\ndata_files: d.jsonl\noutput_type: generate_until\ndoc_to_text: q\n"
+    )
+    with pytest.raises(TaskError, match="output_type generate_until is not supported yet"):
+        prepare(load_task(str(path)), None, 512, tmp_path)
