@@ -107,28 +107,31 @@ def eval_command(
 
 
 class _progress:
-    """A rich progress bar over scored requests (stderr); nothing when ``quiet``."""
+    """A rich progress bar over scored requests (stderr), started on the first update (after
+    the tasks loaded, so data errors print without a bar); nothing when ``quiet``."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.bar = None
 
     def __enter__(self):
-        if self.quiet:
-            return None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+        return None if self.quiet else self.update
 
-        self.bar = Progress(
-            "[bold]eval",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        task = self.bar.add_task("eval", total=None)
-        self.bar.start()
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self.bar = Progress(
+                "[bold]eval",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self.task = self.bar.add_task("eval", total=total)
+            self.bar.start()
+        self.bar.update(self.task, completed=done, total=total)
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:

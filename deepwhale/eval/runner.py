@@ -175,6 +175,8 @@ def evaluate(
     prepared = [prepare(c, model.tokenizer, max_len, data_dir, limit, ppl_stride) for c in configs]
     total = sum(len(p.requests) for p in prepared)
     done = 0
+    if progress is not None:
+        progress(0, total)  # everything is loaded and rendered: the bar may start
 
     def tick(n: int) -> None:
         nonlocal done

@@ -8,6 +8,9 @@ import os
 import subprocess
 import sys
 
+from typer.testing import CliRunner
+
+from deepwhale.cli import app
 from tests.helpers import REPO, shared_data
 
 
@@ -35,8 +38,9 @@ def test_eval_writes_report(tmp_path):
     samples = res["samples"]["arc_easy"]
     assert len(samples) == 4 and arc["acc"] == sum(s["acc"] for s in samples) / 4
     assert (out / "results.md").read_text() == proc.stdout
-    quiet = _run(*args, "--data-dir", str(bench), "--quiet")
-    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == proc.stdout
+    # in-process, --quiet: no progress bar, the same table
+    quiet = CliRunner().invoke(app, ["eval", *args, "--data-dir", str(bench), "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == proc.stdout
 
 
 def test_eval_errors_are_one_line(tmp_path):
@@ -46,6 +50,5 @@ def test_eval_errors_are_one_line(tmp_path):
         proc.stderr.strip()
         == "error: unknown task 'nope'; available: arc_easy, hellaswag, ppl:FILE"
     )
-    proc = _run("-t", "arc_easy", "--data-dir", str(tmp_path), "--quiet")
-    assert proc.returncode == 2 and "data file not found" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    res = CliRunner().invoke(app, ["eval", "-t", "arc_easy", "--data-dir", str(tmp_path)])
+    assert res.exit_code == 2 and res.stderr.startswith("error: task arc_easy: data file not found")
