@@ -46,6 +46,10 @@ def prepare(
 ) -> Prepared:
     """Load, render and tokenize one task (the first ``limit`` test documents).
 
+    Rolling documents are encoded with the tokenizer's defaults, as lm-eval 0.4.13's HF model
+    does (``tok_encode(string)``): with a BOS-adding tokenizer the document starts with BOS, so
+    the first window scores that BOS after the BOS prefix and it counts as a token.
+
     Raises:
         TaskError: bad data or templates; an output type this version cannot score.
     """
@@ -126,7 +130,10 @@ def reduce(prep: Prepared, scores: list, log_samples: bool) -> tuple[dict, list[
                 samples.append(
                     {"doc_index": ex.index, "loglikelihood": ll, "words": w, "bytes": b, **extra}
                 )
-        result = metrics.perplexity_metrics(lls, tokens, words, nbytes)
+        try:
+            result = metrics.perplexity_metrics(lls, tokens, words, nbytes)
+        except ValueError as e:
+            raise TaskError(f"task {task.task}: {e}") from None
         result.update(tokens=tokens, words=words, bytes=nbytes)
     result["samples"] = len(prep.examples)
     return result, samples

@@ -170,7 +170,7 @@ def load_task(name: str) -> TaskConfig:
             output_type="loglikelihood_rolling",
             dataset_path=reader,
             data_files={"test": file},
-            doc_to_target="text",
+            doc_to_target="{{text}}",  # a document without "text" fails, naming its index
             source=name,
         )
     builtin = builtin_tasks()

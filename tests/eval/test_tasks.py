@@ -114,3 +114,17 @@ def test_generative_tasks_are_refused_for_now(tmp_path):
     )
     with pytest.raises(TaskError, match="output_type generate_until is not supported yet"):
         prepare(load_task(str(path)), None, 512, tmp_path)
+
+
+def test_ppl_file_errors(tmp_path):
+    from deepwhale.api import DeepSeekModel
+    from deepwhale.eval import evaluate
+
+    (tmp_path / "docs.jsonl").write_text('{"text": "Once upon a time"}\n{"body": "no text"}\n')
+    task = load_task(f"ppl:{tmp_path / 'docs.jsonl'}")
+    with pytest.raises(TaskError, match=r"doc 1: doc_to_target: UndefinedError: 'text'"):
+        build_examples(task, load_docs(task, "test", tmp_path))
+    (tmp_path / "empty.txt").write_text("")
+    model = DeepSeekModel.from_pretrained(device="cpu")
+    with pytest.raises(TaskError, match=r"task ppl:.*empty.txt: empty corpus"):
+        evaluate(model, [f"ppl:{tmp_path / 'empty.txt'}"])
