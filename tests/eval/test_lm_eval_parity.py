@@ -29,41 +29,41 @@ MC = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 PPL = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
+def _ours(model_dir, folder, bench, n: int) -> dict:
+    model = DeepSeekModel.from_pretrained(model_dir, device="cpu", dtype="float32")
+    tasks = ["arc_easy", "hellaswag", f"ppl:{folder / 'ppl.jsonl'}"]
+    res = evaluate(model, tasks, bench, limit=n, batch_size=8)["results"]
+    return dict(zip(["dw_arc_easy", "dw_hellaswag", "dw_ppl"], res.values(), strict=True))
+
+
+def _tasks(folder, n: int, texts: list[str]) -> None:
+    bench = shared_data("bench")
+    hs = read_hellaswag_text(bench / "hellaswag" / "hellaswag_val_full.txt.bz2")[:n]
+    write_tasks(folder, bench / "arc_easy" / "test.json", hs, [{"text": t} for t in texts])
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     torch.set_num_threads(1)
-    bench = shared_data("bench")
     corpus = shared_data("corpus", "en")
     folder = tmp_path_factory.mktemp("lm_eval_tasks")
-    hs = read_hellaswag_text(bench / "hellaswag" / "hellaswag_val_full.txt.bz2")[:N]
     story = (corpus / "tinystories" / "tinystories_sample.txt").read_text()
-    docs = [{"text": t.strip()} for t in story.split("<|endoftext|>") if t.strip()]
-    docs.append({"text": (corpus / "tinyshakespeare" / "input.txt").read_text()[:4000]})
-    write_tasks(folder, bench / "arc_easy" / "test.json", hs, docs)
-    model = DeepSeekModel.from_pretrained(device="cpu")
-    ours = evaluate(
-        model,
-        ["arc_easy", "hellaswag", f"ppl:{folder / 'ppl.jsonl'}"],
-        bench,
-        limit=N,
-        batch_size=8,
-    )["results"]
-    ours["dw_arc_easy"] = ours.pop("arc_easy")
-    ours["dw_hellaswag"] = ours.pop("hellaswag")
-    ours["dw_ppl"] = ours.pop(f"ppl:{folder / 'ppl.jsonl'}")
-    return folder, ours
+    texts = [t.strip() for t in story.split("<|endoftext|>") if t.strip()]
+    texts.append((corpus / "tinyshakespeare" / "input.txt").read_text()[:4000])
+    _tasks(folder, N, texts)
+    return folder, _ours(DEFAULT_MODEL, folder, shared_data("bench"), N)
 
 
-def _lm_eval(folder, model: str, model_args: str) -> dict:
+def _lm_eval(folder, model: str, model_args: str, n: int = N) -> dict:
     from lm_eval.tasks import TaskManager
 
     out = lm_eval.simple_evaluate(
         model=model,
         model_args=model_args,
         tasks=["dw_arc_easy", "dw_hellaswag", "dw_ppl"],
-        limit=N,
+        limit=n,
         task_manager=TaskManager(include_path=str(folder), include_defaults=False),
         device="cpu",
         batch_size=4,
@@ -92,6 +92,22 @@ def test_matches_lm_eval_hf(setup, capsys):
     assert ours["dw_ppl"]["samples"] == 6 and ours["dw_arc_easy"]["samples"] == N
     with capsys.disabled():
         print("\nparity vs lm-eval hf (max relative difference):", json.dumps(diffs, indent=1))
+
+
+@pytest.mark.slow
+def test_matches_lm_eval_hf_on_the_moe_demo(tmp_path):
+    """The bundled deepwhale-demo (DeepSeek-V3 layout: MLA + MoE, byte-level BPE) against
+    transformers' DeepseekV3 under lm-eval, with Chinese and English perplexity documents."""
+    torch.set_num_threads(1)
+    corpus = shared_data("corpus")
+    texts = [
+        (corpus / "zh" / "novels" / "hongloumeng.txt").read_text()[:3000],
+        (corpus / "en" / "tinyshakespeare" / "input.txt").read_text()[:6000],
+    ]
+    demo = DEFAULT_MODEL.parent / "deepwhale-demo"
+    _tasks(tmp_path, 10, texts)
+    ours = _ours(demo, tmp_path, shared_data("bench"), 10)
+    _compare(ours, _lm_eval(tmp_path, "hf", f"pretrained={demo},dtype=float32", n=10))
 
 
 def test_lm_eval_drives_our_engine(setup):
