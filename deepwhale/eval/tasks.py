@@ -264,7 +264,11 @@ def build_examples(
     same_split = task.fewshot_split == task.test_split
     out = []
     for i, doc in enumerate(docs):
-        prefix = task.description
+        prefix = ""
+        if task.description:  # lm-eval: a field name or template, joined with no delimiter
+            prefix = _templated(
+                task, i, "description", templates.doc_to_text, task.description, doc
+            )
         if task.num_fewshot:
             pool = fewshot_docs or []
             k = task.num_fewshot + (1 if same_split else 0)

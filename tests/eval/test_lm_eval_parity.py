@@ -127,6 +127,7 @@ dataset_kwargs:
 test_split: test
 fewshot_split: {split}
 num_fewshot: 2
+description: "{description}"
 output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
@@ -137,19 +138,24 @@ doc_to_choice: "{{{{choices.text}}}}"
 @pytest.mark.parametrize("split", ["validation", "test"])
 def test_fewshot_prompts_match_lm_eval(tmp_path, split):
     """2-shot ARC-Easy contexts equal lm-eval's ``fewshot_context`` (seed 1234), with shots from
-    another split and from the scored split itself (the document never its own shot)."""
+    another split and from the scored split itself (the document never its own shot, and a
+    templated ``description`` in front)."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
     from deepwhale.eval.tasks import build_examples, load_docs, load_task
 
     bench = shared_data("bench")
-    (tmp_path / "fs.yaml").write_text(FEWSHOT.format(name="dw_fs", bench=bench, split=split))
+    description = "Science questions ({{id}}).\n\n" if split == "test" else ""
+    yaml_description = description.replace("\n", "\\n")  # a YAML double-quoted escape
+    text = FEWSHOT.format(name="dw_fs", bench=bench, split=split, description=yaml_description)
+    (tmp_path / "fs.yaml").write_text(text)
     tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
     task = get_task_dict(["dw_fs"], tm)["dw_fs"]
     task.set_fewshot_seed(1234)
     theirs = [task.fewshot_context(d, 2) for d in list(task.test_docs())[:8]]
     ours_task = load_task("arc_easy")
     ours_task.num_fewshot, ours_task.fewshot_split = 2, split
+    ours_task.description = description
     test_docs = load_docs(ours_task, "test", bench)
     pool = test_docs if split == "test" else load_docs(ours_task, split, bench)
     ours = [e.context for e in build_examples(ours_task, test_docs[:8], pool)]
