@@ -39,8 +39,14 @@ def test_eval_writes_report(tmp_path):
     assert len(samples) == 4 and arc["acc"] == sum(s["acc"] for s in samples) / 4
     assert (out / "results.md").read_text() == proc.stdout
     # in-process, --quiet: no progress bar, the same table
-    quiet = CliRunner().invoke(app, ["eval", *args, "--data-dir", str(bench), "--quiet"])
-    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == proc.stdout
+    out2 = tmp_path / "out2"
+    quiet = CliRunner().invoke(
+        app, ["eval", *args, "--data-dir", str(bench), "--quiet", "--out", str(out2)]
+    )
+    assert quiet.exit_code == 0 and quiet.stdout == proc.stdout
+    assert quiet.stderr == f"wrote {out2 / 'results.json'}\n"  # no progress bar
+    again = json.loads((out2 / "results.json").read_text())
+    assert again["results"] == res["results"] and "samples" not in again
 
 
 def test_eval_errors_are_one_line(tmp_path):

@@ -160,3 +160,17 @@ def test_fewshot_prompts_match_lm_eval(tmp_path, split):
     pool = test_docs if split == "test" else load_docs(ours_task, split, bench)
     ours = [e.context for e in build_examples(ours_task, test_docs[:8], pool)]
     assert ours == theirs
+
+
+def test_hellaswag_preprocessing_is_lm_evals():
+    """Our ``process_docs: hellaswag`` equals lm-eval's ``tasks/hellaswag/utils.process_docs``
+    on the first 500 validation items."""
+    datasets = pytest.importorskip("datasets")
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    from deepwhale.eval.preprocess import hellaswag
+
+    bench = shared_data("bench")
+    docs = read_hellaswag_text(bench / "hellaswag" / "hellaswag_val_full.txt.bz2")[:500]
+    theirs = list(process_docs(datasets.Dataset.from_list(docs)))
+    assert hellaswag(docs) == theirs
