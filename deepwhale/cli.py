@@ -17,6 +17,7 @@ from rich.console import Console
 
 from deepwhale.data.cli import data_app
 from deepwhale.data.tokenizer_cli import tokenizer_app
+from deepwhale.eval.cli import eval_command
 from deepwhale.parallel.plan_cli import plan
 from deepwhale.train.cli import finetune_app, lora_app, train
 
@@ -38,6 +39,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.command("train")(train)
 app.command("plan")(plan)
+app.command("eval")(eval_command)
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(lora_app, name="lora")
 err = Console(stderr=True, soft_wrap=True)

@@ -1,0 +1,138 @@
+"""``deepwhale eval``: log-likelihood tasks and perplexity on a model.
+
+Registered in the top-level app as ``app.command("eval")(eval_command)``. Only typer and the
+standard library load at import; torch, the model and the tasks load inside the command. Bad
+input (unknown task, malformed task file, missing data, a template failing) prints one
+``error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from deepwhale.checkpoint.hub import CheckpointError
+    from deepwhale.config import ConfigError
+    from deepwhale.tokenizer import TokenizerError
+
+    return (CheckpointError, ConfigError, TokenizerError, ValueError, OSError, ImportError)
+
+
+def eval_command(
+    tasks: Annotated[
+        list[str],
+        typer.Option(
+            "--tasks",
+            "-t",
+            help="Tasks, comma-separated or repeated: arc_easy, hellaswag, a task YAML file, "
+            "or ppl:FILE (a text file, or .jsonl of {'text': ...}).",
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="Checkpoint folder or Hub repo id (default: stories260K)."
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Score the first N documents per task.")] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Sequences per forward; scores do not depend on it.")
+    ] = 1,
+    ppl_stride: Annotated[
+        int,
+        typer.Option(
+            help="ppl tasks: minimum tokens of context per window after the first, in "
+            "[1, model context]; 1 = lm-eval's disjoint windows."
+        ),
+    ] = 1,
+    num_fewshot: Annotated[
+        int | None, typer.Option(help="Override every task's num_fewshot.")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder the task files' data_files are relative to (default: shared bench)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write results.json and results.md to this folder.")
+    ] = None,
+    log_samples: Annotated[
+        bool, typer.Option(help="Keep per-sample scores in results.json.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16, float16 (default: fp32 on CPU).")
+    ] = None,
+) -> None:
+    """Evaluate a model on log-likelihood tasks (lm-eval definitions) and print a table."""
+    names = [t.strip() for group in tasks for t in group.split(",") if t.strip()]
+    try:
+        from deepwhale.api import DeepSeekModel
+        from deepwhale.eval.report import markdown_table, write_report
+        from deepwhale.eval.runner import evaluate
+        from deepwhale.eval.tasks import load_task
+
+        configs = [load_task(n) for n in names]  # fail on a bad name before loading the model
+        m = DeepSeekModel.from_pretrained(model, dtype=dtype, device=device)
+        with _progress(quiet) as progress:
+            results = evaluate(
+                m,
+                configs,
+                data_dir=data_dir,
+                limit=limit,
+                batch_size=batch_size,
+                ppl_stride=ppl_stride,
+                num_fewshot=num_fewshot,
+                log_samples=log_samples,
+                progress=progress,
+            )
+        results["config"]["model"] = model or "stories260K (bundled)"
+        table = markdown_table(results)
+        sys.stdout.write(table)
+        if out is not None:
+            json_path, _ = write_report(results, out)
+            typer.echo(f"wrote {json_path}", err=True)
+    except _user_errors() as e:
+        from deepwhale.extras import describe_import_error
+
+        typer.echo(f"error: {describe_import_error(e)}", err=True)
+        raise typer.Exit(2) from None
+
+
+class _progress:
+    """A rich progress bar over scored requests (stderr), started on the first update (after
+    the tasks loaded, so data errors print without a bar); nothing when ``quiet``."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+
+    def __enter__(self):
+        return None if self.quiet else self.update
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self.bar = Progress(
+                "[bold]eval",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self.task = self.bar.add_task("eval", total=total)
+            self.bar.start()
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()

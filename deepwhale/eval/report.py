@@ -1,0 +1,61 @@
+"""``results.json`` and the Markdown table.
+
+``results.json`` (written atomically: a temporary file, then a rename)::
+
+    {"config": {...}, "versions": {...},
+     "results": {"arc_easy": {"acc": ..., "acc_stderr": ..., "acc_norm": ..., ...}},
+     "samples": {"arc_easy": [{"doc_index": 0, "logprobs": [...], ...}]}}   # --log-samples
+
+Non-finite numbers (a stderr of one sample) are written as ``null``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from deepwhale.atomic import atomic_write, write_json
+
+_METRICS = (
+    "acc",
+    "acc_norm",
+    "token_perplexity",
+    "word_perplexity",
+    "byte_perplexity",
+    "bits_per_byte",
+)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def markdown_table(results: dict) -> str:
+    """``| Task | Metric | Value | Stderr | N |`` rows for every reported metric."""
+    lines = ["| Task | Metric | Value | Stderr | N |", "|---|---|---:|---:|---:|"]
+    for task, res in results["results"].items():
+        for name in _METRICS:
+            if name not in res:
+                continue
+            err = res.get(f"{name}_stderr")
+            err_text = "" if err is None or not math.isfinite(err) else f"{err:.4f}"
+            lines.append(f"| {task} | {name} | {res[name]:.4f} | {err_text} | {res['samples']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``results.md`` under ``out_dir`` (made if missing), each
+    atomically. Returns both paths. Raises OSError when the folder cannot be written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "results.json", out / "results.md"
+    write_json(json_path, _finite(results))
+    table = markdown_table(results)
+    atomic_write(md_path, lambda p: p.write_text(table, encoding="utf-8"))
+    return json_path, md_path

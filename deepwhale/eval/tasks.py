@@ -1,0 +1,305 @@
+"""Task files: a YAML subset of lm-eval 0.4.x's task format, and the built-in tasks.
+
+A task file (built-ins live in ``deepwhale/eval/tasks/*.yaml``)::
+
+    task: arc_easy
+    dataset_path: json                 # json | hellaswag_text | text (see datasets.py)
+    data_files: {test: arc_easy/test.json, validation: arc_easy/validation.json}
+    test_split: test                   # the split scored
+    fewshot_split: validation          # where few-shot examples come from
+    output_type: multiple_choice       # | loglikelihood_rolling | generate_until
+    doc_to_text: "Question: {{question}}\\nAnswer:"
+    doc_to_target: "{{choices.label.index(answerKey)}}"
+    doc_to_choice: "{{choices.text}}"
+    process_docs: hellaswag            # optional, a name from preprocess.PROCESSORS
+    target_delimiter: " "
+    fewshot_delimiter: "\\n\\n"
+    num_fewshot: 0
+
+``data_files`` paths are relative to the data directory (default ``../shared/data/bench`` of
+the repository, or ``$DEEPWHALE_EVAL_DATA``; ``--data-dir`` overrides). ``ppl:FILE`` is a
+rolling log-likelihood task over a text file (one document) or a ``.json``/``.jsonl`` file of
+``{"text": ...}`` documents.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from deepwhale.eval import templates
+from deepwhale.eval.datasets import READERS, DataError
+from deepwhale.eval.preprocess import PROCESSORS
+
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling", "generate_until")
+SUPPORTED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling")
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_seed
+
+
+class TaskError(ValueError):
+    """Bad task name, task file, template or data (the message says which file/key/doc)."""
+
+
+def default_data_dir() -> Path:
+    """``$DEEPWHALE_EVAL_DATA``, else the repository's ``../shared/data/bench``."""
+    env = os.environ.get("DEEPWHALE_EVAL_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "bench"
+
+
+@dataclass
+class TaskConfig:
+    """One task, as read from its YAML file (field meanings: the module docstring).
+
+    Raises (from ``__post_init__``):
+        TaskError: a missing or ill-typed key, naming the file and the key.
+    """
+
+    task: str
+    output_type: str
+    dataset_path: str = "json"
+    data_files: dict[str, str] = field(default_factory=dict)
+    test_split: str = "test"
+    fewshot_split: str | None = None
+    doc_to_text: str = ""
+    doc_to_target: str | int = ""
+    doc_to_choice: str | list | None = None
+    process_docs: str | None = None
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    description: str = ""
+    num_fewshot: int = 0
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        where = self.source
+
+        def bad(key: str, why: str) -> TaskError:
+            return TaskError(f"{where}: key {key!r}: {why}")
+
+        if not isinstance(self.task, str) or not self.task:
+            raise bad("task", "must be a non-empty string")
+        if self.output_type not in OUTPUT_TYPES:
+            raise bad("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}")
+        if self.dataset_path not in READERS:
+            raise bad("dataset_path", f"must be one of {', '.join(READERS)}")
+        if isinstance(self.data_files, str):
+            self.data_files = {self.test_split: self.data_files}
+        if not isinstance(self.data_files, dict) or not self.data_files:
+            raise bad("data_files", "must be a file or a {split: file} mapping")
+        if self.test_split not in self.data_files:
+            raise bad("test_split", f"{self.test_split!r} is not a key of data_files")
+        if self.fewshot_split is not None and self.fewshot_split not in self.data_files:
+            raise bad("fewshot_split", f"{self.fewshot_split!r} is not a key of data_files")
+        if not isinstance(self.num_fewshot, int) or self.num_fewshot < 0:
+            raise bad("num_fewshot", "must be a non-negative integer")
+        if self.num_fewshot and self.fewshot_split is None:
+            raise bad("num_fewshot", "needs a fewshot_split")
+        if self.process_docs is not None and self.process_docs not in PROCESSORS:
+            raise bad("process_docs", f"must be one of {', '.join(PROCESSORS)}")
+        if self.output_type == "multiple_choice" and self.doc_to_choice is None:
+            raise bad("doc_to_choice", "is required for multiple_choice")
+        for key in ("doc_to_text", "target_delimiter", "fewshot_delimiter", "description"):
+            if not isinstance(getattr(self, key), str):
+                raise bad(key, "must be a string")
+        for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
+            value = getattr(self, key)
+            for source in value if isinstance(value, list) else [value]:
+                if isinstance(source, str):
+                    try:
+                        templates.compile_template(source)
+                    except Exception as e:  # jinja2.TemplateSyntaxError
+                        raise bad(key, f"invalid template: {e}") from None
+
+
+def parse_task_file(path: Path) -> TaskConfig:
+    """Read one task YAML file.
+
+    Raises:
+        TaskError: unreadable YAML (with its line), not a mapping, an unknown key, or a bad
+            value; every message starts with the file path.
+    """
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise TaskError(f"{path}: invalid YAML: {e}") from None
+    except OSError as e:
+        raise TaskError(f"{path}: cannot read task file: {e}") from None
+    if not isinstance(raw, dict):
+        raise TaskError(f"{path}: a task file must be a YAML mapping")
+    known = {f.name for f in fields(TaskConfig)} - {"source"}
+    unknown = sorted(set(raw) - known - {"metadata"})
+    if unknown:
+        raise TaskError(f"{path}: key {unknown[0]!r}: unknown (known: {', '.join(sorted(known))})")
+    for key in ("task", "output_type"):
+        if key not in raw:
+            raise TaskError(f"{path}: key {key!r}: missing")
+    raw.pop("metadata", None)
+    return TaskConfig(**raw, source=str(path))
+
+
+def builtin_tasks() -> dict[str, Path]:
+    """Built-in task name -> its YAML file."""
+    return {p.stem: p for p in sorted(TASK_DIR.glob("*.yaml"))}
+
+
+def available_tasks() -> list[str]:
+    """Names that :func:`load_task` accepts (``ppl:FILE`` stands for any file)."""
+    return [*builtin_tasks(), "ppl:FILE"]
+
+
+def load_task(name: str) -> TaskConfig:
+    """A built-in task by name, a task YAML file by path, or ``ppl:FILE``.
+
+    Raises:
+        TaskError: an unknown name (the message lists the available tasks) or a bad file.
+    """
+    if name.startswith("ppl:"):
+        file = name[4:]
+        if not file:
+            raise TaskError("ppl: needs a file, e.g. ppl:corpus.txt")
+        reader = "json" if file.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")) else "text"
+        return TaskConfig(
+            task=name,
+            output_type="loglikelihood_rolling",
+            dataset_path=reader,
+            data_files={"test": file},
+            doc_to_target="{{text}}",  # a document without "text" fails, naming its index
+            source=name,
+        )
+    builtin = builtin_tasks()
+    if name in builtin:
+        return parse_task_file(builtin[name])
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        return parse_task_file(Path(name))
+    raise TaskError(f"unknown task {name!r}; available: {', '.join(available_tasks())}")
+
+
+def _resolve(task: TaskConfig, split: str, data_dir: Path) -> Path:
+    rel = Path(task.data_files[split])
+    if rel.is_absolute():
+        return rel
+    if task.task.startswith("ppl:") and rel.exists():
+        return rel  # ppl:FILE is relative to the working directory first
+    return data_dir / rel
+
+
+def load_docs(task: TaskConfig, split: str, data_dir: Path | None = None) -> list[dict]:
+    """The processed documents of one split.
+
+    Raises:
+        TaskError: the data file is missing or malformed (names the task and the file), or a
+            ``process_docs`` step fails.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    path = _resolve(task, split, data_dir)
+    try:
+        docs = READERS[task.dataset_path](path)
+    except DataError as e:
+        hint = "" if path.exists() else f" (data dir {data_dir}; set --data-dir)"
+        raise TaskError(f"task {task.task}: {e}{hint}") from None
+    if task.process_docs:
+        try:
+            docs = PROCESSORS[task.process_docs](docs)
+        except (KeyError, TypeError, ValueError) as e:
+            raise TaskError(
+                f"task {task.task}: process_docs {task.process_docs!r} failed on {path}: "
+                f"{type(e).__name__}: {e}"
+            ) from None
+    return docs
+
+
+def _templated(task: TaskConfig, index: int, what: str, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # jinja2 UndefinedError, TypeError, TemplateError, ...
+        raise TaskError(f"task {task.task}, doc {index}: {what}: {type(e).__name__}: {e}") from None
+
+
+@dataclass
+class Example:
+    """One scored document: its context and, for multiple choice, choices and gold index."""
+
+    index: int
+    doc: dict
+    context: str
+    choices: list[str] | None = None
+    gold: int | None = None
+    text: str | None = None  # the rolling log-likelihood document
+
+
+def _target_text(task: TaskConfig, doc: dict, index: int) -> str:
+    target = _templated(
+        task, index, "doc_to_target", templates.doc_to_target, task.doc_to_target, doc
+    )
+    if task.output_type == "multiple_choice":
+        choices = _templated(
+            task, index, "doc_to_choice", templates.doc_to_choice, task.doc_to_choice, doc
+        )
+        return choices[
+            _templated(task, index, "doc_to_target", templates.gold_index, target, choices)
+        ]
+    return str(target[0] if isinstance(target, list) else target)
+
+
+def build_examples(
+    task: TaskConfig, docs: list[dict], fewshot_docs: list[dict] | None = None
+) -> list[Example]:
+    """Render every document (lm-eval's ``fewshot_context`` for ``num_fewshot`` examples).
+
+    Few-shot examples are drawn as lm-eval's default sampler does: one ``random.Random(1234)``
+    for the task, ``sample(fewshot_docs, n)`` per document, ``n + 1`` with the document itself
+    removed when both come from the same split.
+
+    Raises:
+        TaskError: a template failed (names the task and the document index).
+    """
+    rng = random.Random(FEWSHOT_SEED)
+    same_split = task.fewshot_split == task.test_split
+    out = []
+    for i, doc in enumerate(docs):
+        prefix = ""
+        if task.description:  # lm-eval: a field name or template, joined with no delimiter
+            prefix = _templated(
+                task, i, "description", templates.doc_to_text, task.description, doc
+            )
+        if task.num_fewshot:
+            pool = fewshot_docs or []
+            k = task.num_fewshot + (1 if same_split else 0)
+            shots = rng.sample(pool, min(k, len(pool)))
+            if same_split:
+                shots = [s for s in shots if s is not doc][: task.num_fewshot]
+            parts = []
+            for j, shot in enumerate(shots):
+                text = _templated(
+                    task, j, "doc_to_text (fewshot)", templates.doc_to_text, task.doc_to_text, shot
+                )
+                parts.append(text + task.target_delimiter + _target_text(task, shot, j))
+            prefix += task.fewshot_delimiter.join(parts) + task.fewshot_delimiter
+        if task.output_type == "loglikelihood_rolling":
+            target = _templated(
+                task, i, "doc_to_target", templates.doc_to_target, task.doc_to_target, doc
+            )
+            out.append(Example(i, doc, "", text=str(target)))
+            continue
+        context = prefix + _templated(
+            task, i, "doc_to_text", templates.doc_to_text, task.doc_to_text, doc
+        )
+        if task.output_type == "multiple_choice":
+            choices = _templated(
+                task, i, "doc_to_choice", templates.doc_to_choice, task.doc_to_choice, doc
+            )
+            target = _templated(
+                task, i, "doc_to_target", templates.doc_to_target, task.doc_to_target, doc
+            )
+            gold = _templated(task, i, "doc_to_target", templates.gold_index, target, choices)
+            out.append(Example(i, doc, context, choices=choices, gold=gold))
+        else:
+            out.append(Example(i, doc, context))
+    return out
