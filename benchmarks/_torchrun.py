@@ -50,9 +50,12 @@ def train(
     parallel: str | None = None,
     timeout: float = 600,
     count: bool = True,
+    environ: dict[str, str] | None = None,
+    extra: list[str] | None = None,
 ):
-    """Write ``config`` to ``folder/cfg.yaml`` and run ``torchrun --nproc-per-node nproc -m
-    deepwhale train -c cfg.yaml [--parallel PARALLEL]``; returns the CompletedProcess."""
+    """Write ``config`` to ``folder/cfg.yaml`` and run ``torchrun --nproc-per-node nproc [EXTRA]
+    -m deepwhale train -c cfg.yaml [--parallel PARALLEL]`` with ``environ`` added to the
+    children's environment; returns the CompletedProcess."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = folder / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -64,6 +67,7 @@ def train(
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         "--monitor-interval=0.1",
+        *(extra or []),
         "-m",
         "deepwhale",
         "train",
@@ -72,7 +76,12 @@ def train(
         *(["--parallel", parallel] if parallel else []),
     ]
     return subprocess.run(
-        cmd, env=child_env(count), capture_output=True, text=True, timeout=timeout, cwd=str(REPO)
+        cmd,
+        env={**child_env(count), **(environ or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(REPO),
     )
 
 

@@ -6,7 +6,6 @@ none left the run stops with one line."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 
@@ -98,12 +97,7 @@ def test_killed_worker_is_restarted_and_the_run_is_bit_exact(tmp_path, shakespea
     ]
     assert all(rec[k] >= 0 for k in parts)
     assert sum(rec[k] for k in parts) == pytest.approx(rec["total_s"], abs=1e-6)
-    # torchrun's reaction and the new process group do not depend on CPU speed; the total
-    # (mostly interpreter start and imports, 5-8 s on an idle 2-core machine) is bounded by 30 s,
-    # scaled by how oversubscribed the shared machine is (load average per core)
-    assert rec["detection_restart_s"] < 10 and rec["rendezvous_s"] < 10
-    busy = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
-    assert rec["total_s"] < 30 * busy, (rec, busy)
+    # how long it took is measured by benchmarks/recovery.py, not asserted here
     line = re.search(r"recovered from step (\d+) in ([\d.]+) s \(detection\+restart", proc.stderr)
     assert line and int(line.group(1)) == rec["step"]
     assert json.loads((run / "heartbeat.json").read_text())["step"] == STEPS
