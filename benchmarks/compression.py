@@ -10,7 +10,9 @@ and global batch for every method, and only ``parallel.grad_compression`` changi
 * ``topk 1%`` and ``topk 0.1%``: Top-k with error feedback, ``ratio`` 0.01 / 0.001, DGC's sparsity
   warm-up over the first tenth of the steps (``--warmup-frac``); plain error feedback (``momentum_correction: false``)
   because the recipe's optimizer is AdamW (DGC's momentum correction is meant for SGD);
-* ``powersgd r4``: torch's PowerSGD hook, rank 4, the same warm-up.
+* ``powersgd r4``: torch's PowerSGD hook, rank 4, the same warm-up;
+* ``topk 10%`` and ``powersgd r16`` (not run by default; ``--methods``): the gentler settings that
+  still save more than the 70% the product promises.
 
 Shortened to fit minutes on a shared 2-core CPU (the output says by how much): tiny shakespeare
 tokenized with the bundled 512-token tokenizer instead of the pipeline's shards (the model keeps
@@ -58,7 +60,11 @@ METHODS = {
     "topk 1%": {"method": "topk", "ratio": 0.01, "momentum_correction": False},
     "topk 0.1%": {"method": "topk", "ratio": 0.001, "momentum_correction": False},
     "powersgd r4": {"method": "powersgd", "powersgd_rank": 4},
+    # the product's goal is 70% fewer bytes: these trade bytes back for loss
+    "topk 10%": {"method": "topk", "ratio": 0.1, "momentum_correction": False},
+    "powersgd r16": {"method": "powersgd", "powersgd_rank": 16},
 }
+DEFAULT_METHODS = ["dense", "topk 1%", "topk 0.1%", "powersgd r4"]
 GOAL_SAVED, GOAL_LOSS = 0.70, 0.02
 
 
@@ -190,7 +196,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print JSON only")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--procs", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (recipe: 2200)")
     ap.add_argument("--global-batch", type=int, default=8, help="sequences per step (recipe: 8)")
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (recipe: 256)")

@@ -2,7 +2,8 @@
 with parallel plans applied to its model from outside.
 
 Plans are applied in torchtitan's order: pipeline split (each rank keeps its stage), TP (+SP),
-EP, then FSDP2 (``dp_shard``, HSDP with ``dp``) or DDP (``dp`` alone). Equivalence with one process
+EP, activation checkpointing, compile (:mod:`deepwhale.train.ac_compile`), then FSDP2
+(``dp_shard``, HSDP with ``dp``) or DDP (``dp`` alone). Equivalence with one process
 is the design rule:
 
 * **Data.** All ranks run the same seeded sampler. A step's window is ``grad_accum`` global
@@ -46,6 +47,7 @@ from deepwhale.parallel import checkpoint as pckpt
 from deepwhale.parallel.runtime import Runtime
 from deepwhale.parallel.tp import loss_context
 from deepwhale.train import checkpoint as ckpt
+from deepwhale.train.ac_compile import is_recomputing
 from deepwhale.train.data import IGNORE_INDEX, collate
 from deepwhale.train.trainer import Trainer
 
@@ -176,7 +178,8 @@ class ParallelTrainer(Trainer):
         return self.rt.device
 
     def _parallelize(self) -> None:
-        """TP -> EP -> FSDP2 / DDP on ``self.model``; keeps the unwrapped module as ``inner``."""
+        """TP -> EP -> activation checkpointing -> compile -> FSDP2 / DDP on ``self.model``;
+        keeps the unwrapped module as ``inner``."""
         lay, rt = self.layout, self.rt
         model = self.model
         self.inner = model
@@ -190,6 +193,7 @@ class ParallelTrainer(Trainer):
             apply_tensor_parallel(model, rt.tp_mesh, lay.sequence_parallel)
         if lay.ep > 1:
             self._apply_ep(model)
+        self._checkpoint_and_compile(model)
         if lay.dp_shard > 1 or (lay.dp > 1 and lay.tp > 1):
             self._apply_fsdp(model)
         elif lay.dp > 1:
@@ -236,6 +240,7 @@ class ParallelTrainer(Trainer):
                     stage.seq_shards = lay.tp
             if lay.ep > 1:
                 self._apply_ep(stage)
+            self._checkpoint_and_compile(stage)
             if lay.dp_degree > 1:
                 self._apply_fsdp(stage)
 
@@ -285,7 +290,9 @@ class ParallelTrainer(Trainer):
                 term = mon.layer_balance_term(i, mask, self.seq_aux) * self.aux_alpha
                 aux = term / self._pp_aux_denom
             mon._outputs.pop(i)
-            self._pp_calls.setdefault(i, []).append((counts, None if aux is None else aux.detach()))
+            if not is_recomputing():  # a checkpointed layer's replay must not count twice
+                entry = (counts, None if aux is None else aux.detach())
+                self._pp_calls.setdefault(i, []).append(entry)
             if aux is None:
                 return None
             return _AttachLoss.apply(out, aux * self.layout.dp_degree)
@@ -336,6 +343,8 @@ class ParallelTrainer(Trainer):
             self._moe_use.append((mod, use))
 
             def count(gate, args, out, use=use):
+                if is_recomputing():
+                    return
                 use.add_(torch.bincount(out[1].flatten(), minlength=len(use)))
 
             def touch(moe, args, out):

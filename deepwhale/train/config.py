@@ -173,6 +173,12 @@ class TrainSection:
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``...
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16`` (autocast;
             master weights and optimizer state stay fp32).
+        activation_checkpointing: ``none`` or ``full`` (recompute each checkpointed decoder
+            layer's forward in backward: less activation memory, about one more forward of
+            compute; :mod:`deepwhale.train.ac_compile`).
+        ac_every: under ``full``, checkpoint every ``ac_every``-th decoder layer (1 = all).
+        compile: ``torch.compile`` each decoder layer (after checkpointing, before FSDP2/DDP).
+        compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` for checks).
     """
 
     steps: int = 100
@@ -181,12 +187,18 @@ class TrainSection:
     seed: int = 1337
     device: str = "auto"
     precision: str = "auto"
+    activation_checkpointing: str = "none"
+    ac_every: int = 1
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "train.steps", "must be > 0")
         _require(self.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
         _require(self.grad_accum > 0, "train.grad_accum", "must be > 0")
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("train.activation_checkpointing", self.activation_checkpointing, ("none", "full"))
+        _require(self.ac_every > 0, "train.ac_every", "must be > 0")
 
 
 @dataclass

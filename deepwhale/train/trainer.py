@@ -266,7 +266,28 @@ class Trainer:
         return resolve_device(self.cfg.train.device)
 
     def _parallelize(self) -> None:
-        """Apply parallel plans to ``self.model`` (the single-process trainer has none)."""
+        """Apply plans to ``self.model``: on one process only activation checkpointing and
+        compile (``train.activation_checkpointing``, ``train.compile``)."""
+        self._checkpoint_and_compile(self.model)
+
+    def _checkpoint_and_compile(self, model) -> None:
+        """Activation checkpointing, then ``torch.compile``, of ``model``'s decoder layers
+        (:mod:`deepwhale.train.ac_compile`).
+
+        Raises:
+            TrainConfigError: an unknown ``train.compile_backend``.
+        """
+        from deepwhale.train.ac_compile import apply_activation_checkpointing, apply_compile
+
+        t = self.cfg.train
+        apply_activation_checkpointing(
+            model, t.activation_checkpointing, t.ac_every, compiled=t.compile
+        )
+        if t.compile:
+            try:
+                apply_compile(model, t.compile_backend)
+            except ValueError as e:
+                raise TrainConfigError(f"train.{e}") from None
 
     def tokenizer(self):
         """The tokenizer for text/chat data (see ``model.tokenizer``), loaded on first use.

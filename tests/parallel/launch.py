@@ -40,10 +40,12 @@ def torchrun(
     extra: list[str] | None = None,
     environ: dict[str, str] | None = None,
     entry: tuple[str, ...] = ("deepwhale", "train"),
+    coverage: bool = True,
 ):
     """``torchrun --nproc-per-node nproc [EXTRA] -m deepwhale train ARGS`` (``entry``: the module
     and its leading arguments), with ``environ`` added to the child environment; returns the
-    CompletedProcess."""
+    CompletedProcess. ``coverage=False`` leaves the workers unmeasured (coverage's subprocess
+    patch costs them a good part of their time; use it where other launches run the same code)."""
     cmd = [
         sys.executable,
         "-m",
@@ -57,9 +59,12 @@ def torchrun(
         *entry,
         *args,
     ]
+    child = {**env(), **(environ or {})}
+    if not coverage:
+        child.pop("COVERAGE_PROCESS_CONFIG", None)
     return subprocess.run(
         cmd,
-        env={**env(), **(environ or {})},
+        env=child,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -81,6 +81,10 @@ LAYOUTS = [
     ("dp=2,tp=2,pp=2", 8, 2),
     ("dp=2,tp=2,ep=2", 4, 2),
     ("dp=2,pp=2,ep=2", 4, 2),
+    # activation checkpointing and compile in the plan order (TP -> EP -> AC -> compile -> FSDP)
+    ("pp=2 1f1b +ac", 2, 1),
+    ("dp_shard=2 +ac +compile", 2, 2),
+    ("dp=2,tp=2,ep=2 +ac", 4, 2),
 ]
 
 
@@ -97,8 +101,21 @@ def _cases(nproc: int) -> list[tuple[str, str]]:
     ]
 
 
+def apply_options(data: dict, options: list[str]) -> None:
+    """A layout's words after the degrees: a pipeline schedule, ``+ac`` (full activation
+    checkpointing) or ``+compile`` (``torch.compile`` with ``aot_eager``: dynamo and AOTAutograd
+    trace forward and backward; inductor's C++ code generation would take minutes here)."""
+    for opt in options:
+        if opt == "+ac":
+            data["train"]["activation_checkpointing"] = "full"
+        elif opt == "+compile":
+            data["train"].update(compile=True, compile_backend="aot_eager")
+        else:
+            data.setdefault("parallel", {})["pp_schedule"] = opt
+
+
 def _run_dir(root, model: str, layout: str):
-    tag = layout.replace("=", "").replace(",", "x").replace(" ", "-")
+    tag = layout.replace("=", "").replace(",", "x").replace(" ", "-").replace("+", "")
     return root / f"{model}-{tag}"
 
 
@@ -115,15 +132,23 @@ def launched(tmp_path_factory, shakespeare):
             for model, layout in _cases(nproc):
                 out = _run_dir(root, model, layout)
                 out.mkdir()
-                degrees, _, schedule = layout.partition(" ")
+                degrees, *options = layout.split(" ")
                 data = base(out / "run", shakespeare, model, MBS)
-                if schedule:
-                    data["parallel"] = {"pp_schedule": schedule}
+                apply_options(data, options)
                 cfg = write_config(out / "cfg.yaml", data)
                 jobs.append({"config": str(cfg), "parallel": degrees})
             spec = root / "jobs.json"
             spec.write_text(json.dumps(jobs), encoding="utf-8")
-            proc = torchrun(nproc, [str(spec)], timeout=1200, entry=("tests.parallel.multi_run",))
+            # coverage's subprocess tracing costs a third of a gloo run's time: the 2-process
+            # job (every plan, alone and combined with AC and compile) is measured, the 4- and
+            # 8-process ones combine the same code and run unmeasured to keep the suite short
+            proc = torchrun(
+                nproc,
+                [str(spec)],
+                timeout=1200,
+                entry=("tests.parallel.multi_run",),
+                coverage=nproc == 2,
+            )
             cache[nproc] = (root, proc)
         return cache[nproc]
 
