@@ -166,6 +166,34 @@ def plan(
         "(wire bytes); see docs/planner.md",
         highlight=False,
     )
+    if rows:
+        line = run_command(rows[0], n_gpus // n_nodes, n_nodes)
+        console.print(f"run #1: {line}", highlight=False, soft_wrap=True)
+
+
+def run_command(ranked, gpus_per_node: int, nodes: int) -> str:
+    """The ``torchrun ... deepwhale train`` line that trains with ``ranked``'s layout, its
+    pipeline schedule and microbatches, and its activation checkpointing."""
+    lay, e = ranked.layout, ranked.estimate
+    degrees = ",".join(
+        f"{k}={getattr(lay, k)}"
+        for k in ("dp", "dp_shard", "tp", "pp", "ep")
+        if getattr(lay, k) > 1
+    )
+    parts = [f"torchrun --nproc-per-node {gpus_per_node}"]
+    if nodes > 1:
+        parts.append(f"--nnodes {nodes} --rdzv-backend c10d --rdzv-endpoint HOST:29500")
+    parts.append(f"-m deepwhale train -c cfg.yaml --parallel {degrees or 'dp=1'}")
+    sets = []
+    if lay.pp > 1:
+        sets += [
+            f"parallel.pp_schedule={lay.pp_schedule}",
+            f"parallel.microbatches={e.microbatches}",
+        ]
+    if e.activation_checkpointing != "none":
+        sets.append(f"train.activation_checkpointing={e.activation_checkpointing}")
+    parts += [f"--set {x}" for x in sets]
+    return " ".join(parts)
 
 
 def _parsed(flag: str, parse, text: str):

@@ -265,3 +265,26 @@ def test_estimate_fields_are_plain_data():
     d = dataclasses.asdict(est)
     assert {"memory", "comm", "bubble_fraction", "model_flops"} <= set(d)
     assert est.step_s is None  # no hardware given
+
+
+def test_cli_prints_a_train_command_for_the_top_layout(tmp_path):
+    from deepwhale.cli import app
+    from deepwhale.parallel.layout import parse_layout
+    from deepwhale.train.config import load_config
+
+    runner = CliRunner()
+    args = [*ARGS, "--activation-checkpointing", "full", "--top", "1"]
+    table = runner.invoke(app, args)
+    assert table.exit_code == 0, table.output
+    line = next(x for x in table.output.splitlines() if x.startswith("run #1: "))
+    best = json.loads(runner.invoke(app, [*args, "--json"]).output)["candidates"][0]
+    words = line.split()
+    assert words[2:4] == ["torchrun", "--nproc-per-node"] and words[4] == "8"
+    degrees = parse_layout(words[words.index("--parallel") + 1])
+    assert {k: v for k, v in best["layout"].items() if k != "pp_schedule" and v > 1} == degrees
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    assert "train.activation_checkpointing=full" in sets
+    # the command's overrides are valid train config keys
+    extra = [f"parallel.{k}={v}" for k, v in degrees.items()] + sets
+    cfg = load_config(None, [f"out_dir={tmp_path}", "data.path=x.txt", *extra])
+    assert cfg.train.activation_checkpointing == "full"
