@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 
 def argmax(values: Sequence[float]) -> int:
@@ -45,6 +46,27 @@ def multiple_choice_metrics(lls: Sequence[float], choices: Sequence[str], gold: 
         raise ValueError(f"gold index {gold} outside the {len(choices)} choices")
     norm = [ll / float(len(c)) if len(c) else ll for ll, c in zip(lls, choices, strict=True)]
     return {"acc": float(argmax(lls) == gold), "acc_norm": float(argmax(norm) == gold)}
+
+
+@dataclass(frozen=True)
+class ResultProcessor:
+    """A multiple-choice task's per-document metrics (a task file's ``process_results``).
+
+    ``fn(doc, lls, choices, gold)`` returns ``{metric: value}`` for one document, for every
+    name in ``metrics`` (``lls``: summed log-likelihood per choice, nats); it raises
+    ValueError on inconsistent input.
+    """
+
+    fn: Callable[[dict, Sequence[float], Sequence[str], int], dict[str, float]]
+    metrics: tuple[str, ...]
+
+
+def _default_mc(doc: dict, lls: Sequence[float], choices: Sequence[str], gold: int) -> dict:
+    return multiple_choice_metrics(lls, choices, gold)
+
+
+DEFAULT_MC = ResultProcessor(_default_mc, ("acc", "acc_norm"))
+RESULT_PROCESSORS: dict[str, ResultProcessor] = {}
 
 
 def mean(values: Sequence[float]) -> float:
