@@ -88,19 +88,31 @@ def prepare(
 
 
 def reduce(prep: Prepared, scores: list, log_samples: bool) -> tuple[dict, list[dict]]:
-    """Per-task metrics (with ``*_stderr``) and, if asked, per-sample records."""
+    """Per-task metrics (with ``*_stderr``) and, if asked, per-sample records.
+
+    Multiple choice: the task's ``process_results`` function (default ``acc``/``acc_norm``)
+    per document, then the mean and its stderr of each metric in ``metric_names()``.
+
+    Raises:
+        TaskError: a document's metric function failed, or an empty rolling corpus.
+    """
     task = prep.task
     per_doc: dict[int, list] = {}
     for owner, s in zip(prep.owners, scores, strict=True):
         per_doc.setdefault(owner, []).append(s)
     samples: list[dict] = []
     if task.output_type == "multiple_choice":
-        acc, acc_norm = [], []
+        processor, names = task.result_processor(), task.metric_names()
+        values: dict[str, list[float]] = {name: [] for name in names}
         for ex in prep.examples:
             lls = [s.logprob for s in per_doc[ex.index]]
-            m = metrics.multiple_choice_metrics(lls, ex.choices, ex.gold)
-            acc.append(m["acc"])
-            acc_norm.append(m["acc_norm"])
+            try:
+                m = processor.fn(ex.doc, lls, ex.choices, ex.gold)
+            except ValueError as e:
+                raise TaskError(f"task {task.task}, doc {ex.index}: {e}") from None
+            m = {name: m[name] for name in names}
+            for name in names:
+                values[name].append(m[name])
             if log_samples:
                 samples.append(
                     {
@@ -113,12 +125,10 @@ def reduce(prep: Prepared, scores: list, log_samples: bool) -> tuple[dict, list[
                         **m,
                     }
                 )
-        result = {
-            "acc": metrics.mean(acc),
-            "acc_stderr": metrics.mean_stderr(acc),
-            "acc_norm": metrics.mean(acc_norm),
-            "acc_norm_stderr": metrics.mean_stderr(acc_norm),
-        }
+        result = {}
+        for name in names:
+            result[name] = metrics.mean(values[name])
+            result[f"{name}_stderr"] = metrics.mean_stderr(values[name])
     else:
         lls, words, nbytes, tokens = [], 0, 0, 0
         for ex, extra in zip(prep.examples, prep.extra, strict=True):

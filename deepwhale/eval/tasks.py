@@ -12,9 +12,18 @@ A task file (built-ins live in ``deepwhale/eval/tasks/*.yaml``)::
     doc_to_target: "{{choices.label.index(answerKey)}}"
     doc_to_choice: "{{choices.text}}"
     process_docs: hellaswag            # optional, a name from preprocess.PROCESSORS
+    process_results: truthfulqa_mc2    # optional, a name from metrics.RESULT_PROCESSORS
+    metric_list: [{metric: acc}]       # optional: report only these (default: all computed)
     target_delimiter: " "
     fewshot_delimiter: "\\n\\n"
     num_fewshot: 0
+    include: base.yaml                 # optional: that file's keys, overridden by this one's
+
+``include`` (a path, or a list of them, relative to the including file) works as lm-eval's:
+the included files are read first (later ones win) and the including file's own keys win.
+``metric_list`` entries are lm-eval's ``{metric, aggregation, higher_is_better}``; the
+aggregation can only be ``mean``. Multiple choice computes ``acc`` and ``acc_norm``
+(``metrics.multiple_choice_metrics``) unless ``process_results`` names another function.
 
 ``data_files`` paths are relative to the data directory (default ``../shared/data/bench`` of
 the repository, or ``$DEEPWHALE_EVAL_DATA``; ``--data-dir`` overrides). ``ppl:FILE`` is a
@@ -31,6 +40,7 @@ from pathlib import Path
 
 from deepwhale.eval import templates
 from deepwhale.eval.datasets import READERS, DataError
+from deepwhale.eval.metrics import DEFAULT_MC, RESULT_PROCESSORS, ResultProcessor
 from deepwhale.eval.preprocess import PROCESSORS
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
@@ -69,6 +79,8 @@ class TaskConfig:
     doc_to_target: str | int = ""
     doc_to_choice: str | list | None = None
     process_docs: str | None = None
+    process_results: str | None = None
+    metric_list: list | None = None
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
     description: str = ""
@@ -103,6 +115,13 @@ class TaskConfig:
             raise bad("process_docs", f"must be one of {', '.join(PROCESSORS)}")
         if self.output_type == "multiple_choice" and self.doc_to_choice is None:
             raise bad("doc_to_choice", "is required for multiple_choice")
+        for key in ("process_results", "metric_list"):
+            if getattr(self, key) is not None and self.output_type != "multiple_choice":
+                raise bad(key, "is only supported for multiple_choice tasks")
+        if self.process_results is not None and self.process_results not in RESULT_PROCESSORS:
+            raise bad("process_results", f"must be one of {', '.join(RESULT_PROCESSORS)}")
+        if self.metric_list is not None:
+            self._check_metric_list(bad)
         for key in ("doc_to_text", "target_delimiter", "fewshot_delimiter", "description"):
             if not isinstance(getattr(self, key), str):
                 raise bad(key, "must be a string")
@@ -115,16 +134,48 @@ class TaskConfig:
                     except Exception as e:  # jinja2.TemplateSyntaxError
                         raise bad(key, f"invalid template: {e}") from None
 
+    def _check_metric_list(self, bad) -> None:
+        computed = self.result_processor().metrics
+        if not isinstance(self.metric_list, list) or not self.metric_list:
+            raise bad("metric_list", "must be a non-empty list of {metric: NAME} mappings")
+        for entry in self.metric_list:
+            if not isinstance(entry, dict) or not isinstance(entry.get("metric"), str):
+                raise bad("metric_list", f"{entry!r} is not a {{metric: NAME}} mapping")
+            extra = sorted(set(entry) - {"metric", "aggregation", "higher_is_better"})
+            if extra:
+                raise bad("metric_list", f"unknown key {extra[0]!r} in {entry!r}")
+            if entry["metric"] not in computed:
+                raise bad(
+                    "metric_list",
+                    f"metric {entry['metric']!r} is not computed (computed: {', '.join(computed)})",
+                )
+            if entry.get("aggregation", "mean") != "mean":
+                raise bad("metric_list", f"aggregation of {entry['metric']!r} must be mean")
+            if not isinstance(entry.get("higher_is_better", True), bool):
+                raise bad("metric_list", f"higher_is_better of {entry['metric']!r}: a boolean")
 
-def parse_task_file(path: Path) -> TaskConfig:
-    """Read one task YAML file.
+    def result_processor(self) -> ResultProcessor:
+        """The per-document metric function of a multiple-choice task: the one
+        ``process_results`` names, else ``acc``/``acc_norm`` (names are checked at
+        construction, so this does not raise)."""
+        if self.process_results is None:
+            return DEFAULT_MC
+        return RESULT_PROCESSORS[self.process_results]
 
-    Raises:
-        TaskError: unreadable YAML (with its line), not a mapping, an unknown key, or a bad
-            value; every message starts with the file path.
-    """
+    def metric_names(self) -> tuple[str, ...]:
+        """Names of the metrics a multiple-choice task reports (each with ``*_stderr``):
+        ``metric_list``'s in order, else all that its processor computes."""
+        if self.metric_list is None:
+            return self.result_processor().metrics
+        return tuple(dict.fromkeys(entry["metric"] for entry in self.metric_list))
+
+
+def _read_task_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """One task file's mapping with its ``include`` files merged in (lm-eval's order)."""
     import yaml
 
+    if path.resolve() in seen:
+        raise TaskError(f"{path}: include cycle ({' -> '.join(map(str, (*seen, path)))})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -133,6 +184,29 @@ def parse_task_file(path: Path) -> TaskConfig:
         raise TaskError(f"{path}: cannot read task file: {e}") from None
     if not isinstance(raw, dict):
         raise TaskError(f"{path}: a task file must be a YAML mapping")
+    if "include" not in raw:
+        return raw
+    includes = raw.pop("include")
+    includes = includes if isinstance(includes, list) else [includes]
+    merged: dict = {}
+    for inc in includes:
+        if not isinstance(inc, str) or not inc:
+            raise TaskError(f"{path}: key 'include': must be a file name or a list of them")
+        inc_path = Path(inc) if Path(inc).is_absolute() else path.parent / inc
+        merged.update(_read_task_yaml(inc_path, (*seen, path.resolve())))
+    merged.update(raw)
+    return merged
+
+
+def parse_task_file(path: Path) -> TaskConfig:
+    """Read one task YAML file, with the files it includes.
+
+    Raises:
+        TaskError: unreadable YAML (with its line), not a mapping, an unknown key, a bad
+            value, or an include cycle; every message starts with the file path (the included
+            file's, for a problem inside it).
+    """
+    raw = _read_task_yaml(Path(path))
     known = {f.name for f in fields(TaskConfig)} - {"source"}
     unknown = sorted(set(raw) - known - {"metadata"})
     if unknown:

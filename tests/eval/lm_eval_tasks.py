@@ -1,13 +1,24 @@
 """lm-eval task folders equivalent to deepwhale's built-in tasks, written for a test run.
 
 The YAML below is lm-eval 0.4.x's own format (``dataset_path: json`` + ``dataset_kwargs``);
-HellaSwag uses lm-eval's own ``process_docs`` (``lm_eval.tasks.hellaswag.utils``).
+HellaSwag uses lm-eval's own ``process_docs`` (``lm_eval.tasks.hellaswag.utils``); the
+TruthfulQA tasks *include* lm-eval's own ``truthfulqa_mc1.yaml`` / ``truthfulqa_mc2.yaml``
+(prompt, choices, ``process_results_mc2``) and only swap the Hub dataset for a local file.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+TRUTHFULQA = """include: {lm_eval_yaml}
+task: {name}
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    validation: {data}
+"""
 
 ARC = """task: {name}
 dataset_path: json
@@ -74,3 +85,33 @@ def write_tasks(folder: Path, arc_json: Path, hellaswag_docs: list[dict], ppl_do
     (folder / "dw_arc_easy.yaml").write_text(ARC.format(name="dw_arc_easy", data=arc_json))
     (folder / "dw_hellaswag.yaml").write_text(HELLASWAG.format(name="dw_hellaswag", data=hs))
     (folder / "dw_ppl.yaml").write_text(PPL.format(name="dw_ppl", data=ppl))
+
+
+def write_truthfulqa_tasks(folder: Path, mc_task_json: Path, n: int) -> None:
+    """Write ``dw_truthfulqa_mc1`` / ``dw_truthfulqa_mc2``: lm-eval's own task files on the first
+    ``n`` items of upstream ``mc_task.json``, put in the HF ``truthful_qa/multiple_choice``
+    schema the way the HF dataset builder does (``choices = list(targets)``, ``labels =
+    list(targets.values())``)."""
+    from lm_eval.tasks import truthfulqa
+
+    folder.mkdir(parents=True, exist_ok=True)
+    items = json.loads(mc_task_json.read_text(encoding="utf-8"))[:n]
+    rows = [
+        {
+            "question": item["question"],
+            **{
+                key: {"choices": list(item[key]), "labels": list(item[key].values())}
+                for key in ("mc1_targets", "mc2_targets")
+            },
+        }
+        for item in items
+    ]
+    data = folder / "truthfulqa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    lm_dir = Path(truthfulqa.__path__[0])
+    for which in ("mc1", "mc2"):
+        name = f"dw_truthfulqa_{which}"
+        text = TRUTHFULQA.format(
+            lm_eval_yaml=lm_dir / f"truthfulqa_{which}.yaml", name=name, data=data
+        )
+        (folder / f"{name}.yaml").write_text(text)

@@ -72,6 +72,16 @@ def test_malformed_yaml_names_file_and_key(tmp_path):
         + "doc_to_choice: c\ndoc_to_text: '{{ broken'\n": "key 'doc_to_text': invalid template",
         base + "doc_to_choice: c\nnum_fewshot: 2\n": "key 'num_fewshot': needs a fewshot_split",
         base + "doc_to_choice: c\nprocess_docs: mystery\n": "key 'process_docs'",
+        base + "doc_to_choice: c\nprocess_results: mystery\n": "key 'process_results'",
+        base + "doc_to_choice: c\nmetric_list: acc\n": "key 'metric_list': must be a non-empty",
+        base + "doc_to_choice: c\nmetric_list: [acc]\n": "key 'metric_list': 'acc' is not a",
+        base + "doc_to_choice: c\nmetric_list: [{metric: f1}]\n": "'f1' is not computed",
+        base + "doc_to_choice: c\nmetric_list: [{metric: acc, aggregation: median}]\n": "mean",
+        base + "doc_to_choice: c\nmetric_list: [{metric: acc, k: 1}]\n": "unknown key 'k'",
+        "task: t\ndata_files: x.txt\noutput_type: loglikelihood_rolling\n"
+        "metric_list: [{metric: acc}]\n": "key 'metric_list': is only supported for multiple",
+        "include: t.yaml\n": "include cycle",
+        "include: [3]\n": "key 'include'",
         "dataset_path: json\n": "key 'task': missing",
     }
     for text, message in cases.items():
@@ -79,6 +89,33 @@ def test_malformed_yaml_names_file_and_key(tmp_path):
         with pytest.raises(TaskError) as info:
             parse_task_file(path)
         assert str(info.value).startswith(str(path)) and message in str(info.value), text
+
+
+def test_include_and_metric_list(tmp_path):
+    """``include`` merges another file's keys under this one's (lm-eval's order, relative to
+    the including file); ``metric_list`` picks the reported metrics."""
+    (tmp_path / "d.jsonl").write_text(json.dumps({"q": "a", "c": ["x", "y"], "g": 1}) + "\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(
+        "task: base\ndata_files: d.jsonl\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{q}}'\ndoc_to_choice: c\ndoc_to_target: g\n"
+    )
+    (tmp_path / "sub" / "child.yaml").write_text(
+        "include: ../base.yaml\ntask: child\nmetric_list: [{metric: acc_norm}]\n"
+    )
+    base, child = (
+        load_task(str(tmp_path / "base.yaml")),
+        load_task(str(tmp_path / "sub/child.yaml")),
+    )
+    assert base.metric_names() == ("acc", "acc_norm") and child.metric_names() == ("acc_norm",)
+    assert (child.task, child.doc_to_text, child.source) == (
+        "child",
+        "{{q}}",
+        str(tmp_path / "sub" / "child.yaml"),
+    )
+    (tmp_path / "missing.yaml").write_text("include: nowhere.yaml\ntask: m\n")
+    with pytest.raises(TaskError, match=r"nowhere.yaml: cannot read task file"):
+        load_task(str(tmp_path / "missing.yaml"))
 
 
 def test_template_failure_names_task_and_doc(tmp_path):
