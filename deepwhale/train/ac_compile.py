@@ -124,7 +124,10 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
 
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
-        raise ValueError(f"compile_backend: {backend!r} is not one of {', '.join(sorted(known))}")
+        usual = sorted(set(torch._dynamo.list_backends()) | {"aot_eager", "eager"})
+        raise ValueError(
+            f"compile_backend: {backend!r} is not a torch.compile backend; e.g. {', '.join(usual)}"
+        )
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(backend=backend)
