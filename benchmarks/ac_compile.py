@@ -39,6 +39,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from deepwhale.train.ac_compile import saved_activation_bytes  # noqa: E402
 from deepwhale.train.config import load_config  # noqa: E402
 from deepwhale.train.trainer import Trainer  # noqa: E402
 
@@ -49,20 +50,6 @@ VARIANTS = {
     "compile": {"train.compile": "true"},
     "ac+compile": {"train.activation_checkpointing": "full", "train.compile": "true"},
 }
-
-
-def saved_bytes(model, ids: torch.Tensor) -> int:
-    """Bytes autograd saves for backward in one forward of ``ids`` ``(B, T)``."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids).float().sum()
-    return total
 
 
 def bench_model(name: str, steps: int, mbs: int, seq_len: int, backend: str, text: Path) -> dict:
@@ -91,7 +78,11 @@ def bench_model(name: str, steps: int, mbs: int, seq_len: int, backend: str, tex
         plain = trainers["plain"]
         ids = plain.next_batches()[0]["input_ids"]
         plain.sampler.load_state_dict(trainers["ac"].sampler.state_dict())  # same data again
-        mem = {v: saved_bytes(tr.model, ids) for v, tr in trainers.items() if "compile" not in v}
+        mem = {
+            v: saved_activation_bytes(tr.model, ids)
+            for v, tr in trainers.items()
+            if "compile" not in v
+        }
         times = {v: [] for v in VARIANTS}
         losses = {v: [] for v in VARIANTS}
         first = {}

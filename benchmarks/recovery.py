@@ -26,16 +26,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _torchrun import TEXT, train  # noqa: E402
 
-PARTS = (
-    "detection_restart_s",
-    "startup_s",
-    "rendezvous_s",
-    "build_s",
-    "checkpoint_load_s",
-    "first_step_s",
-)
+from deepwhale.train.recovery import BREAKDOWN  # noqa: E402
+
+PARTS = tuple(key for key, _ in BREAKDOWN)
 
 
 def config(out: Path, text: Path, steps: int) -> dict:

@@ -94,7 +94,8 @@ def preflight(cfg, world_size: int) -> ParallelLayout:
     Raises:
         LayoutError: the product of the degrees differs from the world size, a degree the model
             cannot be split by, or a combination that is not supported (LoRA with model
-            parallelism, gradient compression beyond DDP).
+            parallelism, gradient compression beyond DDP, PP with checkpointing and compile
+            on a MoE model).
     """
     layout = cfg.parallel.resolved(world_size)
     model_config = model_config_of(cfg.model)
@@ -117,6 +118,16 @@ def preflight(cfg, world_size: int) -> ParallelLayout:
                 f"parallel.microbatches={m} must divide the sequences of a step per data-parallel "
                 f"rank (train.micro_batch_size x train.grad_accum = {window})"
             )
+    t = cfg.train
+    moe = model_config is not None and bool(model_config.n_routed_experts)
+    if layout.pp > 1 and moe and t.compile and t.activation_checkpointing != "none":
+        # compiled checkpoint regions replay without the recompute marker (ac_compile), and
+        # under PP the MoE layers' balance statistics are recorded inside them
+        raise LayoutError(
+            "parallel.pp > 1 with both train.activation_checkpointing and train.compile is not "
+            "supported on a MoE model: the recomputed forward would count the router statistics "
+            "twice; turn one of them off"
+        )
     gc = layout.grad_compression
     if gc.method != "none":
         others = [

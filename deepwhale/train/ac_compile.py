@@ -106,6 +106,24 @@ def apply_activation_checkpointing(
     return n
 
 
+def saved_activation_bytes(model: nn.Module, input_ids: torch.Tensor) -> int:
+    """Bytes autograd saves for backward in one forward of ``model`` on ``input_ids`` ``(B, T)``
+    (measured with ``torch.autograd.graph.saved_tensors_hooks``). A checkpointed layer's own
+    saved tensors go through checkpoint's inner hooks and are dropped, so only its input and
+    what lies outside checkpointed layers count. Eager models only: a compiled graph saves what
+    AOTAutograd's partitioner picks."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids).float().sum()
+    return total
+
+
 def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
     """Compile each decoder layer of ``model`` in place (``nn.Module.compile``).
 

@@ -203,16 +203,20 @@ class RecoveryClock:
         }
 
 
+# the parts of a recovery's seconds, in order: (report key, log label)
+BREAKDOWN = (
+    ("detection_restart_s", "detection+restart"),
+    ("startup_s", "startup"),
+    ("rendezvous_s", "rendezvous"),
+    ("build_s", "build"),
+    ("checkpoint_load_s", "checkpoint load"),
+    ("first_step_s", "first step"),
+)
+
+
 def describe(rec: dict[str, Any]) -> str:
     """The one log line of a :meth:`RecoveryClock.report`."""
-    parts = [
-        ("detection+restart", rec["detection_restart_s"]),
-        ("startup", rec["startup_s"]),
-        ("rendezvous", rec["rendezvous_s"]),
-        ("build", rec["build_s"]),
-        ("checkpoint load", rec["checkpoint_load_s"]),
-        ("first step", rec["first_step_s"]),
-    ]
+    parts = [(label, rec[key]) for key, label in BREAKDOWN]
     since = "" if rec["detection_restart_s"] is not None else " since process start"
     detail = ", ".join(f"{n} {v:.2f} s" for n, v in parts if v is not None)
     return f"recovered from step {rec['step']} in {rec['total_s']:.2f} s{since} ({detail})"

@@ -104,6 +104,10 @@ def test_parallel_without_torchrun_says_how_to_start_it(tmp_path, shakespeare, m
         (["parallel.ep=3", "parallel.dp=3"], "n_routed_experts"),
         (["parallel.tp=2", "data.seq_len=32"], "divisible by tp"),
         (["parallel.dp=2", "parallel.grad_compression.method=topk", "parallel.tp=2"], "DDP"),
+        (
+            ["parallel.pp=2", "train.activation_checkpointing=full", "train.compile=true"],
+            "count the router statistics twice",
+        ),
     ],
 )
 def test_preflight_names_the_constraint(tmp_path, shakespeare, overrides, needle):

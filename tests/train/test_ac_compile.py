@@ -12,6 +12,7 @@ from deepwhale.train.ac_compile import (
     apply_compile,
     decoder_layers,
     is_recomputing,
+    saved_activation_bytes,
 )
 from deepwhale.train.config import TrainConfigError, load_config
 from deepwhale.train.trainer import Trainer
@@ -22,21 +23,6 @@ def _model(name: str = "debug-v3") -> CausalLM:
     m = CausalLM(flavour_config(name, vocab_size=256))
     m.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
     return m.train()
-
-
-def _saved_bytes(model, ids) -> int:
-    """Bytes autograd keeps for backward outside checkpointed regions (a checkpointed layer's
-    own saved tensors go through its own hooks, which are dropped and recomputed)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids).float().pow(2).mean()
-    return total
 
 
 def _fit(tmp_path, data, name, **kw):
@@ -77,7 +63,7 @@ def test_checkpointing_cuts_saved_activations_and_marks_the_replay():
     ac = _model()
     n_layers = len(decoder_layers(ac))
     assert apply_activation_checkpointing(ac, "full") == n_layers
-    full_bytes, ac_bytes = _saved_bytes(plain, ids), _saved_bytes(ac, ids)
+    full_bytes, ac_bytes = saved_activation_bytes(plain, ids), saved_activation_bytes(ac, ids)
     assert ac_bytes < full_bytes / 3, (ac_bytes, full_bytes)
 
     seen = []
