@@ -55,6 +55,7 @@ from benchmarks._torchrun import TEXT, failure, metrics, text_slice, train  # no
 from deepwhale.parallel import comm_counter as cc  # noqa: E402
 
 RECIPE = REPO / "examples" / "train" / "demo-v3.yaml"
+TOPK = {"method": "topk", "momentum_correction": False}
 METHODS = {
     "dense": {"method": "none"},
     "topk 1%": {"method": "topk", "ratio": 0.01, "momentum_correction": False},
@@ -63,6 +64,11 @@ METHODS = {
     # the product's goal is 70% fewer bytes: these trade bytes back for loss
     "topk 10%": {"method": "topk", "ratio": 0.1, "momentum_correction": False},
     "powersgd r16": {"method": "powersgd", "powersgd_rank": 16},
+    # gap-aware AdamW (GradCompression.gap_aware_adam): the step size dense AdamW would take
+    "topk 1% ga": {**TOPK, "ratio": 0.01, "gap_aware_adam": True},
+    "topk 0.1% ga": {**TOPK, "ratio": 0.001, "gap_aware_adam": True},
+    "topk 20%": {**TOPK, "ratio": 0.2},
+    "topk 20% ga": {**TOPK, "ratio": 0.2, "gap_aware_adam": True},
 }
 DEFAULT_METHODS = ["dense", "topk 1%", "topk 0.1%", "powersgd r4"]
 GOAL_SAVED, GOAL_LOSS = 0.70, 0.02

@@ -222,6 +222,15 @@ def _stored_keys(folder: Path) -> set[str]:
     return set(reader.read_metadata().state_dict_metadata)
 
 
+def has_key_suffix(folder: Path, suffix: str) -> bool:
+    """Whether DCP checkpoint ``folder`` stores a key ending in ``suffix`` (e.g. an optimizer
+    state entry only some runs keep); False for a folder without DCP metadata."""
+    try:
+        return any(k.endswith(suffix) for k in _stored_keys(Path(folder)))
+    except (OSError, ValueError, RuntimeError, FileNotFoundError):
+        return False
+
+
 def load_dcp(
     folder: Path,
     model: torch.nn.Module,

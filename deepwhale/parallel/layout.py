@@ -62,6 +62,11 @@ class GradCompression:
             selection, independent of DDP's bucket layout, so a resumed run continues bit for
             bit) or ``bucket`` (one ``ceil(ratio * N)`` over each DDP bucket; it depends on the
             layout, which DDP rebuilds after the first iteration of every run, resumed ones too).
+        gap_aware_adam: take AdamW's step with a second moment that counts the steps each
+            coordinate's gradient was held back by Top-k
+            (:func:`deepwhale.parallel.compression.adamw_step_gap_aware`). Plain AdamW adds a
+            held-back coordinate's lumped ``T * g`` squared once, so it moves about ``sqrt(T)``
+            times less than under dense AdamW; this restores the dense step size. Top-k only.
     """
 
     method: str = "none"
@@ -71,6 +76,7 @@ class GradCompression:
     momentum: float = 0.9
     powersgd_rank: int = 4
     topk_scope: str = "tensor"
+    gap_aware_adam: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in COMPRESSION_METHODS:
@@ -92,6 +98,11 @@ class GradCompression:
             raise LayoutError(
                 f"parallel.grad_compression.topk_scope: {self.topk_scope!r} is not one of "
                 f"{', '.join(TOPK_SCOPES)}"
+            )
+        if self.gap_aware_adam and self.method != "topk":
+            raise LayoutError(
+                "parallel.grad_compression.gap_aware_adam: only with method topk, got "
+                f"{self.method}"
             )
 
 

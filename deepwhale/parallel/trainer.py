@@ -577,7 +577,13 @@ class ParallelTrainer(Trainer):
             for p in self.params:
                 if p.grad is not None:
                     p.grad.mul_(coef)
-        self.optimizer.step()
+        gc = self.layout.grad_compression
+        if gc.gap_aware_adam:
+            from deepwhale.parallel.compression import adamw_step_gap_aware
+
+            adamw_step_gap_aware(self.optimizer)
+        else:
+            self.optimizer.step()
         if self.comm is not None and not self.comm.data["memory"]:
             from deepwhale.parallel.comm_counter import state_bytes
 
@@ -755,6 +761,12 @@ class ParallelTrainer(Trainer):
                 "distributed (DCP) checkpoints that parallel runs write"
             )
         t0 = time.perf_counter()
+        if self.layout.grad_compression.gap_aware_adam and pckpt.has_key_suffix(
+            folder, ".last_nonzero"
+        ):
+            from deepwhale.parallel.compression import init_gap_aware_state
+
+            init_gap_aware_state(self.optimizer)  # so DCP loads its gap counters too
         out = pckpt.load_dcp(
             folder, self.model, self.optimizer, want_extra=self.compression is not None
         )

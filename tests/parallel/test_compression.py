@@ -22,6 +22,7 @@ from deepwhale.parallel import compression as C
 from deepwhale.parallel.layout import GradCompression, LayoutError, ParallelLayout
 
 SPAWN_TIMEOUT_S = 120
+CASES = ((False, 0.1), (True, 0.1), (False, 0.01))  # (momentum_correction, ratio)
 
 
 # ------------------------------------------------------------------------------------- harness
@@ -134,10 +135,11 @@ def _worker_dense_parity(rank, world):
 def _worker_topk(rank, world):
     out = {}
     # (2) mass conservation inside a real run, plain error feedback and momentum correction
-    for mc in (False, True):
+    # ratio 0.1 sends positions as a bitmap, 0.01 as int32 (see C.use_bitmap)
+    for mc, ratio in CASES:
         scope = "tensor" if mc else "bucket"
         cfg = GradCompression(
-            method="topk", ratio=0.1, warmup_steps=0, momentum_correction=mc, topk_scope=scope
+            method="topk", ratio=ratio, warmup_steps=0, momentum_correction=mc, topk_scope=scope
         )
         ddp = _ddp(_model())
         names = {id(p): n for n, p in ddp.module.named_parameters()}
@@ -178,9 +180,9 @@ def _worker_topk(rank, world):
             for s in everyone:
                 total += s
             averaged &= torch.equal(rec["result"], total / world)
-        out[f"conserved_mc{mc}"] = conserved
-        out[f"averaged_mc{mc}"] = averaged
-        out[f"bucket_sizes_mc{mc}"] = [r["grad"].numel() for r in records]
+        out[f"conserved_{mc}_{ratio}"] = conserved
+        out[f"averaged_{mc}_{ratio}"] = averaged
+        out[f"bucket_sizes_{mc}_{ratio}"] = [r["grad"].numel() for r in records]
 
     # (3) reproducible and (4) bytes, with warm-up
     cfg = GradCompression(method="topk", ratio=0.01, warmup_steps=2, momentum_correction=True)
@@ -374,10 +376,10 @@ def test_ratio_one_equals_dense_allreduce(two_ranks):
 def test_topk_run(two_ranks):
     results = two_ranks["topk"]
     for r in results:
-        for mc in (False, True):
-            assert r[f"conserved_mc{mc}"], f"mass not conserved (momentum_correction={mc})"
-            assert r[f"averaged_mc{mc}"], "result != sum of ranks' sent entries / W"
-            sizes = r[f"bucket_sizes_mc{mc}"]
+        for mc, ratio in CASES:
+            assert r[f"conserved_{mc}_{ratio}"], f"mass not conserved (mc={mc}, ratio={ratio})"
+            assert r[f"averaged_{mc}_{ratio}"], f"result != sum of sent entries / W ({ratio})"
+            sizes = r[f"bucket_sizes_{mc}_{ratio}"]
             assert sizes == [808, 264, 544, 264, 544]  # one bucket, then rebuilt into two
         assert r["repro"]
         # warm-up 2 at ratio 0.01: step 0 dense, step 1 density 0.1, then 0.01
@@ -389,7 +391,8 @@ def test_topk_run(two_ranks):
         # topk_scope=tensor: ceil(ratio * numel) per parameter (808 = 512 + 32 + 256 + 8)
         numels = [512, 32, 256, 8]
         assert sent[3] == sum(C.topk_k(n, 0.01) * (4 + 4) for n in numels) == 11 * 8
-        assert sent[1] == sum(C.topk_k(n, 0.1) * (4 + 4) for n in numels) == 83 * 8
+        # density 0.1: 83 values and the positions as a bitmap, ceil(264/8) + ceil(544/8) bytes
+        assert sent[1] == sum(C.topk_k(n, 0.1) * 4 for n in numels) + 33 + 68 == 83 * 4 + 101
         assert r["dense_step_bytes"] == 808 * 4
         wire, dense_wire = r["wire_step"]
         assert wire == sent[3] * (2 - 1) and dense_wire == 808 * 4 * 2 * (2 - 1) / 2
@@ -419,3 +422,100 @@ def test_three_ranks(tmp_path):
         assert all(math.isfinite(x) for x in r["sparse_losses"])
         wire, payload = r["wire"]
         assert wire == 2 * payload  # (W - 1) * payload
+
+
+# ------------------------------------------------------------------- bitmap positions, gap-aware AdamW
+def test_bitmap_round_trip_and_choice():
+    g = torch.Generator().manual_seed(3)
+    for n, k in [(1, 1), (7, 3), (8, 8), (808, 83), (1001, 500)]:
+        idx = torch.randperm(n, generator=g)[:k].to(torch.int32)
+        bits = C.pack_bitmap(idx, n)
+        assert bits.dtype == torch.uint8 and bits.numel() == C.bitmap_bytes(n) == -(-n // 8)
+        assert torch.equal(C.unpack_bitmap(bits, n), torch.sort(idx.long()).values)
+    # bitmap when ceil(N/8) < 4k: from a density of about 1/32
+    assert not C.use_bitmap(32, 1024) and C.use_bitmap(33, 1024)
+    assert C.bitmap_allgather_bytes(83, 808, 4, world=3) == (83 * 4 + 101, 2.0 * (83 * 4 + 101))
+
+
+def _adamw(params, **kw):
+    return torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, **kw)
+
+
+def test_gap_aware_adam_is_torch_adamw_on_dense_steps():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 7))
+    b = torch.nn.Parameter(a.detach().clone())
+    ref, ours = _adamw([a], foreach=False), _adamw([b])
+    for _ in range(6):
+        g = torch.randn(5, 7)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        C.adamw_step_gap_aware(ours)
+        assert torch.equal(a, b)  # bit for bit
+    assert torch.equal(ref.state[a]["exp_avg_sq"], ours.state[b]["exp_avg_sq"])
+    assert ours.state[b]["last_nonzero"].eq(6).all()
+    with pytest.raises(ValueError, match="amsgrad"):
+        C.adamw_step_gap_aware(torch.optim.AdamW([b], amsgrad=True))
+
+
+def test_gap_aware_adam_restores_the_dense_step_size():
+    """A gradient g held back for T steps and sent as T * g: torch's AdamW inflates
+    sqrt(exp_avg_sq) about sqrt(T) times and moves less; the gap-aware step keeps v_hat = g^2 and
+    moves as far as dense AdamW over the same T steps."""
+    T, steps, g = 8, 64, 0.5
+    moved = {}
+    for name in ("dense", "torch", "gap"):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+        for s in range(steps):
+            sparse = name != "dense"
+            p.grad = torch.full((1,), g * T if (s % T == T - 1) else 0.0) if sparse else None
+            if not sparse:
+                p.grad = torch.full((1,), g)
+            if s < T:  # a dense warm-up fills exp_avg_sq first
+                p.grad = torch.full((1,), g)
+            (C.adamw_step_gap_aware if name == "gap" else lambda o: o.step())(opt)
+        moved[name] = -p.item()
+        if name == "gap":
+            # bias-corrected second moment: exactly dense AdamW's g^2 (T lumped updates)
+            v_hat = opt.state[p]["exp_avg_sq"] / (1 - 0.95**steps)
+            torch.testing.assert_close(v_hat, torch.tensor([g * g]))
+    assert moved["gap"] == pytest.approx(moved["dense"], rel=0.05)
+    assert moved["torch"] < 0.6 * moved["dense"]
+
+
+def test_gap_aware_adam_is_topk_only():
+    with pytest.raises(LayoutError, match="gap_aware_adam: only with method topk"):
+        GradCompression(method="powersgd", gap_aware_adam=True)
+
+
+def test_gap_aware_state_survives_a_dcp_checkpoint(tmp_path):
+    """save_dcp / load_dcp on one process: the gap counters come back, so the resumed steps
+    equal the uninterrupted ones bit for bit."""
+    from deepwhale.parallel import checkpoint as pckpt
+
+    def run(model, opt, steps, start):
+        for s in range(start, start + steps):
+            g = torch.Generator().manual_seed(s)
+            for p in model.parameters():  # a sparse gradient: most entries held back
+                full = torch.randn(p.shape, generator=g)
+                p.grad = full * (torch.rand(p.shape, generator=g) < 0.2)
+            C.adamw_step_gap_aware(opt)
+
+    torch.manual_seed(0)
+    whole = torch.nn.Linear(6, 4)
+    half = torch.nn.Linear(6, 4)
+    half.load_state_dict(whole.state_dict())
+    o_whole, o_half = _adamw(whole.parameters()), _adamw(half.parameters())
+    run(whole, o_whole, 6, 0)
+    run(half, o_half, 3, 0)
+    folder = pckpt.save_dcp(tmp_path, 3, half, o_half, {"step": 3}, keep_last=1)
+    assert pckpt.has_key_suffix(folder, ".last_nonzero")
+    assert not pckpt.has_key_suffix(tmp_path / "missing", ".last_nonzero")
+    fresh = torch.nn.Linear(6, 4)
+    o_fresh = _adamw(fresh.parameters())
+    C.init_gap_aware_state(o_fresh)
+    pckpt.load_dcp(folder, fresh, o_fresh)
+    run(fresh, o_fresh, 3, 3)
+    for a, b in zip(whole.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
