@@ -100,7 +100,7 @@ the last micro-batch inside ``no_sync()``, so the hooks run once per bucket per 
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -493,6 +493,10 @@ class TopKState(CompressionState):
     Attributes:
         last_sent: bucket index -> ``(values (k,), indices (k,))`` this rank sent in its latest
             sparse exchange (None after a dense one), for inspection and tests.
+        sent_mask: parameter -> bool tensor of its shape: the coordinates that some rank sent in
+            the latest exchange of the parameter's bucket (None after a dense one: all of them).
+            :func:`adamw_step_gap_aware` takes it to tell a held-back coordinate from a zero
+            gradient.
     """
 
     method = "topk"
@@ -502,6 +506,7 @@ class TopKState(CompressionState):
         self.residual = _BucketStore()  # plain error feedback, or DGC's v
         self.momentum = _BucketStore()  # DGC's u
         self.last_sent: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.sent_mask: dict[torch.Tensor, torch.Tensor | None] = {}
 
     def bucket_tensors(self, bucket: dist.GradBucket) -> dict[str, torch.Tensor]:
         """This rank's live tensors for ``bucket`` (created as zeros if new): ``residual`` (N,)
@@ -533,6 +538,15 @@ class TopKState(CompressionState):
         self.residual.load(d["residual"])
         self.momentum.load(d["momentum"])
         self.last_sent.clear()
+        self.sent_mask.clear()
+
+    def _record_sent(self, bucket: dist.GradBucket, mask: torch.Tensor | None) -> None:
+        """Split the bucket's (N,) sent mask into per-parameter views (None: all sent)."""
+        offset = 0
+        for p in bucket.parameters():
+            n = p.numel()
+            self.sent_mask[p] = None if mask is None else mask[offset : offset + n].view(p.shape)
+            offset += n
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> torch.futures.Future:
@@ -546,6 +560,7 @@ def sparse_allgather_average(
     out: torch.Tensor,
     process_group: dist.ProcessGroup | None = None,
     bitmap: bool = False,
+    sent: torch.Tensor | None = None,
 ) -> torch.futures.Future:
     """Average sparse contributions over ranks: ``out = sum_r scatter(values_r, indices_r) / W``.
 
@@ -560,6 +575,7 @@ def sparse_allgather_average(
         process_group: the data-parallel group (None: the default group).
         bitmap: send the positions as a bitmap over ``N`` (see :func:`use_bitmap`) instead of as
             integers; the values then travel in ascending index order.
+        sent: optional (N,) bool buffer, overwritten with the union of all ranks' positions.
 
     Returns:
         A future holding ``out``. Bytes: each rank sends ``k * value bytes`` plus ``k * index
@@ -581,6 +597,8 @@ def sparse_allgather_average(
         fut.wait()
         rows = gathered.view(world, -1)  # (W, value bytes + position bytes)
         out.zero_()
+        if sent is not None:
+            sent.zero_()
         for r in range(world):
             # copies: a byte offset need not be a multiple of the element size (bf16 + int32)
             vals = rows[r, :vb].clone().view(values.dtype)  # (k,)
@@ -589,6 +607,8 @@ def sparse_allgather_average(
             else:
                 idx = rows[r, vb:].clone().view(indices.dtype)  # (k,)
             out.index_add_(0, idx, vals)
+            if sent is not None:
+                sent[idx.long()] = True
         return out.div_(world)
 
     return _all_gather(gathered, payload, process_group).then(decode)
@@ -623,6 +643,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         if cfg.momentum_correction:
             live["momentum"].zero_()
         state.last_sent[bucket.index()] = None
+        state._record_sent(bucket, None)
         payload, wire = dense_allreduce_bytes(n, buf.element_size(), world)
         state._count(payload, wire, n, buf.element_size(), dense=True)
         state._end(bucket)
@@ -649,7 +670,9 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         payload, wire = sparse_allgather_bytes(k, vb, ib, world)
     state._count(payload, wire, n, buf.element_size(), dense=False)
     state._end(bucket)
-    return sparse_allgather_average(values, indices, buf, state.process_group, bitmap)
+    mask = torch.empty(n, dtype=torch.bool, device=buf.device)  # (N,) sent by any rank
+    state._record_sent(bucket, mask)
+    return sparse_allgather_average(values, indices, buf, state.process_group, bitmap, mask)
 
 
 class PowerSGDCompressionState(CompressionState):
@@ -785,14 +808,14 @@ def _init_gap_aware(st: dict, p: torch.Tensor) -> None:
         st["step"] = torch.tensor(0.0)
         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    if "last_nonzero" not in st:  # no gap before now
-        st["last_nonzero"] = torch.full_like(p, float(st["step"]), dtype=torch.float32)
+    if "last_sent" not in st:  # no gap before now
+        st["last_sent"] = torch.full_like(p, float(st["step"]), dtype=torch.float32)
 
 
 def init_gap_aware_state(optimizer: torch.optim.AdamW) -> None:
     """Give every parameter the state :func:`adamw_step_gap_aware` keeps (zeros, step 0, where it
     has none), so a checkpoint loader that fills existing state keys (DCP's
-    ``set_optimizer_state_dict``) restores ``last_nonzero`` too and a resumed run continues bit for
+    ``set_optimizer_state_dict``) restores ``last_sent`` too and a resumed run continues bit for
     bit. Existing state is kept."""
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -800,27 +823,35 @@ def init_gap_aware_state(optimizer: torch.optim.AdamW) -> None:
 
 
 @torch.no_grad()
-def adamw_step_gap_aware(optimizer: torch.optim.AdamW) -> None:
+def adamw_step_gap_aware(
+    optimizer: torch.optim.AdamW,
+    sent: Mapping[torch.Tensor, torch.Tensor | None] | None = None,
+) -> None:
     """One AdamW step whose second moment counts the steps a coordinate's gradient was held back.
 
     With Top-k and error feedback a coordinate that is sent every ``T`` steps arrives as one value
     of about ``T * g`` (``T`` steps' worth of gradient ``g``). Torch's AdamW would add ``(T g)^2``
     to ``exp_avg_sq`` once and decay it in between, so ``sqrt(v)`` grows about ``sqrt(T)`` times
     above the dense ``|g|`` and the coordinate moves ``sqrt(T)`` times less than under dense AdamW
-    (measured: Top-k's loss gap on the demo recipe). Here a nonzero gradient after a gap of ``T``
+    (measured: Top-k's loss gap on the demo recipe). Here a coordinate sent after a gap of ``T``
     steps updates ``v = beta2**T * v + (1 - beta2**T) * (grad / T)**2``: the ``T`` dense updates
-    lumped into one, each with the mean gradient ``grad / T``; coordinates without gradient keep
-    ``v``. Where ``T = 1`` it is torch's own update, op for op, so a dense step (the warm-up) is
-    bit for bit torch's ``AdamW`` (its single-tensor CPU path).
+    lumped into one, each with the mean gradient ``grad / T``; a held-back coordinate keeps ``v``.
+    Where ``T = 1`` it is torch's own update, op for op, so with every coordinate sent (``sent``
+    None, the warm-up, or ratio 1) this is bit for bit torch's ``AdamW`` (its single-tensor CPU
+    path). "Sent" comes from the hook (:attr:`TopKState.sent_mask`), not from the gradient's
+    value: a zero gradient that was sent (an embedding row no token used) is a dense step.
     ``exp_avg``, the decoupled weight decay (Loshchilov & Hutter 2019) and both bias corrections are
-    torch's. State: torch's ``step``, ``exp_avg``, ``exp_avg_sq`` plus ``last_nonzero`` (same shape
-    as the parameter, fp32: the step count at the coordinate's last nonzero gradient).
+    torch's, for every coordinate. State: torch's ``step``, ``exp_avg``, ``exp_avg_sq`` plus
+    ``last_sent`` (same shape as the parameter, fp32: the step count when the coordinate was
+    last sent).
 
     Args:
         optimizer: a ``torch.optim.AdamW`` without amsgrad or maximize.
+        sent: parameter -> bool tensor of its shape, True where the coordinate's gradient was sent
+            this step; None (or a parameter missing from it) means all of them.
 
     Raises:
-        ValueError: amsgrad or maximize set.
+        ValueError: amsgrad or maximize set; a mask whose shape is not the parameter's.
     """
     for group in optimizer.param_groups:
         if group.get("amsgrad") or group.get("maximize"):
@@ -832,21 +863,30 @@ def adamw_step_gap_aware(optimizer: torch.optim.AdamW) -> None:
                 continue
             g = p.grad
             st = optimizer.state[p]
-            if not st or "last_nonzero" not in st:
+            if not st or "last_sent" not in st:
                 _init_gap_aware(st, p)
+            mask = sent.get(p) if sent is not None else None
+            if mask is not None and mask.shape != p.shape:
+                raise ValueError(
+                    f"adamw_step_gap_aware: sent mask of shape {tuple(mask.shape)} for a "
+                    f"parameter of shape {tuple(p.shape)}"
+                )
             st["step"] += 1
             step = float(st["step"])
             if wd:
                 p.mul_(1 - lr * wd)
             st["exp_avg"].lerp_(g, 1 - beta1)
             v = st["exp_avg_sq"]
-            gap = (step - st["last_nonzero"]).clamp_(min=1.0).to(g.dtype)  # T, shape of p
-            dense = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # torch's update, T = 1
-            decay = torch.pow(beta2, gap)
-            lumped = decay * v + (1 - decay) * (g / gap).square()
-            nz = g != 0
-            v.copy_(torch.where(nz, torch.where(gap == 1, dense, lumped), v))
-            st["last_nonzero"].masked_fill_(nz, step)
+            if mask is None:  # every coordinate sent: T = 1, torch's update
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                st["last_sent"].fill_(step)
+            else:
+                gap = (step - st["last_sent"]).clamp_(min=1.0).to(g.dtype)  # T, shape of p
+                dense = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # torch's update, T = 1
+                decay = torch.pow(beta2, gap)
+                lumped = decay * v + (1 - decay) * (g / gap).square()
+                v.copy_(torch.where(mask, torch.where(gap == 1, dense, lumped), v))
+                st["last_sent"].masked_fill_(mask, step)
             denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
             p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - beta1**step))
 

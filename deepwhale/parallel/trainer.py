@@ -581,7 +581,7 @@ class ParallelTrainer(Trainer):
         if gc.gap_aware_adam:
             from deepwhale.parallel.compression import adamw_step_gap_aware
 
-            adamw_step_gap_aware(self.optimizer)
+            adamw_step_gap_aware(self.optimizer, self.compression.sent_mask)
         else:
             self.optimizer.step()
         if self.comm is not None and not self.comm.data["memory"]:
@@ -762,7 +762,7 @@ class ParallelTrainer(Trainer):
             )
         t0 = time.perf_counter()
         if self.layout.grad_compression.gap_aware_adam and pckpt.has_key_suffix(
-            folder, ".last_nonzero"
+            folder, ".last_sent"
         ):
             from deepwhale.parallel.compression import init_gap_aware_state
 

@@ -154,7 +154,14 @@ def _worker_topk(rank, world):
             rec = {"grad": grad, "before": before, "after": after}
             rec["sent"] = state.last_sent[bucket.index()]
             records.append(rec)
-            return fut.then(lambda f: rec.setdefault("result", f.value().clone()))
+            params = bucket.parameters()
+
+            def done(f, rec=rec, params=params):
+                rec["result"] = f.value().clone()
+                rec["mask"] = torch.cat([state.sent_mask[p].reshape(-1) for p in params])
+                return f.value()
+
+            return fut.then(done)
 
         ddp.register_comm_hook(state, probe)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -180,6 +187,12 @@ def _worker_topk(rank, world):
             for s in everyone:
                 total += s
             averaged &= torch.equal(rec["result"], total / world)
+            # the sent mask the gap-aware step reads: the union of every rank's positions
+            mine = torch.zeros(n, dtype=torch.uint8)
+            mine[indices.long()] = 1
+            masks = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(masks, mine)
+            averaged &= torch.equal(rec["mask"], torch.stack(masks).amax(0).bool())
         out[f"conserved_{mc}_{ratio}"] = conserved
         out[f"averaged_{mc}_{ratio}"] = averaged
         out[f"bucket_sizes_{mc}_{ratio}"] = [r["grad"].numel() for r in records]
@@ -453,9 +466,32 @@ def test_gap_aware_adam_is_torch_adamw_on_dense_steps():
         C.adamw_step_gap_aware(ours)
         assert torch.equal(a, b)  # bit for bit
     assert torch.equal(ref.state[a]["exp_avg_sq"], ours.state[b]["exp_avg_sq"])
-    assert ours.state[b]["last_nonzero"].eq(6).all()
+    assert ours.state[b]["last_sent"].eq(6).all()
     with pytest.raises(ValueError, match="amsgrad"):
         C.adamw_step_gap_aware(torch.optim.AdamW([b], amsgrad=True))
+
+
+def test_gap_aware_adam_sent_zero_is_a_dense_step_and_masks_are_checked():
+    """A zero gradient that was sent (an embedding row no token used) takes torch's step: the
+    gap is the hook's, not the gradient's value."""
+    torch.manual_seed(1)
+    a = torch.nn.Parameter(torch.randn(4, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    ref, ours = _adamw([a], foreach=False), _adamw([b])
+    for s in range(5):
+        g = torch.randn(4, 3)
+        g[s % 4] = 0.0  # one row without gradient each step, sent as a zero
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        C.adamw_step_gap_aware(ours, {b: torch.ones(4, 3, dtype=torch.bool)})
+        assert torch.equal(a, b)
+    # held back (mask False): v is kept, not decayed
+    v = ours.state[b]["exp_avg_sq"].clone()
+    b.grad = torch.zeros(4, 3)
+    C.adamw_step_gap_aware(ours, {b: torch.zeros(4, 3, dtype=torch.bool)})
+    assert torch.equal(ours.state[b]["exp_avg_sq"], v)
+    with pytest.raises(ValueError, match="sent mask of shape"):
+        C.adamw_step_gap_aware(ours, {b: torch.ones(3, dtype=torch.bool)})
 
 
 def test_gap_aware_adam_restores_the_dense_step_size():
@@ -474,7 +510,10 @@ def test_gap_aware_adam_restores_the_dense_step_size():
                 p.grad = torch.full((1,), g)
             if s < T:  # a dense warm-up fills exp_avg_sq first
                 p.grad = torch.full((1,), g)
-            (C.adamw_step_gap_aware if name == "gap" else lambda o: o.step())(opt)
+            if name == "gap":  # the hook's mask: this coordinate sent or held back
+                C.adamw_step_gap_aware(opt, {p: p.grad != 0})
+            else:
+                opt.step()
         moved[name] = -p.item()
         if name == "gap":
             # bias-corrected second moment: exactly dense AdamW's g^2 (T lumped updates)
@@ -497,10 +536,12 @@ def test_gap_aware_state_survives_a_dcp_checkpoint(tmp_path):
     def run(model, opt, steps, start):
         for s in range(start, start + steps):
             g = torch.Generator().manual_seed(s)
+            sent = {}
             for p in model.parameters():  # a sparse gradient: most entries held back
                 full = torch.randn(p.shape, generator=g)
-                p.grad = full * (torch.rand(p.shape, generator=g) < 0.2)
-            C.adamw_step_gap_aware(opt)
+                sent[p] = torch.rand(p.shape, generator=g) < 0.2
+                p.grad = full * sent[p]
+            C.adamw_step_gap_aware(opt, sent)
 
     torch.manual_seed(0)
     whole = torch.nn.Linear(6, 4)
@@ -510,8 +551,8 @@ def test_gap_aware_state_survives_a_dcp_checkpoint(tmp_path):
     run(whole, o_whole, 6, 0)
     run(half, o_half, 3, 0)
     folder = pckpt.save_dcp(tmp_path, 3, half, o_half, {"step": 3}, keep_last=1)
-    assert pckpt.has_key_suffix(folder, ".last_nonzero")
-    assert not pckpt.has_key_suffix(tmp_path / "missing", ".last_nonzero")
+    assert pckpt.has_key_suffix(folder, ".last_sent")
+    assert not pckpt.has_key_suffix(tmp_path / "missing", ".last_sent")
     fresh = torch.nn.Linear(6, 4)
     o_fresh = _adamw(fresh.parameters())
     C.init_gap_aware_state(o_fresh)

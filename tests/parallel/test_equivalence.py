@@ -85,6 +85,9 @@ LAYOUTS = [
     ("pp=2 1f1b +ac", 2, 1),
     ("dp_shard=2 +ac +compile", 2, 2),
     ("dp=2,tp=2,ep=2 +ac", 4, 2),
+    # Top-k at ratio 1 sends every entry (DDP's dense all-reduce) and gap-aware AdamW with no gaps
+    # is torch's AdamW op for op: the trainer's compression path must not move the run
+    ("dp=2 +topk1ga", 2, 2),
 ]
 
 
@@ -103,13 +106,22 @@ def _cases(nproc: int) -> list[tuple[str, str]]:
 
 def apply_options(data: dict, options: list[str]) -> None:
     """A layout's words after the degrees: a pipeline schedule, ``+ac`` (full activation
-    checkpointing) or ``+compile`` (``torch.compile`` with ``aot_eager``: dynamo and AOTAutograd
-    trace forward and backward; inductor's C++ code generation would take minutes here)."""
+    checkpointing), ``+compile`` (``torch.compile`` with ``aot_eager``: dynamo and AOTAutograd
+    trace forward and backward; inductor's C++ code generation would take minutes here) or
+    ``+topk1ga`` (Top-k compression at ratio 1 with gap-aware AdamW)."""
     for opt in options:
         if opt == "+ac":
             data["train"]["activation_checkpointing"] = "full"
         elif opt == "+compile":
             data["train"].update(compile=True, compile_backend="aot_eager")
+        elif opt == "+topk1ga":
+            data.setdefault("parallel", {})["grad_compression"] = {
+                "method": "topk",
+                "ratio": 1.0,
+                "warmup_steps": 0,
+                "momentum_correction": False,
+                "gap_aware_adam": True,
+            }
         else:
             data.setdefault("parallel", {})["pp_schedule"] = opt
 
