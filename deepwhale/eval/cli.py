@@ -29,8 +29,10 @@ def eval_command(
         typer.Option(
             "--tasks",
             "-t",
-            help="Tasks, comma-separated or repeated: arc_easy, hellaswag, a task YAML file, "
-            "or ppl:FILE (a text file, or .jsonl of {'text': ...}).",
+            help="Tasks, comma-separated or repeated: arc_easy, hellaswag, truthfulqa_mc1/2, "
+            "ceval / cmmlu (5-shot, every subject and the size-weighted average) or one "
+            "subject (ceval-valid_computer_network, cmmlu_anatomy), a task or group YAML "
+            "file, or ppl:FILE (a text file, or .jsonl of {'text': ...}).",
         ),
     ],
     model: Annotated[
@@ -39,7 +41,9 @@ def eval_command(
             "--model", "-m", help="Checkpoint folder or Hub repo id (default: stories260K)."
         ),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Score the first N documents per task.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Score the first N documents per task (per subject).")
+    ] = None,
     batch_size: Annotated[
         int, typer.Option(help="Sequences per forward; scores do not depend on it.")
     ] = 1,
@@ -75,11 +79,11 @@ def eval_command(
     names = [t.strip() for group in tasks for t in group.split(",") if t.strip()]
     try:
         from deepwhale.api import DeepSeekModel
+        from deepwhale.eval.groups import resolve
         from deepwhale.eval.report import markdown_table, write_report
         from deepwhale.eval.runner import evaluate
-        from deepwhale.eval.tasks import load_task
 
-        configs = [load_task(n) for n in names]  # fail on a bad name before loading the model
+        configs = [resolve(n) for n in names]  # fail on a bad name before loading the model
         m = DeepSeekModel.from_pretrained(model, dtype=dtype, device=device)
         with _progress(quiet) as progress:
             results = evaluate(

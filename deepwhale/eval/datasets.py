@@ -8,13 +8,19 @@ Readers, by the task's ``dataset_path``:
   ctx``, gold label, 4 endings; klosax/hellaswag_text_data). Each item becomes a document in
   the HF ``hellaswag`` schema (``activity_label``, ``ctx_a``, ``ctx_b`` = ``""``, ``ctx``,
   ``endings``, ``label`` as a string), so lm-eval's own ``process_docs`` applies to it.
+* ``csv``: a CSV file with a header row (stdlib ``csv``, RFC 4180 quoting), every cell a
+  string, a UTF-8 BOM dropped; an unnamed first column (CMMLU's row index) keeps the key ``""``.
+  HF ``datasets``' ``csv`` builder goes through pandas, which would turn numeric-looking cells
+  into numbers; here ``"0.50"`` stays ``"0.50"`` (as in the C-Eval / CMMLU Hub parquet files).
 * ``text``: the whole file is one document ``{"text": ...}`` (for ``ppl:FILE``).
 """
 
 from __future__ import annotations
 
 import bz2
+import csv
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -99,7 +105,32 @@ def read_hellaswag_text(path: Path) -> list[dict]:
     return docs
 
 
+def read_csv_docs(path: Path) -> list[dict]:
+    """Documents of a CSV file with a header row, one per data row, every value a string.
+
+    Raises:
+        DataError: missing file, no header, or a row whose field count differs from the
+            header's (names the line).
+    """
+    text = read_text(path).removeprefix("\ufeff")
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header = next(rows, None)
+    if not header:
+        raise DataError(f"{path}: empty CSV file (a header row is needed)")
+    docs = []
+    for row in rows:
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(
+                f"{path}:{rows.line_num}: {len(row)} fields, the header has {len(header)}"
+            )
+        docs.append(dict(zip(header, row, strict=True)))
+    return docs
+
+
 READERS = {
+    "csv": read_csv_docs,
     "json": read_json_docs,
     "hellaswag_text": read_hellaswag_text,
     "text": lambda path: [{"text": read_text(path)}],

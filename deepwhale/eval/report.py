@@ -37,15 +37,18 @@ def _finite(value):
 
 
 def markdown_table(results: dict) -> str:
-    """``| Task | Metric | Value | Stderr | N |`` rows for every reported metric."""
+    """``| Task | Metric | Value | Stderr | N |`` rows for every reported metric; a group's
+    line (N = its documents) comes before its subjects, which are shown as `` - subject``."""
     lines = ["| Task | Metric | Value | Stderr | N |", "|---|---|---:|---:|---:|"]
+    members = {t for ts in results.get("group_subtasks", {}).values() for t in ts}
     for task, res in results["results"].items():
+        label = f" - {task}" if task in members else task  # a group's subject, as lm-eval
         for name in _METRICS:
             if name not in res:
                 continue
             err = res.get(f"{name}_stderr")
             err_text = "" if err is None or not math.isfinite(err) else f"{err:.4f}"
-            lines.append(f"| {task} | {name} | {res[name]:.4f} | {err_text} | {res['samples']} |")
+            lines.append(f"| {label} | {name} | {res[name]:.4f} | {err_text} | {res['samples']} |")
     return "\n".join(lines) + "\n"
 
 

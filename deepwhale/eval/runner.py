@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from deepwhale.eval import metrics
+from deepwhale.eval.groups import GroupConfig, aggregate, resolve
 from deepwhale.eval.scoring import encode_pair, prefix_token_id, score_requests
 from deepwhale.eval.tasks import (
     SUPPORTED_OUTPUT_TYPES,
@@ -20,7 +21,6 @@ from deepwhale.eval.tasks import (
     build_examples,
     default_data_dir,
     load_docs,
-    load_task,
 )
 from deepwhale.eval.windows import rolling_windows
 
@@ -164,7 +164,9 @@ def evaluate(
 
     Args:
         model: the loaded model (it needs a tokenizer).
-        tasks: task names (built-in, a YAML path, or ``ppl:FILE``) or :class:`TaskConfig`.
+        tasks: task or group names (built-in, a YAML path, or ``ppl:FILE``),
+            :class:`TaskConfig` or :class:`~deepwhale.eval.groups.GroupConfig`; a group runs
+            every subject (``limit`` applies to each) and adds its aggregated line first.
         data_dir: where ``data_files`` are looked up (default :func:`default_data_dir`).
         limit: score only the first ``limit`` documents of each task.
         batch_size: rows per forward; scores do not depend on it.
@@ -186,7 +188,14 @@ def evaluate(
         raise ValueError(f"limit must be >= 1, got {limit}")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     max_len = model.config.max_position_embeddings
-    configs = [t if isinstance(t, TaskConfig) else load_task(t) for t in tasks]
+    configs, groups = [], []
+    for t in tasks:
+        t = resolve(t) if isinstance(t, str) else t
+        if isinstance(t, GroupConfig):
+            groups.append(t)
+            configs.extend(t.tasks)
+        else:
+            configs.append(t)
     if num_fewshot is not None:
         configs = [dataclasses.replace(c, num_fewshot=num_fewshot) for c in configs]
     prepared = [prepare(c, model.tokenizer, max_len, data_dir, limit, ppl_stride) for c in configs]
@@ -205,6 +214,9 @@ def evaluate(
     for prep in prepared:
         scores = score_requests(model.module, prep.requests, max_len, batch_size, tick)
         results[prep.task.task], samples[prep.task.task] = reduce(prep, scores, log_samples)
+    for g in groups:  # lm-eval's order: the group line, then its subjects
+        members = {t.task: results.pop(t.task) for t in g.tasks}
+        results = {g.group: aggregate(list(members.values()), g.weights), **members, **results}
     out = {
         "config": {
             "model": str(model.path) if model.path is not None else None,
@@ -221,6 +233,7 @@ def evaluate(
         },
         "versions": _versions(),
         "results": results,
+        "group_subtasks": {g.group: [t.task for t in g.tasks] for g in groups},
     }
     if log_samples:
         out["samples"] = samples

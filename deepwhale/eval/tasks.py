@@ -7,6 +7,7 @@ A task file (built-ins live in ``deepwhale/eval/tasks/*.yaml``)::
     data_files: {test: arc_easy/test.json, validation: arc_easy/validation.json}
     test_split: test                   # the split scored
     fewshot_split: validation          # where few-shot examples come from
+    fewshot_config: {sampler: first_n} # optional: the first n (default: seeded random sample)
     output_type: multiple_choice       # | loglikelihood_rolling | generate_until
     doc_to_text: "Question: {{question}}\\nAnswer:"
     doc_to_target: "{{choices.label.index(answerKey)}}"
@@ -47,6 +48,7 @@ TASK_DIR = Path(__file__).resolve().parent / "tasks"
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling", "generate_until")
 SUPPORTED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling")
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_seed
+FEWSHOT_SAMPLERS = ("default", "first_n")  # lm-eval 0.4.13 api/samplers.py names
 
 
 class TaskError(ValueError):
@@ -85,6 +87,7 @@ class TaskConfig:
     fewshot_delimiter: str = "\n\n"
     description: str = ""
     num_fewshot: int = 0
+    fewshot_config: dict | None = None
     source: str = "<memory>"
 
     def __post_init__(self) -> None:
@@ -111,6 +114,12 @@ class TaskConfig:
             raise bad("num_fewshot", "must be a non-negative integer")
         if self.num_fewshot and self.fewshot_split is None:
             raise bad("num_fewshot", "needs a fewshot_split")
+        if self.fewshot_config is not None and (
+            not isinstance(self.fewshot_config, dict)
+            or set(self.fewshot_config) - {"sampler"}
+            or self.fewshot_config.get("sampler", "default") not in FEWSHOT_SAMPLERS
+        ):
+            raise bad("fewshot_config", f"must be {{sampler: {' | '.join(FEWSHOT_SAMPLERS)}}}")
         if self.process_docs is not None and self.process_docs not in PROCESSORS:
             raise bad("process_docs", f"must be one of {', '.join(PROCESSORS)}")
         if self.output_type == "multiple_choice" and self.doc_to_choice is None:
@@ -225,7 +234,9 @@ def builtin_tasks() -> dict[str, Path]:
 
 def available_tasks() -> list[str]:
     """Names that :func:`load_task` accepts (``ppl:FILE`` stands for any file)."""
-    return [*builtin_tasks(), "ppl:FILE"]
+    from deepwhale.eval.groups import builtin_groups
+
+    return [*builtin_tasks(), *builtin_groups(), "ppl:FILE"]
 
 
 def load_task(name: str) -> TaskConfig:
@@ -252,6 +263,11 @@ def load_task(name: str) -> TaskConfig:
         return parse_task_file(builtin[name])
     if name.endswith((".yaml", ".yml")) and Path(name).is_file():
         return parse_task_file(Path(name))
+    from deepwhale.eval.groups import find_subject  # C-Eval / CMMLU subjects
+
+    subject = find_subject(name)
+    if subject is not None:
+        return subject
     raise TaskError(f"unknown task {name!r}; available: {', '.join(available_tasks())}")
 
 
@@ -329,7 +345,8 @@ def build_examples(
 
     Few-shot examples are drawn as lm-eval's default sampler does: one ``random.Random(1234)``
     for the task, ``sample(fewshot_docs, n)`` per document, ``n + 1`` with the document itself
-    removed when both come from the same split.
+    removed when both come from the same split. ``fewshot_config: {sampler: first_n}`` takes
+    the first ``n`` in file order instead (lm-eval's ``FirstNSampler``, the document removed).
 
     Raises:
         TaskError: a template failed (names the task and the document index).
@@ -346,7 +363,11 @@ def build_examples(
         if task.num_fewshot:
             pool = fewshot_docs or []
             k = task.num_fewshot + (1 if same_split else 0)
-            shots = rng.sample(pool, min(k, len(pool)))
+            sampler = (task.fewshot_config or {}).get("sampler", "default")
+            if sampler == "first_n":
+                shots = [s for s in pool if s is not doc][: task.num_fewshot]
+            else:
+                shots = rng.sample(pool, min(k, len(pool)))
             if same_split:
                 shots = [s for s in shots if s is not doc][: task.num_fewshot]
             parts = []
