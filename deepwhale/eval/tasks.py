@@ -26,6 +26,13 @@ the included files are read first (later ones win) and the including file's own 
 aggregation can only be ``mean``. Multiple choice computes ``acc`` and ``acc_norm``
 (``metrics.multiple_choice_metrics``) unless ``process_results`` names another function.
 
+``dataset_path: csv`` reads a CSV with a header row (every value a string). Groups of
+subject tasks (C-Eval ``ceval``: 52 ``ceval-valid_<subject>`` tasks on the val split; CMMLU
+``cmmlu``: 67 ``cmmlu_<subject>`` tasks on the test split; both 5-shot from dev with
+``fewshot_config: {sampler: first_n}``, lm-eval 0.4.13's prompts) are generated from one group
+file each, ``tasks/groups/*.yaml`` (see :mod:`deepwhale.eval.groups`); a subject name loads
+here like any built-in task.
+
 ``data_files`` paths are relative to the data directory (default ``../shared/data/bench`` of
 the repository, or ``$DEEPWHALE_EVAL_DATA``; ``--data-dir`` overrides). ``ppl:FILE`` is a
 rolling log-likelihood task over a text file (one document) or a ``.json``/``.jsonl`` file of
