@@ -214,9 +214,14 @@ def evaluate(
     for prep in prepared:
         scores = score_requests(model.module, prep.requests, max_len, batch_size, tick)
         results[prep.task.task], samples[prep.task.task] = reduce(prep, scores, log_samples)
-    for g in groups:  # lm-eval's order: the group line, then its subjects
-        members = {t.task: results.pop(t.task) for t in g.tasks}
-        results = {g.group: aggregate(list(members.values()), g.weights), **members, **results}
+    first = {g.tasks[0].task: g for g in groups if g.tasks}
+    ordered = {}
+    for name, res in results.items():  # lm-eval's order: the group line, then its subjects
+        if name in first:
+            g = first[name]
+            ordered[g.group] = aggregate([results[t.task] for t in g.tasks], g.weights)
+        ordered[name] = res
+    results = ordered
     out = {
         "config": {
             "model": str(model.path) if model.path is not None else None,
