@@ -134,6 +134,25 @@ def test_groups_list_every_subject_and_the_prompt_is_5_shot():
     assert ex.choices == ["A", "B", "C", "D"] and ex.gold == 0
 
 
+def test_a_copied_group_file_overrides_the_builtin(tmp_path):
+    import yaml
+
+    from deepwhale.eval.groups import GROUP_DIR
+
+    raw = yaml.safe_load((GROUP_DIR / "cmmlu.yaml").read_text(encoding="utf-8"))
+    raw["group"], raw["subjects"] = "my_cmmlu", {"anatomy": "解剖学", "arts": "艺术学"}
+    raw["task_template"]["num_fewshot"] = 1
+    path = tmp_path / "my_cmmlu.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    g = load_group(str(path))
+    assert g.group == "my_cmmlu" and [t.task for t in g.tasks] == ["cmmlu_anatomy", "cmmlu_arts"]
+    assert g.tasks[1].description.startswith("以下是关于艺术学的") and g.tasks[0].num_fewshot == 1
+    raw["task_template"]["fewshot_config"] = {"sampler": "balanced"}
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(TaskError, match=r"key 'fewshot_config': must be \{sampler: default"):
+        load_group(str(path))
+
+
 @pytest.fixture(scope="module")
 def lm_eval_run(tmp_path_factory):
     lm_eval = pytest.importorskip("lm_eval")
