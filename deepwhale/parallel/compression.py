@@ -15,8 +15,8 @@ linear in the gradient. AdamW divides by ``sqrt(exp_avg_sq)``, and a coordinate 
 back for ``T`` steps arrives as one value of about ``T g``, so its second moment grows about
 ``T`` times and it moves about ``sqrt(T)`` times less than under dense AdamW.
 ``gap_aware_adam: true`` makes the trainer step with :func:`adamw_step_gap_aware`, which counts
-each coordinate's gap; measured on the demo recipe it cuts Top-k's loss gap to dense by a third
-to a half (docs/compression.md).
+the gaps the hook made; measured on the demo recipe, Top-k at 20% with it ends within 2% of dense
+at 76.9% fewer bytes, and at 1% its gap drops from +14.5% to +11.2% (docs/compression.md).
 
 Methods (:class:`~deepwhale.parallel.layout.GradCompression` ``method``):
 
