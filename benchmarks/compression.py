@@ -69,6 +69,9 @@ METHODS = {
     "topk 0.1% ga": {**TOPK, "ratio": 0.001, "gap_aware_adam": True},
     "topk 20%": {**TOPK, "ratio": 0.2},
     "topk 20% ga": {**TOPK, "ratio": 0.2, "gap_aware_adam": True},
+    # DGC's local gradient clipping at the recipe's global threshold (optim.grad_clip: 1.0)
+    "topk 1% ga clip": {**TOPK, "ratio": 0.01, "gap_aware_adam": True, "local_grad_clip": 1.0},
+    "topk 20% ga clip": {**TOPK, "ratio": 0.2, "gap_aware_adam": True, "local_grad_clip": 1.0},
 }
 DEFAULT_METHODS = ["dense", "topk 1%", "topk 0.1%", "powersgd r4"]
 GOAL_SAVED, GOAL_LOSS = 0.70, 0.02

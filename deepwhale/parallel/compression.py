@@ -42,6 +42,10 @@ Methods (:class:`~deepwhale.parallel.layout.GradCompression` ``method``):
     ``v = v + u``; send ``topk(v)``; zero ``u`` and ``v`` where sent (momentum factor masking).
     The sent values already carry momentum, so pair it with an optimizer without momentum (plain
     SGD); with Adam or SGD momentum the momentum is applied twice.
+  - local gradient clipping (DGC §3.2, ``local_grad_clip > 0``): each rank scales its whole
+    local gradient to an L2 norm of at most ``local_grad_clip / sqrt(W)`` before adding it to the
+    residual. The norm needs every bucket, so the hook holds the step's buckets until the last
+    one arrives (see :func:`topk_hook`).
   - sparsity warm-up (DGC §3.3): the density for optimizer step ``s`` (0-based) is
     ``ratio ** (s / warmup_steps)`` for ``s < warmup_steps`` and ``ratio`` afterwards: 1 (dense) at
     step 0, decaying exponentially to ``ratio``. A bucket whose ``k`` reaches ``N`` (step 0 of the
@@ -507,6 +511,8 @@ class TopKState(CompressionState):
         self.momentum = _BucketStore()  # DGC's u
         self.last_sent: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self.sent_mask: dict[torch.Tensor, torch.Tensor | None] = {}
+        self._pending: list[tuple[dist.GradBucket, torch.futures.Future]] = []
+        self.last_clip: tuple[float, float, int] | None = None  # (coef, local norm, buckets)
 
     def bucket_tensors(self, bucket: dist.GradBucket) -> dict[str, torch.Tensor]:
         """This rank's live tensors for ``bucket`` (created as zeros if new): ``residual`` (N,)
@@ -615,13 +621,42 @@ def sparse_allgather_average(
 
 
 def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: DGC Top-k with error feedback / momentum correction and
-    warm-up (Lin et al. 2018). Register it through :func:`register_compression`.
+    """DDP communication hook: DGC Top-k with error feedback / momentum correction, local
+    gradient clipping and warm-up (Lin et al. 2018). Register it through
+    :func:`register_compression`.
+
+    With ``cfg.local_grad_clip > 0`` (DGC §3.2) the hook needs this rank's whole gradient norm,
+    which is known only when DDP hands over the step's last bucket: earlier buckets are held
+    (their futures pending) until then, the local gradient is scaled by ``min(1, clip / sqrt(W)
+    / (norm + 1e-6))`` and every bucket is compressed and exchanged in order. This gives up the
+    overlap of communication with the rest of backward.
 
     Returns:
         A future holding the bucket (N,) overwritten with the averaged sparse gradient
         ``sum_r sent_r / W`` (the dense average during dense warm-up buckets).
     """
+    if not state.cfg.local_grad_clip:
+        return _topk_bucket(state, bucket)
+    fut: torch.futures.Future = torch.futures.Future()
+    state._pending.append((bucket, fut))
+    if not bucket.is_last():
+        return fut
+    pending, state._pending = state._pending, []
+    sq = torch.zeros((), dtype=torch.float64)
+    for b, _ in pending:
+        sq += b.buffer().double().square().sum()
+    norm = math.sqrt(sq.item())
+    coef = min(1.0, state.cfg.local_grad_clip / math.sqrt(state.world_size) / (norm + 1e-6))
+    state.last_clip = (coef, norm, len(pending))
+    for b, f in pending:
+        if coef < 1.0:
+            b.buffer().mul_(coef)
+        _topk_bucket(state, b).then(lambda done, f=f: f.set_result(done.value()))
+    return fut
+
+
+def _topk_bucket(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future:
+    """Compress and exchange one bucket (see :func:`topk_hook`)."""
     buf = bucket.buffer()  # (N,) this rank's gradient, not divided by W
     step = state._begin()
     n, world, cfg = buf.numel(), state.world_size, state.cfg

@@ -29,6 +29,7 @@ peers are neighbouring ranks (one node) and pipeline stages the farthest apart.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -67,6 +68,10 @@ class GradCompression:
             (:func:`deepwhale.parallel.compression.adamw_step_gap_aware`). Plain AdamW adds a
             held-back coordinate's lumped ``T * g`` squared once, so it moves about ``sqrt(T)``
             times less than under dense AdamW; this restores the dense step size. Top-k only.
+        local_grad_clip: DGC's local gradient clipping (Lin et al. 2018, §3.2): before adding
+            its gradient to the residual, each rank scales its whole local gradient (all
+            buckets) to an L2 norm of at most ``local_grad_clip / sqrt(W)``; 0 (default) = off.
+            Top-k only.
     """
 
     method: str = "none"
@@ -77,6 +82,7 @@ class GradCompression:
     powersgd_rank: int = 4
     topk_scope: str = "tensor"
     gap_aware_adam: bool = False
+    local_grad_clip: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in COMPRESSION_METHODS:
@@ -102,6 +108,16 @@ class GradCompression:
         if self.gap_aware_adam and self.method != "topk":
             raise LayoutError(
                 "parallel.grad_compression.gap_aware_adam: only with method topk, got "
+                f"{self.method}"
+            )
+        if not (self.local_grad_clip >= 0 and math.isfinite(self.local_grad_clip)):
+            raise LayoutError(
+                "parallel.grad_compression.local_grad_clip: must be a finite number >= 0, got "
+                f"{self.local_grad_clip}"
+            )
+        if self.local_grad_clip and self.method != "topk":
+            raise LayoutError(
+                "parallel.grad_compression.local_grad_clip: only with method topk, got "
                 f"{self.method}"
             )
 
