@@ -65,6 +65,13 @@ def eval_command(
     log_samples: Annotated[
         bool, typer.Option(help="Keep per-sample scores in results.json.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Reuse the per-request score cache in --out (eval_cache.sqlite) and score "
+            "only what an interrupted run left; without it the cache starts empty."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...")] = None,
     dtype: Annotated[
@@ -79,8 +86,16 @@ def eval_command(
         from deepwhale.eval.runner import evaluate
         from deepwhale.eval.tasks import load_task
 
+        if resume and out is None:
+            raise ValueError("--resume needs --out (the cache lives in that folder)")
         configs = [load_task(n) for n in names]  # fail on a bad name before loading the model
         m = DeepSeekModel.from_pretrained(model, dtype=dtype, device=device)
+        cache = None
+        if out is not None:
+            from deepwhale.eval.cache import FILENAME, ScoreCache, model_identity
+
+            out.mkdir(parents=True, exist_ok=True)
+            cache = ScoreCache(out / FILENAME, model_identity(m), fresh=not resume)
         with _progress(quiet) as progress:
             results = evaluate(
                 m,
@@ -92,7 +107,15 @@ def eval_command(
                 num_fewshot=num_fewshot,
                 log_samples=log_samples,
                 progress=progress,
+                cache=cache,
             )
+        if cache is not None:
+            results["config"]["cache"] = {"reused": cache.hits, "scored": cache.stored}
+            if resume:
+                typer.echo(
+                    f"resumed: {cache.hits} requests from cache, {cache.stored} scored", err=True
+                )
+            cache.close()
         results["config"]["model"] = model or "stories260K (bundled)"
         table = markdown_table(results)
         sys.stdout.write(table)
