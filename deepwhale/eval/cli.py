@@ -121,6 +121,9 @@ def eval_command(
         sys.stdout.write(table)
         if out is not None:
             json_path, _ = write_report(results, out)
+            from deepwhale.eval.plot import write_chart
+
+            write_chart([results], out / "results.png")
             typer.echo(f"wrote {json_path}", err=True)
     except _user_errors() as e:
         from deepwhale.extras import describe_import_error

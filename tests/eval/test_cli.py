@@ -31,7 +31,12 @@ def test_eval_writes_report(tmp_path):
     assert "| arc_easy | acc |" in proc.stdout and "bits_per_byte" in proc.stdout
     assert "eval" in proc.stderr  # the progress bar
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["eval_cache.sqlite", "results.json", "results.md"]  # no tmp, no WAL left
+    assert names == [
+        "eval_cache.sqlite",
+        "results.json",
+        "results.md",
+        "results.png",
+    ]  # no tmp, no WAL left
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["limit"] == 4 and res["versions"]["torch"]
     arc = res["results"]["arc_easy"]
