@@ -25,14 +25,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def eval_command(
     tasks: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--tasks",
             "-t",
             help="Tasks, comma-separated or repeated: arc_easy, hellaswag, a task YAML file, "
             "or ppl:FILE (a text file, or .jsonl of {'text': ...}).",
         ),
-    ],
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -72,6 +72,14 @@ def eval_command(
             "only what an interrupted run left; without it the cache starts empty."
         ),
     ] = False,
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Compare earlier runs instead: --compare DIR1 --compare DIR2 (folders with "
+            "results.json); prints one table with ratios to the first, --out writes "
+            "compare.md and compare.png."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...")] = None,
     dtype: Annotated[
@@ -79,8 +87,12 @@ def eval_command(
     ] = None,
 ) -> None:
     """Evaluate a model on log-likelihood tasks (lm-eval definitions) and print a table."""
-    names = [t.strip() for group in tasks for t in group.split(",") if t.strip()]
+    names = [t.strip() for group in tasks or [] for t in group.split(",") if t.strip()]
     try:
+        if compare:
+            return _compare(compare, out)
+        if not names:
+            raise ValueError("give --tasks (or --compare DIR ...)")
         from deepwhale.api import DeepSeekModel
         from deepwhale.eval.report import markdown_table, write_report
         from deepwhale.eval.runner import evaluate
@@ -130,6 +142,22 @@ def eval_command(
 
         typer.echo(f"error: {describe_import_error(e)}", err=True)
         raise typer.Exit(2) from None
+
+
+def _compare(folders: list[Path], out: Path | None) -> None:
+    from deepwhale.atomic import atomic_write
+    from deepwhale.eval.compare import compare_table, labels_for, load_run
+    from deepwhale.eval.plot import write_chart
+
+    runs = [load_run(f) for f in folders]
+    labels = labels_for(folders)
+    table = compare_table(runs, labels)
+    sys.stdout.write(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "compare.md", lambda p: p.write_text(table, encoding="utf-8"))
+        write_chart(runs, out / "compare.png", labels)
+        typer.echo(f"wrote {out / 'compare.md'}", err=True)
 
 
 class _progress:
