@@ -80,6 +80,14 @@ def eval_command(
             "compare.md and compare.png."
         ),
     ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate the model in each mode, e.g. fp32,int8,int8-dynamic (the "
+            "DeepSeekModel.quantize transform): one sub-folder of --out per mode plus "
+            "compare.md with ratios to the first mode and weight bytes."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...")] = None,
     dtype: Annotated[
@@ -101,6 +109,26 @@ def eval_command(
         if resume and out is None:
             raise ValueError("--resume needs --out (the cache lives in that folder)")
         configs = [load_task(n) for n in names]  # fail on a bad name before loading the model
+        if quantize:
+            modes = [q.strip() for q in quantize.split(",") if q.strip()]
+            return _quantize_runs(
+                modes,
+                configs,
+                model,
+                dtype,
+                device,
+                out,
+                resume,
+                quiet,
+                **{
+                    "limit": limit,
+                    "batch_size": batch_size,
+                    "ppl_stride": ppl_stride,
+                    "num_fewshot": num_fewshot,
+                    "data_dir": data_dir,
+                    "log_samples": log_samples,
+                },
+            )
         m = DeepSeekModel.from_pretrained(model, dtype=dtype, device=device)
         cache = None
         if out is not None:
@@ -142,6 +170,49 @@ def eval_command(
 
         typer.echo(f"error: {describe_import_error(e)}", err=True)
         raise typer.Exit(2) from None
+
+
+def _quantize_runs(modes, configs, model, dtype, device, out, resume, quiet, **kw) -> None:
+    from deepwhale.api import DeepSeekModel
+    from deepwhale.atomic import atomic_write
+    from deepwhale.eval.cache import FILENAME, ScoreCache, model_identity
+    from deepwhale.eval.compare import compare_table
+    from deepwhale.eval.plot import write_chart
+    from deepwhale.eval.report import write_report
+    from deepwhale.eval.runner import evaluate
+    from deepwhale.inference.quantize import MODES, weight_bytes
+
+    if out is None:
+        raise ValueError("--quantize needs --out (one sub-folder per mode)")
+    for mode in modes:
+        if mode not in ("fp32", *MODES):
+            raise ValueError(
+                f"--quantize: unknown mode {mode!r}; choose from fp32, {', '.join(MODES)}"
+            )
+    runs, sizes = [], []
+    for mode in modes:
+        m = DeepSeekModel.from_pretrained(model, dtype=dtype, device=device)
+        if mode != "fp32":
+            m.quantize(mode)
+        sub = out / mode
+        sub.mkdir(parents=True, exist_ok=True)
+        ident = model_identity(m, quantize=None if mode == "fp32" else mode)
+        cache = ScoreCache(sub / FILENAME, ident, fresh=not resume)
+        with _progress(quiet) as progress:
+            results = evaluate(m, configs, progress=progress, cache=cache, **kw)
+        cache.close()
+        results["config"]["model"] = model or "stories260K (bundled)"
+        results["config"]["quantize"] = mode
+        results["weight_bytes"] = weight_bytes(m.module)
+        write_report(results, sub)
+        write_chart([results], sub / "results.png")
+        runs.append(results)
+        sizes.append(results["weight_bytes"])
+    table = compare_table(runs, modes, extra_rows=[("weight_bytes", sizes)])
+    sys.stdout.write(table)
+    atomic_write(out / "compare.md", lambda p: p.write_text(table, encoding="utf-8"))
+    write_chart(runs, out / "compare.png", modes)
+    typer.echo(f"wrote {out / 'compare.md'}", err=True)
 
 
 def _compare(folders: list[Path], out: Path | None) -> None:

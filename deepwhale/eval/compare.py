@@ -35,7 +35,7 @@ def load_run(folder: str | Path) -> dict:
 def _cell(value) -> str:
     if not isinstance(value, int | float) or not math.isfinite(value):
         return ""
-    return f"{value:.4f}"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
 def compare_table(runs: Sequence[dict], labels: Sequence[str], extra_rows=()) -> str:
