@@ -25,7 +25,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def eval_command(
     tasks: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--tasks",
             "-t",
@@ -34,7 +34,7 @@ def eval_command(
             "subject (ceval-valid_computer_network, cmmlu_anatomy), a task or group YAML "
             "file, or ppl:FILE (a text file, or .jsonl of {'text': ...}).",
         ),
-    ],
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -69,6 +69,29 @@ def eval_command(
     log_samples: Annotated[
         bool, typer.Option(help="Keep per-sample scores in results.json.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Reuse the per-request score cache in --out (eval_cache.sqlite) and score "
+            "only what an interrupted run left; without it the cache starts empty."
+        ),
+    ] = False,
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Compare earlier runs instead: --compare DIR1 --compare DIR2 (folders with "
+            "results.json); prints one table with ratios to the first, --out writes "
+            "compare.md and compare.png."
+        ),
+    ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate the model in each mode, e.g. fp32,int8,int8-dynamic (the "
+            "DeepSeekModel.quantize transform): one sub-folder of --out per mode plus "
+            "compare.md with ratios to the first mode and weight bytes."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...")] = None,
     dtype: Annotated[
@@ -76,15 +99,47 @@ def eval_command(
     ] = None,
 ) -> None:
     """Evaluate a model on log-likelihood tasks (lm-eval definitions) and print a table."""
-    names = [t.strip() for group in tasks for t in group.split(",") if t.strip()]
+    names = [t.strip() for group in tasks or [] for t in group.split(",") if t.strip()]
     try:
+        if compare:
+            return _compare(compare, out)
+        if not names:
+            raise ValueError("give --tasks (or --compare DIR ...)")
         from deepwhale.api import DeepSeekModel
         from deepwhale.eval.groups import resolve
         from deepwhale.eval.report import markdown_table, write_report
         from deepwhale.eval.runner import evaluate
 
+        if resume and out is None:
+            raise ValueError("--resume needs --out (the cache lives in that folder)")
         configs = [resolve(n) for n in names]  # fail on a bad name before loading the model
+        if quantize:
+            modes = [q.strip() for q in quantize.split(",") if q.strip()]
+            return _quantize_runs(
+                modes,
+                configs,
+                model,
+                dtype,
+                device,
+                out,
+                resume,
+                quiet,
+                **{
+                    "limit": limit,
+                    "batch_size": batch_size,
+                    "ppl_stride": ppl_stride,
+                    "num_fewshot": num_fewshot,
+                    "data_dir": data_dir,
+                    "log_samples": log_samples,
+                },
+            )
         m = DeepSeekModel.from_pretrained(model, dtype=dtype, device=device)
+        cache = None
+        if out is not None:
+            from deepwhale.eval.cache import FILENAME, ScoreCache, model_identity
+
+            out.mkdir(parents=True, exist_ok=True)
+            cache = ScoreCache(out / FILENAME, model_identity(m), fresh=not resume)
         with _progress(quiet) as progress:
             results = evaluate(
                 m,
@@ -96,18 +151,88 @@ def eval_command(
                 num_fewshot=num_fewshot,
                 log_samples=log_samples,
                 progress=progress,
+                cache=cache,
             )
+        if cache is not None:
+            results["config"]["cache"] = {"reused": cache.hits, "scored": cache.stored}
+            if resume:
+                typer.echo(
+                    f"resumed: {cache.hits} requests from cache, {cache.stored} scored", err=True
+                )
+            cache.close()
         results["config"]["model"] = model or "stories260K (bundled)"
         table = markdown_table(results)
         sys.stdout.write(table)
         if out is not None:
             json_path, _ = write_report(results, out)
+            from deepwhale.eval.plot import write_chart
+
+            write_chart([results], out / "results.png")
             typer.echo(f"wrote {json_path}", err=True)
     except _user_errors() as e:
         from deepwhale.extras import describe_import_error
 
         typer.echo(f"error: {describe_import_error(e)}", err=True)
         raise typer.Exit(2) from None
+
+
+def _quantize_runs(modes, configs, model, dtype, device, out, resume, quiet, **kw) -> None:
+    from deepwhale.api import DeepSeekModel
+    from deepwhale.atomic import atomic_write
+    from deepwhale.eval.cache import FILENAME, ScoreCache, model_identity
+    from deepwhale.eval.compare import compare_table
+    from deepwhale.eval.plot import write_chart
+    from deepwhale.eval.report import write_report
+    from deepwhale.eval.runner import evaluate
+    from deepwhale.inference.quantize import MODES, weight_bytes
+
+    if out is None:
+        raise ValueError("--quantize needs --out (one sub-folder per mode)")
+    for mode in modes:
+        if mode not in ("fp32", *MODES):
+            raise ValueError(
+                f"--quantize: unknown mode {mode!r}; choose from fp32, {', '.join(MODES)}"
+            )
+    runs, sizes = [], []
+    for mode in modes:
+        m = DeepSeekModel.from_pretrained(model, dtype=dtype, device=device)
+        if mode != "fp32":
+            m.quantize(mode)
+        sub = out / mode
+        sub.mkdir(parents=True, exist_ok=True)
+        ident = model_identity(m, quantize=None if mode == "fp32" else mode)
+        cache = ScoreCache(sub / FILENAME, ident, fresh=not resume)
+        with _progress(quiet) as progress:
+            results = evaluate(m, configs, progress=progress, cache=cache, **kw)
+        cache.close()
+        results["config"]["model"] = model or "stories260K (bundled)"
+        results["config"]["quantize"] = mode
+        results["weight_bytes"] = weight_bytes(m.module)
+        write_report(results, sub)
+        write_chart([results], sub / "results.png")
+        runs.append(results)
+        sizes.append(results["weight_bytes"])
+    table = compare_table(runs, modes, extra_rows=[("weight_bytes", sizes)])
+    sys.stdout.write(table)
+    atomic_write(out / "compare.md", lambda p: p.write_text(table, encoding="utf-8"))
+    write_chart(runs, out / "compare.png", modes)
+    typer.echo(f"wrote {out / 'compare.md'}", err=True)
+
+
+def _compare(folders: list[Path], out: Path | None) -> None:
+    from deepwhale.atomic import atomic_write
+    from deepwhale.eval.compare import compare_table, labels_for, load_run
+    from deepwhale.eval.plot import write_chart
+
+    runs = [load_run(f) for f in folders]
+    labels = labels_for(folders)
+    table = compare_table(runs, labels)
+    sys.stdout.write(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "compare.md", lambda p: p.write_text(table, encoding="utf-8"))
+        write_chart(runs, out / "compare.png", labels)
+        typer.echo(f"wrote {out / 'compare.md'}", err=True)
 
 
 class _progress:

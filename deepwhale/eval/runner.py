@@ -159,6 +159,7 @@ def evaluate(
     num_fewshot: int | None = None,
     log_samples: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    cache=None,
 ) -> dict:
     """Evaluate ``model`` (a :class:`~deepwhale.api.DeepSeekModel`) on ``tasks``.
 
@@ -174,6 +175,8 @@ def evaluate(
         num_fewshot: override every task's ``num_fewshot``.
         log_samples: include per-sample records under ``"samples"``.
         progress: ``progress(done, total)`` over requests, for a progress bar.
+        cache: a :class:`~deepwhale.eval.cache.ScoreCache`; cached requests are not scored
+            again and new scores are stored batch by batch (``--resume``).
 
     Returns:
         ``{"config", "versions", "results": {task: metrics}, "samples"?: {task: [...]}}``.
@@ -212,7 +215,7 @@ def evaluate(
 
     results, samples = {}, {}
     for prep in prepared:
-        scores = score_requests(model.module, prep.requests, max_len, batch_size, tick)
+        scores = _score(model.module, prep, max_len, batch_size, tick, cache)
         results[prep.task.task], samples[prep.task.task] = reduce(prep, scores, log_samples)
     first = {g.tasks[0].task: g for g in groups if g.tasks}
     ordered = {}
@@ -243,6 +246,24 @@ def evaluate(
     if log_samples:
         out["samples"] = samples
     return out
+
+
+def _score(module, prep: Prepared, max_len: int, batch_size: int, tick, cache) -> list:
+    """Scores of ``prep.requests``: from ``cache`` where present, the rest scored (and stored)."""
+    if cache is None:
+        return score_requests(module, prep.requests, max_len, batch_size, tick)
+    keys = cache.keys(prep.task.task, max_len, prep.requests)
+    scores = cache.get(keys, prep.requests)
+    missing = [i for i, s in enumerate(scores) if s is None]
+    tick(len(scores) - len(missing))
+    sub = [prep.requests[i] for i in missing]
+
+    def store(batch: list[int], got: list) -> None:
+        cache.put([keys[missing[j]] for j in batch], got)
+
+    for j, s in enumerate(score_requests(module, sub, max_len, batch_size, tick, store)):
+        scores[missing[j]] = s
+    return scores
 
 
 def _versions() -> dict:

@@ -87,6 +87,7 @@ def score_requests(
     max_len: int,
     batch_size: int = 1,
     progress: Callable[[int], None] | None = None,
+    on_batch: Callable[[list[int], list[Score]], None] | None = None,
 ) -> list[Score]:
     """Score ``(context_ids, continuation_ids)`` pairs.
 
@@ -96,6 +97,8 @@ def score_requests(
         max_len: model input length limit, tokens; longer inputs lose tokens on the left.
         batch_size: rows per forward (at most; rows are grouped by padded length).
         progress: called with the number of requests finished after each forward.
+        on_batch: called after each forward with the request indices and their scores
+            (the resume cache stores them).
 
     Returns:
         One :class:`Score` per request, in request order.
@@ -145,6 +148,8 @@ def score_requests(
                 greedy = bool((logp.argmax(dim=-1) == target).all())
                 out[i] = Score(float(picked.double().sum()), greedy, len(cont))
         start += len(batch)
+        if on_batch is not None:
+            on_batch(batch, [out[i] for i in batch])  # type: ignore[misc]
         if progress is not None:
             progress(len(batch))
     return out  # type: ignore[return-value]

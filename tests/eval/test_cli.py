@@ -30,7 +30,13 @@ def test_eval_writes_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "| arc_easy | acc |" in proc.stdout and "bits_per_byte" in proc.stdout
     assert "eval" in proc.stderr  # the progress bar
-    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]  # no tmp left
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "eval_cache.sqlite",
+        "results.json",
+        "results.md",
+        "results.png",
+    ]  # no tmp, no WAL left
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["limit"] == 4 and res["versions"]["torch"]
     arc = res["results"]["arc_easy"]
