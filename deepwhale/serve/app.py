@@ -52,6 +52,7 @@ from deepwhale.api import DeepSeekModel
 from deepwhale.inference.engine import Request as EngineRequest
 from deepwhale.inference.engine import TokenLogprob
 from deepwhale.inference.generate import GenerationChunk, PromptTooLongError
+from deepwhale.inference.prompt_logprobs import prompt_logprobs
 from deepwhale.inference.sampling import SamplingParams
 from deepwhale.serve.audit import AuditLog
 from deepwhale.serve.auth import (
@@ -215,9 +216,37 @@ class _Server:
         request.state.audit_prompt_tokens = len(ids)
         return ids
 
-    def budget(self, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
-        """New-token budget: ``max_tokens`` checked against the context, or all that is left."""
+    async def encode_prompts(self, request: Request, prompts: list) -> list[list[int]]:
+        """Token ids of each ``/v1/completions`` prompt: strings are tokenized in a worker
+        thread, token-id lists are checked against the vocabulary (400 naming ``prompt``)."""
+        vocab = self.model.config.vocab_size
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                if not p:
+                    raise APIError("prompt must not be empty", param="prompt")
+                out.append(await asyncio.to_thread(self.model.encode_prompt, p))
+            elif any(not 0 <= i < vocab for i in p):
+                raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            else:
+                out.append(list(p))
+        request.state.audit_prompt_tokens = sum(len(ids) for ids in out)
+        return out
+
+    def budget(
+        self, prompt_ids: list[int], max_tokens: int | None, param: str, echo: bool = False
+    ) -> int:
+        """New-token budget: ``max_tokens`` checked against the context, or all that is left.
+        With ``echo``, 0 is allowed (score the prompt only) and the prompt may fill the context.
+        """
         ctx = self.model.engine.max_seq_len
+        if echo and max_tokens == 0:
+            if len(prompt_ids) > ctx:
+                raise PromptTooLongError(
+                    f"the prompt is {len(prompt_ids)} tokens, but this model's context is {ctx} "
+                    "tokens; shorten the prompt"
+                )
+            return 0
         if len(prompt_ids) >= ctx:
             raise PromptTooLongError(
                 f"the prompt is {len(prompt_ids)} tokens, but this model's context is {ctx} "
@@ -226,7 +255,10 @@ class _Server:
         if max_tokens is None:
             return ctx - len(prompt_ids)
         if max_tokens < 1:
-            raise APIError(f"{param} must be >= 1, got {max_tokens}", param=param)
+            hint = (
+                " (0 is allowed with echo: score the prompt only)" if param == "max_tokens" else ""
+            )
+            raise APIError(f"{param} must be >= 1, got {max_tokens}{hint}", param=param)
         if len(prompt_ids) + max_tokens > ctx:
             raise APIError(
                 f"This model's maximum context length is {ctx} tokens. However, you requested "
@@ -315,14 +347,19 @@ class _Server:
             self.metrics.generated_tokens.inc(req.num_generated)
             self.stats.request(time.perf_counter() - start, ttft, ok)
 
-    async def drain(self, req: EngineRequest, request: Request) -> None:
-        """Wait until ``req`` finished (non-streaming responses). If the client disconnects
-        first, the engine request is cancelled (its slot freed) and 499 is returned."""
+    async def drain(self, req: EngineRequest | list[EngineRequest], request: Request) -> None:
+        """Wait until ``req`` (one engine request or several) finished (non-streaming
+        responses). If the client disconnects first, the engine requests are cancelled (their
+        slots freed) and 499 is returned."""
+        reqs = req if isinstance(req, list) else [req]
 
-        async def consume() -> None:
-            async with aclosing(self.events(req)) as events:
+        async def consume_one(one: EngineRequest) -> None:
+            async with aclosing(self.events(one)) as events:
                 async for _ in events:
                     pass
+
+        async def consume() -> None:
+            await asyncio.gather(*(consume_one(r) for r in reqs))
 
         async def disconnected() -> None:
             # ``request.is_disconnected()`` never fires behind BaseHTTPMiddleware
@@ -367,6 +404,24 @@ class _Server:
             "tokens": [self.token_text(lp.token_id) for lp in lps],
             "token_logprobs": [lp.logprob for lp in lps],
             "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+
+    def echo_logprobs(self, ids: list[int], entries: list[TokenLogprob | None]) -> dict:
+        """Legacy ``logprobs`` of the prompt tokens (``echo``): ``entries[0]`` is None, so the
+        first token's ``token_logprobs`` and ``top_logprobs`` are null; offsets are characters
+        into the decoded prompt."""
+        detok = self.model.tokenizer.detokenizer([], skip_special_tokens=True)
+        offsets, offset = [], 0
+        for t in ids:
+            offsets.append(offset)
+            offset += len(detok.add(t))
+        return {
+            "tokens": [self.token_text(t) for t in ids],
+            "token_logprobs": [None if e is None else e.logprob for e in entries],
+            "top_logprobs": [
+                None if e is None else {self.token_text(t): v for t, v in e.top} for e in entries
+            ],
             "text_offset": offsets,
         }
 
@@ -594,47 +649,89 @@ def create_app(
         key = getattr(request.state, "api_key", None)
         if key is not None and not key.allows_model(model_name):
             return {"object": "list", "data": []}
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "deepwhale"}
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "deepwhale",
+            "max_model_len": model.engine.max_seq_len,  # vLLM's field: the context, tokens
+        }
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        """OpenAI ``POST /v1/completions`` (one string prompt)."""
+        """OpenAI ``POST /v1/completions``: one prompt or a list (strings or token ids)."""
         server.authorize(request, body.model, body.prompt)
         server.check_model(body.model)
-        if not body.prompt:
-            raise APIError("prompt must not be empty", param="prompt")
-        ids = await server.encode(request, body.prompt)
-        sampling = server.sampling(body, server.budget(ids, body.max_tokens, "max_tokens"))
-        req = server.submit(ids, body.n, body.logprobs, sampling)
-        request.state.audit_request = req
+        prompts = body.prompts()
+        if body.stream and len(prompts) > 1:
+            raise APIError("stream is supported with one prompt only", param="stream")
+        ids_list = await server.encode_prompts(request, prompts)
+        budgets = [server.budget(ids, body.max_tokens, "max_tokens", body.echo) for ids in ids_list]
+        samplings = [server.sampling(body, max(b, 1)) for b in budgets]
+        reqs = [
+            server.submit(ids, body.n, body.logprobs, sampling) if b else None
+            for ids, b, sampling in zip(ids_list, budgets, samplings, strict=True)
+        ]
+        live = [r for r in reqs if r is not None]
+        if len(reqs) == 1 and live:
+            request.state.audit_request = live[0]
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return server.stream(
-                request, req, "text_completion", False, include, body.logprobs is not None
+                request, live[0], "text_completion", False, include, body.logprobs is not None
             )
-        await server.drain(req, request)
-        choices = []
-        for seq, text in zip(req.sequences, req.texts(), strict=True):
-            lp = None
-            if body.logprobs is not None:
-                offsets = server.text_offsets(req.prompt_ids, seq.logprobs)
-                lp = server.completion_logprobs(seq.logprobs, offsets)
-            choices.append(
-                {
-                    "index": seq.index,
-                    "text": text,
-                    "logprobs": lp,
-                    "finish_reason": seq.finish_reason,
-                }
+        echoed = [None] * len(reqs)
+        if body.echo and body.logprobs is not None:
+            echoed = [
+                await asyncio.to_thread(prompt_logprobs, model.module, ids, body.logprobs)
+                for ids in ids_list
+            ]
+        if live:
+            await server.drain(live, request)
+        choices, generated = [], 0
+        for i, (prompt, ids, req) in enumerate(zip(prompts, ids_list, reqs, strict=True)):
+            head = ""
+            if body.echo:
+                head = prompt if isinstance(prompt, str) else model.tokenizer.decode(ids)
+            samples = (
+                [(j, None, "") for j in range(body.n)]
+                if req is None
+                else [(s.index, s, t) for s, t in zip(req.sequences, req.texts(), strict=True)]
             )
+            generated += 0 if req is None else req.num_generated
+            for j, seq, text in samples:
+                lp = None
+                if body.logprobs is not None:
+                    lps = [] if seq is None else seq.logprobs
+                    offsets = [] if seq is None else server.text_offsets(ids, lps)
+                    lp = server.completion_logprobs(lps, offsets)
+                    if body.echo:
+                        pre = server.echo_logprobs(ids, echoed[i])
+                        lp = {
+                            k: pre[k] + lp[k] for k in ("tokens", "token_logprobs", "top_logprobs")
+                        } | {"text_offset": pre["text_offset"] + [o + len(head) for o in offsets]}
+                choices.append(
+                    {
+                        "index": i * body.n + j,
+                        "text": head + text,
+                        "logprobs": lp,
+                        "finish_reason": "length" if seq is None else seq.finish_reason,
+                    }
+                )
+        prompt_tokens = sum(len(ids) for ids in ids_list)
+        request.state.audit_completion_tokens = generated
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": model_name,
             "choices": choices,
-            "usage": server.usage(req),
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": generated,
+                "total_tokens": prompt_tokens + generated,
+            },
         }
 
     @app.post("/v1/chat/completions")
@@ -871,7 +968,9 @@ class _AuditMiddleware:
                 prompt_tokens=len(req.prompt_ids)
                 if req is not None
                 else state.get("audit_prompt_tokens"),
-                completion_tokens=None if req is None else req.num_generated,
+                completion_tokens=state.get("audit_completion_tokens")
+                if req is None
+                else req.num_generated,
                 prompt=state.get("audit_prompt") if self.prompts else None,
             )
             try:

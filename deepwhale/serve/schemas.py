@@ -5,8 +5,8 @@ Field names, types and defaults follow the OpenAI API reference
 .../chat/create); ``GenerateRequest`` follows the ``/generate`` body of DeepSeek's FastAPI
 serving example (``prompt``, ``max_length``, ``temperature``, ``top_p``). Unknown fields are
 ignored, as OpenAI-compatible servers do; known OpenAI fields this server cannot honour
-(``tools``, ``response_format`` other than text, ``logit_bias``, ``suffix``, ``best_of`` > 1,
-``echo``...) are refused rather than silently ignored.
+(``tools``, ``response_format`` other than text, ``logit_bias``, ``suffix``, ``best_of`` > 1...)
+are refused rather than silently ignored.
 
 Types are strict where OpenAI's are: integers and booleans must be JSON integers and booleans
 (``"5"`` or ``true`` is not a ``max_tokens``); floats accept integers. Range checks live in
@@ -41,6 +41,8 @@ Float = Annotated[float, Strict()]  # a JSON number (ints too), never a string o
 #: stop strings per request, and characters per stop string (OpenAI allows 4; vLLM no limit)
 MAX_STOP = 16
 MAX_STOP_CHARS = 1000
+#: prompts per ``/v1/completions`` request (a list of strings or of token-id lists)
+MAX_PROMPTS = 256
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -159,25 +161,51 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions`` body (OpenAI legacy completions).
 
     Attributes:
-        prompt: one text prompt (arrays of prompts are not supported).
-        max_tokens: new tokens at most (OpenAI's default 16); None fills the context.
-        logprobs: report the sampled token's log-probability and this many alternatives (0-20).
-        echo, suffix, best_of > 1: not supported (400).
+        prompt: a string, a list of strings, a list of token ids, or a list of token-id lists
+            (at most :data:`MAX_PROMPTS` prompts; choice ``i * n + j`` is sample ``j`` of
+            prompt ``i``, as OpenAI numbers them).
+        max_tokens: new tokens at most (OpenAI's default 16); None fills the context; 0 (with
+            ``echo``) only scores the prompt.
+        logprobs: report each token's log-probability and this many alternatives (0-20).
+        echo: put the prompt in front of the completion, and with ``logprobs`` the prompt
+            tokens' log-probabilities too (the first one ``null``, as OpenAI did); used by
+            lm-evaluation-harness's ``local-completions`` to score log-likelihoods. Not with
+            ``stream``.
+        suffix, best_of > 1: not supported (400).
     """
 
-    prompt: StrictStr
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt | None = 16
     logprobs: StrictInt | None = None
     echo: StrictBool = False
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, v: str | list) -> str | list:
+        if isinstance(v, list):
+            if not v:
+                raise _fail("prompt must not be an empty list")
+            if len(v) > MAX_PROMPTS:
+                raise _fail(f"prompt may hold at most {MAX_PROMPTS} prompts, got {len(v)}")
+            if any(p == [] or p == "" for p in v):
+                raise _fail("prompt must not hold an empty prompt")
+        return v
+
     @field_validator("echo")
     @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise _unsupported("echo")
+    def _echo_not_streamed(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("stream"):
+            raise _fail("echo is not supported with stream")
         return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per list entry: strings or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
 
     @field_validator("suffix")
     @classmethod

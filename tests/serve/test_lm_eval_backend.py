@@ -1,0 +1,129 @@
+"""The server as lm-evaluation-harness's ``local-completions`` backend.
+
+lm-eval 0.4.x scores a log-likelihood request by sending context + continuation as token ids
+with ``echo: true, logprobs: 1, max_tokens: 1`` and summing ``token_logprobs[ctxlen:-1]``
+(``LocalCompletionsAPI.parse_logprobs``). These tests run lm-eval itself against a live server
+on 127.0.0.1 and compare with ``deepwhale eval`` on the same checkpoint, which equals
+``lm_eval --model hf`` within 1e-4 (tests/eval/test_lm_eval_parity.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from deepwhale.api import DEFAULT_MODEL, DeepSeekModel  # noqa: E402
+from deepwhale.eval.scoring import score_requests  # noqa: E402
+from deepwhale.serve import create_app  # noqa: E402
+from tests.serve.conftest import serve_in_thread  # noqa: E402
+
+N = 10
+
+
+@pytest.fixture(scope="module")
+def server():
+    model = DeepSeekModel.from_pretrained(device="cpu").set_batch_size(4)
+    for base in serve_in_thread(create_app(model, "stories260K")):
+        yield model, base
+
+
+def _post(base: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{base}/v1/completions", json={"model": "stories260K", **body}, timeout=60)
+
+
+def test_echo_scores_the_prompt(server):
+    model, base = server
+    ids = model.tokenizer.encode("Once upon a time there was a little dog")
+    r = _post(base, {"prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert choice["text"] == model.tokenizer.decode(ids)
+    assert lp["text_offset"][0] == 0
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+    (score,) = score_requests(model.module, [(ids[:3], ids[3:])], max_len=512)
+    assert math.isclose(sum(lp["token_logprobs"][3:]), score.logprob, abs_tol=1e-4)
+    assert r.json()["usage"]["completion_tokens"] == 0
+
+
+def test_echo_with_one_new_token_and_a_list_of_prompts(server):
+    """lm-eval's request shape: a batch of token-id prompts, ``max_tokens: 1``; choice ``i``
+    belongs to prompt ``i`` and holds its tokens plus one generated token."""
+    model, base = server
+    prompts = [model.tokenizer.encode(t) for t in ("Tom had a ball", "The sun", "Lily")]
+    r = _post(base, {"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    for ids, c in zip(prompts, choices, strict=True):
+        assert len(c["logprobs"]["token_logprobs"]) == len(ids) + 1
+        assert c["text"].startswith(model.tokenizer.decode(ids))
+    texts = _post(base, {"prompt": ["Once upon", "The cat"], "max_tokens": 4}).json()["choices"]
+    assert [c["index"] for c in texts] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": [], "max_tokens": 1}, "prompt"),
+        ({"prompt": [[]], "max_tokens": 1}, "prompt"),
+        ({"prompt": [1, 10**9], "max_tokens": 1}, "prompt"),
+        ({"prompt": "hi", "echo": True, "stream": True}, "echo"),
+        ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+    ],
+)
+def test_bad_prompts_are_4xx(server, body, param):
+    r = _post(server[1], body)
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_matches_deepwhale_eval(server, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from deepwhale.eval import evaluate
+    from tests.eval.lm_eval_tasks import write_tasks
+    from tests.helpers import shared_data
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    model, base = server
+    bench = shared_data("bench")
+    story = (shared_data("corpus", "en") / "tinystories" / "tinystories_sample.txt").read_text()
+    texts = [t.strip() for t in story.split("<|endoftext|>") if t.strip()][:4]
+    write_tasks(tmp_path, bench / "arc_easy" / "test.json", [], [{"text": t} for t in texts])
+    ours = evaluate(model, ["arc_easy", f"ppl:{tmp_path / 'ppl.jsonl'}"], bench, limit=N)
+    ours = dict(zip(["dw_arc_easy", "dw_ppl"], ours["results"].values(), strict=True))
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=(
+            f"base_url={base}/v1/completions,model=stories260K,tokenizer={DEFAULT_MODEL},"
+            "tokenizer_backend=huggingface,tokenized_requests=True,add_bos_token=True,"
+            "max_length=511,"
+            "num_concurrent=1,max_retries=1"
+        ),
+        tasks=["dw_arc_easy", "dw_ppl"],
+        limit=N,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        batch_size=4,
+    )
+    for task, keys in (
+        ("dw_arc_easy", ("acc", "acc_norm")),
+        ("dw_ppl", ("word_perplexity", "byte_perplexity", "bits_per_byte")),
+    ):
+        theirs = out["results"][task]
+        for key in keys:
+            assert ours[task][key] == pytest.approx(float(theirs[f"{key},none"]), rel=1e-4), (
+                task,
+                key,
+            )
