@@ -33,7 +33,10 @@ class CacheError(ValueError):
 
 def model_identity(model, quantize: str | None = None) -> dict:
     """What a cached score depends on: folder, weight files (name, bytes, mtime ns), a sha256
-    of config.json, dtype and quantization mode. ``model`` is a DeepSeekModel."""
+    of config.json, dtype and quantization mode. ``model`` is a DeepSeekModel, or a
+    :class:`~deepwhale.eval.remote.RemoteModel` (its URL, model id and context)."""
+    if hasattr(model, "identity"):
+        return {**model.identity(), "quantize": quantize}
     ident: dict = {"path": None, "files": [], "config_sha256": None}
     if model.path is not None:
         folder = Path(model.path).resolve()

@@ -18,9 +18,41 @@ import typer
 def _user_errors() -> tuple[type[BaseException], ...]:
     from deepwhale.checkpoint.hub import CheckpointError
     from deepwhale.config import ConfigError
+    from deepwhale.eval.remote import RemoteError
     from deepwhale.tokenizer import TokenizerError
 
-    return (CheckpointError, ConfigError, TokenizerError, ValueError, OSError, ImportError)
+    return (
+        CheckpointError,
+        ConfigError,
+        TokenizerError,
+        RemoteError,
+        ValueError,
+        OSError,
+        ImportError,
+    )
+
+
+def _is_url(name: str | None) -> bool:
+    from deepwhale.eval.remote import is_url
+
+    return is_url(name)
+
+
+def _load(model, tokenizer, api_key, max_length, dtype, device):
+    """The local model, or a :class:`~deepwhale.eval.remote.RemoteModel` for a server URL."""
+    if not _is_url(model):
+        from deepwhale.api import DeepSeekModel
+
+        return DeepSeekModel.from_pretrained(model, dtype=dtype, device=device)
+    from deepwhale.eval.remote import RemoteModel
+    from deepwhale.tokenizer import Tokenizer
+
+    if tokenizer is None:
+        raise ValueError(
+            "--model URL needs --tokenizer DIR: the served checkpoint's folder with its "
+            "tokenizer.json, so prompts are tokenized as the server's model expects"
+        )
+    return RemoteModel(model, Tokenizer.from_pretrained(tokenizer), api_key, max_length=max_length)
 
 
 def eval_command(
@@ -38,7 +70,31 @@ def eval_command(
     model: Annotated[
         str | None,
         typer.Option(
-            "--model", "-m", help="Checkpoint folder or Hub repo id (default: stories260K)."
+            "--model",
+            "-m",
+            help="Checkpoint folder, Hub repo id (default: stories260K), or an "
+            "OpenAI-compatible server, http://HOST:PORT/v1 (scored with echo logprobs; "
+            "needs --tokenizer).",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="With a server --model: the served checkpoint's folder (tokenizer.json)."
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DEEPWHALE_API_KEY",
+            help="With a server --model: its API key (default $DEEPWHALE_API_KEY).",
+        ),
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            help="With a server --model: its context, tokens (default: max_model_len from "
+            "/v1/models)."
         ),
     ] = None,
     limit: Annotated[
@@ -105,7 +161,6 @@ def eval_command(
             return _compare(compare, out)
         if not names:
             raise ValueError("give --tasks (or --compare DIR ...)")
-        from deepwhale.api import DeepSeekModel
         from deepwhale.eval.groups import resolve
         from deepwhale.eval.report import markdown_table, write_report
         from deepwhale.eval.runner import evaluate
@@ -113,6 +168,8 @@ def eval_command(
         if resume and out is None:
             raise ValueError("--resume needs --out (the cache lives in that folder)")
         configs = [resolve(n) for n in names]  # fail on a bad name before loading the model
+        if quantize and _is_url(model):
+            raise ValueError("--quantize needs a local model, not a server URL")
         if quantize:
             modes = [q.strip() for q in quantize.split(",") if q.strip()]
             return _quantize_runs(
@@ -133,7 +190,7 @@ def eval_command(
                     "log_samples": log_samples,
                 },
             )
-        m = DeepSeekModel.from_pretrained(model, dtype=dtype, device=device)
+        m = _load(model, tokenizer, api_key, max_length, dtype, device)
         cache = None
         if out is not None:
             from deepwhale.eval.cache import FILENAME, ScoreCache, model_identity

@@ -123,6 +123,16 @@ class RemoteModel:
                 time.sleep(delay)
         raise RemoteError(f"{url}: failed after {self.max_retries + 1} tries; last: {last}")
 
+    def identity(self) -> dict:
+        """What cached scores depend on (``--resume``): URL, model id, context. The server's
+        weights are not visible from here; a different checkpoint behind the same URL and
+        model id must use a fresh ``--out``."""
+        return {
+            "url": self.path,
+            "model": self.model,
+            "max_length": self.config.max_position_embeddings,
+        }
+
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self._http.close()

@@ -215,7 +215,7 @@ def evaluate(
 
     results, samples = {}, {}
     for prep in prepared:
-        scores = _score(model.module, prep, max_len, batch_size, tick, cache)
+        scores = _score(_scorer(model), prep, max_len, batch_size, tick, cache)
         results[prep.task.task], samples[prep.task.task] = reduce(prep, scores, log_samples)
     first = {g.tasks[0].task: g for g in groups if g.tasks}
     ordered = {}
@@ -237,7 +237,7 @@ def evaluate(
             "max_length": max_len,
             "num_fewshot": {c.task: c.num_fewshot for c in configs},
             "device": str(model.device),
-            "dtype": str(next(model.module.parameters()).dtype).removeprefix("torch."),
+            "dtype": _dtype(model),
         },
         "versions": _versions(),
         "results": results,
@@ -248,10 +248,25 @@ def evaluate(
     return out
 
 
-def _score(module, prep: Prepared, max_len: int, batch_size: int, tick, cache) -> list:
+def _scorer(model) -> Callable:
+    """``score_requests(requests, max_len, batch_size, progress, on_batch)`` for ``model``: its
+    own (a :class:`~deepwhale.eval.remote.RemoteModel`), else the local forward pass."""
+    own = getattr(model, "score_requests", None)
+    if own is not None:
+        return own
+    return lambda *args: score_requests(model.module, *args)
+
+
+def _dtype(model) -> str:
+    if getattr(model, "module", None) is None:
+        return str(getattr(model, "dtype", "unknown"))
+    return str(next(model.module.parameters()).dtype).removeprefix("torch.")
+
+
+def _score(scorer, prep: Prepared, max_len: int, batch_size: int, tick, cache) -> list:
     """Scores of ``prep.requests``: from ``cache`` where present, the rest scored (and stored)."""
     if cache is None:
-        return score_requests(module, prep.requests, max_len, batch_size, tick)
+        return scorer(prep.requests, max_len, batch_size, tick)
     keys = cache.keys(prep.task.task, max_len, prep.requests)
     scores = cache.get(keys, prep.requests)
     missing = [i for i, s in enumerate(scores) if s is None]
@@ -261,7 +276,7 @@ def _score(module, prep: Prepared, max_len: int, batch_size: int, tick, cache) -
     def store(batch: list[int], got: list) -> None:
         cache.put([keys[missing[j]] for j in batch], got)
 
-    for j, s in enumerate(score_requests(module, sub, max_len, batch_size, tick, store)):
+    for j, s in enumerate(scorer(sub, max_len, batch_size, tick, store)):
         scores[missing[j]] = s
     return scores
 

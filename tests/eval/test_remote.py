@@ -126,3 +126,87 @@ def test_bad_requests(flaky):
         m.score_requests([([1], list(range(64)))], max_len=63)
     with pytest.raises(ValueError, match="batch_size"):
         m.score_requests([([1], [2])], max_len=64, batch_size=0)
+
+
+@pytest.fixture(scope="module")
+def live():
+    pytest.importorskip("fastapi")
+    from deepwhale.api import DeepSeekModel
+    from deepwhale.serve import create_app
+    from tests.serve.conftest import serve_in_thread
+
+    model = DeepSeekModel.from_pretrained(device="cpu").set_batch_size(2)
+    for base in serve_in_thread(create_app(model, "stories260K")):
+        yield model, f"{base}/v1"
+
+
+def test_remote_scores_equal_local_ones(live):
+    """The same task through the server and in-process: equal scores, so equal metrics."""
+    from deepwhale.eval import evaluate
+    from tests.helpers import shared_data
+
+    model, url = live
+    remote = RemoteModel(url, model.tokenizer)
+    assert remote.config.max_position_embeddings == model.engine.max_seq_len - 1
+    bench = shared_data("bench")
+    got = evaluate(remote, ["arc_easy"], bench, limit=8, batch_size=3)
+    # the local reference at the same context (one token less than the server's)
+    model.config.max_position_embeddings -= 1
+    try:
+        want = evaluate(model, ["arc_easy"], bench, limit=8, batch_size=1)
+    finally:
+        model.config.max_position_embeddings += 1
+    for key in ("acc", "acc_norm"):
+        assert got["results"]["arc_easy"][key] == want["results"]["arc_easy"][key]
+    assert got["config"]["device"] == "remote" and got["config"]["model"] == url
+
+
+def test_remote_bad_key_is_reported(tmp_path):
+    pytest.importorskip("fastapi")
+    from deepwhale.api import DeepSeekModel
+    from deepwhale.serve import create_app
+    from tests.serve.conftest import serve_in_thread
+
+    model = DeepSeekModel.from_pretrained(device="cpu")
+    for base in serve_in_thread(create_app(model, "m", data_dir=tmp_path, auth=True)):
+        with pytest.raises(RemoteError, match="HTTP 401"):
+            RemoteModel(f"{base}/v1", model.tokenizer, api_key="wrong", backoff=0.01)
+
+
+def test_remote_request_scores_match_the_forward_pass(live):
+    """Per request, including one cut on the left to the context: logprob within 1e-4 and the
+    same greedy flag."""
+    from deepwhale.eval.scoring import score_requests
+
+    model, url = live
+    remote = RemoteModel(url, model.tokenizer)
+    n = remote.config.max_position_embeddings
+    ids = model.tokenizer.encode("Once upon a time there was a girl. " * 60)
+    reqs = [(ids[:5], ids[5:9]), (ids[:1], ids[1:2]), (ids[: n + 20], ids[n + 20 : n + 25])]
+    reqs.append(([ids[0]], ids[1 : n + 1]))  # a whole rolling window: n targets after the prefix
+    got = remote.score_requests(reqs, n, batch_size=2)
+    want = score_requests(model.module, reqs, n, batch_size=1)
+    for g, w in zip(got, want, strict=True):
+        assert g.tokens == w.tokens and g.is_greedy == w.is_greedy
+        assert math.isclose(g.logprob, w.logprob, abs_tol=1e-4 * max(1, w.tokens))
+
+
+def test_cli_with_a_server_url(live, tmp_path):
+    from typer.testing import CliRunner
+
+    from deepwhale.api import DEFAULT_MODEL
+    from deepwhale.cli import app
+
+    _, url = live
+    args = ["eval", "--model", url, "--tasks", "arc_easy", "--limit", "3", "--quiet"]
+    res = CliRunner().invoke(
+        app, [*args, "--tokenizer", str(DEFAULT_MODEL), "--out", str(tmp_path)]
+    )
+    assert res.exit_code == 0, res.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["device"] == "remote"
+    assert results["results"]["arc_easy"]["samples"] == 3
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "needs --tokenizer DIR" in res.output
+    res = CliRunner().invoke(app, [*args, "--tokenizer", str(DEFAULT_MODEL), "--quantize", "int8"])
+    assert res.exit_code == 2 and "--quantize needs a local model" in res.output
