@@ -62,6 +62,7 @@ def eval_command(
             "--tasks",
             "-t",
             help="Tasks, comma-separated or repeated: arc_easy, hellaswag, truthfulqa_mc1/2, "
+            "gsm8k and humaneval (greedy generation), "
             "ceval / cmmlu (5-shot, every subject and the size-weighted average) or one "
             "subject (ceval-valid_computer_network, cmmlu_anatomy), a task or group YAML "
             "file, or ppl:FILE (a text file, or .jsonl of {'text': ...}).",
@@ -148,13 +149,24 @@ def eval_command(
             "compare.md with ratios to the first mode and weight bytes."
         ),
     ] = None,
+    max_gen_toks: Annotated[
+        int | None,
+        typer.Option(
+            help="generate_until tasks: new tokens at most, overriding the task file "
+            "(lm-eval's --gen_kwargs max_gen_toks=N)."
+        ),
+    ] = None,
+    sandbox_timeout: Annotated[
+        float, typer.Option(help="HumanEval: seconds per program before it is killed.")
+    ] = 10.0,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...")] = None,
     dtype: Annotated[
         str | None, typer.Option(help="float32, bfloat16, float16 (default: fp32 on CPU).")
     ] = None,
 ) -> None:
-    """Evaluate a model on log-likelihood tasks (lm-eval definitions) and print a table."""
+    """Evaluate a model on log-likelihood and generative tasks (lm-eval definitions) and
+    print a table."""
     names = [t.strip() for group in tasks or [] for t in group.split(",") if t.strip()]
     try:
         if compare:
@@ -188,6 +200,8 @@ def eval_command(
                     "num_fewshot": num_fewshot,
                     "data_dir": data_dir,
                     "log_samples": log_samples,
+                    "max_gen_toks": max_gen_toks,
+                    "sandbox_timeout": sandbox_timeout,
                 },
             )
         m = _load(model, tokenizer, api_key, max_length, dtype, device)
@@ -209,6 +223,8 @@ def eval_command(
                 log_samples=log_samples,
                 progress=progress,
                 cache=cache,
+                max_gen_toks=max_gen_toks,
+                sandbox_timeout=sandbox_timeout,
             )
         if cache is not None:
             results["config"]["cache"] = {"reused": cache.hits, "scored": cache.stored}

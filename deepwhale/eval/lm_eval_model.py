@@ -9,7 +9,9 @@ Importing this module registers the name (lm-eval has no entry-point discovery f
 ``device``, ``batch_size``, ``ppl_stride`` (see :mod:`deepwhale.eval.windows`; 1 =
 lm-eval's ``context_len=1``). Tokenization is :class:`lm_eval.api.model.TemplateLM`'s own
 (``_encode_pair``); the scores come from :func:`deepwhale.eval.scoring.score_requests`.
-``generate_until`` is not implemented yet.
+``generate_until`` is greedy (:func:`deepwhale.eval.gen_runner.greedy`): ``until`` and
+``max_gen_toks`` (default 256) from the request, the context left-truncated to
+``max_length - max_gen_toks`` tokens, as lm-eval's HF model does; sampling is refused.
 
 Needs the ``eval`` extra (``pip install "deepwhale[eval]"``).
 """
@@ -97,7 +99,29 @@ class DeepwhaleLM(TemplateLM):
             out.append(total)
         return out
 
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError(
-            "deepwhale's lm-eval model scores log-likelihoods only; generative tasks come later"
-        )
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy completions, one per request ``(context, gen_kwargs)``.
+
+        Raises:
+            ValueError: sampling asked for (``do_sample`` true or a temperature above 0), or
+                ``max_gen_toks`` not below the model's context.
+        """
+        from deepwhale.eval.gen_runner import greedy
+
+        out = []
+        for req in requests:
+            context, kwargs = req.args
+            kwargs = dict(kwargs or {})
+            if kwargs.get("do_sample") or kwargs.get("temperature", 0) not in (0, 0.0, None):
+                raise ValueError("deepwhale's lm-eval model generates greedily only")
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_gen = int(kwargs.get("max_gen_toks", 256))
+            room = self.max_length - max_gen
+            if room < 1:
+                raise ValueError(f"max_gen_toks {max_gen} >= the context {self.max_length}")
+            ids = self.tok_encode(context)[-room:]
+            (text,) = greedy(self.model, [ids], until, max_gen, 1)
+            self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)
+            out.append(text)
+        return out

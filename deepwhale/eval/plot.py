@@ -1,7 +1,8 @@
 """Bar charts of ``results.json`` metrics (matplotlib, Agg backend): ``results.png``.
 
 One bar per (task, metric), with the metric's ``*_stderr`` as an error bar; accuracy-type
-metrics (``acc``, ``acc_norm``, ...) on one panel, perplexity-type metrics
+metrics (``acc``, ``acc_norm``, ...) on one panel, generative ones (``exact_match_*``,
+``pass_at_1``) on another, perplexity-type metrics
 (``*_perplexity``, ``bits_per_byte``) on their own, since their scales differ. Several runs
 (``--compare``, ``--quantize``) give grouped bars, one colour per run.
 """
@@ -18,11 +19,17 @@ ACC_METRICS = ("acc", "acc_norm")
 PPL_METRICS = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
-def _rows(runs: Sequence[dict], names: Sequence[str]) -> list[tuple[str, str]]:
+def _rows(runs: Sequence[dict], names: Sequence[str] | None) -> list[tuple[str, str]]:
+    """(task, metric) pairs present in any run; ``names=None``: the generative metrics."""
+    from deepwhale.eval.report import metric_names
+
     rows: list[tuple[str, str]] = []
     for run in runs:
         for task, res in run["results"].items():
-            for name in names:
+            found = names
+            if found is None:
+                found = [n for n in metric_names(res) if n.startswith(("exact_match", "pass_at_"))]
+            for name in found:
                 if name in res and (task, name) not in rows:
                     rows.append((task, name))
     return rows
@@ -47,11 +54,15 @@ def chart(runs: Sequence[dict], labels: Sequence[str] | None = None):
 
     panels = [
         (kind, _rows(runs, names))
-        for kind, names in (("accuracy", ACC_METRICS), ("perplexity", PPL_METRICS))
+        for kind, names in (
+            ("accuracy", ACC_METRICS),
+            ("generative", None),
+            ("perplexity", PPL_METRICS),
+        )
     ]
     panels = [(kind, rows) for kind, rows in panels if rows]
     if not panels:
-        raise ValueError("no acc or perplexity metrics to plot")
+        raise ValueError("no accuracy, generative or perplexity metrics to plot")
     fig = Figure(
         figsize=(max(4.0, 1.2 * max(len(r) for _, r in panels) * len(runs)), 3.5 * len(panels))
     )

@@ -36,6 +36,13 @@ def _finite(value):
     return value
 
 
+def metric_names(res: dict) -> list[str]:
+    """The reported metrics of one task's results, in table order: the log-likelihood ones,
+    then generative ones (``exact_match*``, ``pass_at_1*``)."""
+    gen = [k for k in res if k.startswith(("exact_match", "pass_at_")) and "_stderr" not in k]
+    return [name for name in _METRICS if name in res] + gen
+
+
 def markdown_table(results: dict) -> str:
     """``| Task | Metric | Value | Stderr | N |`` rows for every reported metric; a group's
     line (N = its documents) comes before its subjects, which are shown as `` - subject``."""
@@ -43,9 +50,7 @@ def markdown_table(results: dict) -> str:
     members = {t for ts in results.get("group_subtasks", {}).values() for t in ts}
     for task, res in results["results"].items():
         label = f" - {task}" if task in members else task  # a group's subject, as lm-eval
-        for name in _METRICS:
-            if name not in res:
-                continue
+        for name in metric_names(res):
             err = res.get(f"{name}_stderr")
             err_text = "" if err is None or not math.isfinite(err) else f"{err:.4f}"
             lines.append(f"| {label} | {name} | {res[name]:.4f} | {err_text} | {res['samples']} |")

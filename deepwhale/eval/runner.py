@@ -11,7 +11,7 @@ import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from deepwhale.eval import metrics
+from deepwhale.eval import gen_runner, metrics
 from deepwhale.eval.groups import GroupConfig, aggregate, resolve
 from deepwhale.eval.scoring import encode_pair, prefix_token_id, score_requests
 from deepwhale.eval.tasks import (
@@ -66,6 +66,8 @@ def prepare(
         fewshot = all_docs if same else load_docs(task, task.fewshot_split, data_dir)
     examples = build_examples(task, docs, fewshot)
     requests, owners, extra = [], [], []
+    if task.output_type == "generate_until":  # prompts, not scored pairs: see gen_runner
+        return Prepared(task, examples, [], [], [{} for _ in examples])
     for ex in examples:
         if task.output_type == "multiple_choice":
             for choice in ex.choices:
@@ -160,6 +162,8 @@ def evaluate(
     log_samples: bool = False,
     progress: Callable[[int, int], None] | None = None,
     cache=None,
+    max_gen_toks: int | None = None,
+    sandbox_timeout: float = 10.0,
 ) -> dict:
     """Evaluate ``model`` (a :class:`~deepwhale.api.DeepSeekModel`) on ``tasks``.
 
@@ -176,7 +180,11 @@ def evaluate(
         log_samples: include per-sample records under ``"samples"``.
         progress: ``progress(done, total)`` over requests, for a progress bar.
         cache: a :class:`~deepwhale.eval.cache.ScoreCache`; cached requests are not scored
-            again and new scores are stored batch by batch (``--resume``).
+            again and new scores are stored batch by batch (``--resume``). Generative tasks
+            are not cached: they run again.
+        max_gen_toks: override every generate_until task's ``max_gen_toks`` (tokens; lm-eval's
+            ``--gen_kwargs max_gen_toks=N``).
+        sandbox_timeout: seconds per program for ``pass_at_1`` tasks (HumanEval).
 
     Returns:
         ``{"config", "versions", "results": {task: metrics}, "samples"?: {task: [...]}}``.
@@ -201,8 +209,19 @@ def evaluate(
             configs.append(t)
     if num_fewshot is not None:
         configs = [dataclasses.replace(c, num_fewshot=num_fewshot) for c in configs]
+    if max_gen_toks is not None:
+        if max_gen_toks < 1:
+            raise ValueError(f"max_gen_toks must be >= 1, got {max_gen_toks}")
+        configs = [
+            dataclasses.replace(
+                c, generation_kwargs={**(c.generation_kwargs or {}), "max_gen_toks": max_gen_toks}
+            )
+            if c.output_type == "generate_until"
+            else c
+            for c in configs
+        ]
     prepared = [prepare(c, model.tokenizer, max_len, data_dir, limit, ppl_stride) for c in configs]
-    total = sum(len(p.requests) for p in prepared)
+    total = sum(len(p.examples) if _generative(p) else len(p.requests) for p in prepared)
     done = 0
     if progress is not None:
         progress(0, total)  # everything is loaded and rendered: the bar may start
@@ -215,8 +234,16 @@ def evaluate(
 
     results, samples = {}, {}
     for prep in prepared:
+        name = prep.task.task
+        if _generative(prep):
+            prompts = gen_runner.contexts(prep.task, model.tokenizer, prep.examples, max_len)
+            responses = gen_runner.generate(model, prep.task, prompts, batch_size, tick)
+            results[name], samples[name] = gen_runner.reduce_generations(
+                prep.task, prep.examples, responses, log_samples, sandbox_timeout
+            )
+            continue
         scores = _score(_scorer(model), prep, max_len, batch_size, tick, cache)
-        results[prep.task.task], samples[prep.task.task] = reduce(prep, scores, log_samples)
+        results[name], samples[name] = reduce(prep, scores, log_samples)
     first = {g.tasks[0].task: g for g in groups if g.tasks}
     ordered = {}
     for name, res in results.items():  # lm-eval's order: the group line, then its subjects
@@ -246,6 +273,10 @@ def evaluate(
     if log_samples:
         out["samples"] = samples
     return out
+
+
+def _generative(prep: Prepared) -> bool:
+    return prep.task.output_type == "generate_until"
 
 
 def _scorer(model) -> Callable:

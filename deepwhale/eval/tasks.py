@@ -26,6 +26,18 @@ the included files are read first (later ones win) and the including file's own 
 aggregation can only be ``mean``. Multiple choice computes ``acc`` and ``acc_norm``
 (``metrics.multiple_choice_metrics``) unless ``process_results`` names another function.
 
+``generate_until`` tasks (lm-eval 0.4.13's ``gsm8k.yaml`` keys) are generated greedily:
+``generation_kwargs: {until: [...], max_gen_toks: 256, do_sample: false, temperature: 0}``
+(sampling is refused), ``filter_list`` (``regex`` with ``regex_pattern`` / ``group_select`` /
+``fallback``, and ``take_first``; see :mod:`deepwhale.eval.generative`) and ``metric_list``
+with ``exact_match`` and its options (``ignore_case``, ``ignore_punctuation``,
+``ignore_numbers``, ``regexes_to_ignore``). Each filter ``F`` reports ``exact_match_F`` (lm-eval
+names it ``exact_match,F``); without a ``filter_list`` the metric is ``exact_match``.
+``metric: pass_at_1`` instead runs ``context + response + "\n" + target`` (HumanEval: the
+prompt, the completion, the tests and ``check(entry_point)``) in
+:mod:`deepwhale.eval.sandbox` and scores 1 when it exits cleanly: greedy pass@1, as lm-eval's
+``humaneval.yaml`` computes it with ``code_eval``.
+
 ``dataset_path: csv`` reads a CSV with a header row (every value a string). Groups of
 subject tasks (C-Eval ``ceval``: 52 ``ceval-valid_<subject>`` tasks on the val split; CMMLU
 ``cmmlu``: 67 ``cmmlu_<subject>`` tasks on the test split; both 5-shot from dev with
@@ -43,6 +55,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -53,7 +66,13 @@ from deepwhale.eval.preprocess import PROCESSORS
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling", "generate_until")
-SUPPORTED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling")
+SUPPORTED_OUTPUT_TYPES = OUTPUT_TYPES
+#: lm-eval 0.4.13's default ``max_gen_toks`` (``HFLM.max_gen_toks``)
+MAX_GEN_TOKS = 256
+_GEN_KEYS = ("until", "do_sample", "temperature", "max_gen_toks")
+#: metrics of generate_until tasks: exact_match (lm-eval's), pass_at_1 (run the program)
+GEN_METRICS = ("exact_match", "pass_at_1")
+_EXACT_MATCH_KEYS = ("ignore_case", "ignore_punctuation", "ignore_numbers", "regexes_to_ignore")
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_seed
 FEWSHOT_SAMPLERS = ("default", "first_n")  # lm-eval 0.4.13 api/samplers.py names
 
@@ -95,6 +114,8 @@ class TaskConfig:
     description: str = ""
     num_fewshot: int = 0
     fewshot_config: dict | None = None
+    generation_kwargs: dict | None = None
+    filter_list: list | None = None
     source: str = "<memory>"
 
     def __post_init__(self) -> None:
@@ -131,12 +152,20 @@ class TaskConfig:
             raise bad("process_docs", f"must be one of {', '.join(PROCESSORS)}")
         if self.output_type == "multiple_choice" and self.doc_to_choice is None:
             raise bad("doc_to_choice", "is required for multiple_choice")
-        for key in ("process_results", "metric_list"):
-            if getattr(self, key) is not None and self.output_type != "multiple_choice":
-                raise bad(key, "is only supported for multiple_choice tasks")
+        if self.process_results is not None and self.output_type != "multiple_choice":
+            raise bad("process_results", "is only supported for multiple_choice tasks")
+        if self.metric_list is not None and self.output_type == "loglikelihood_rolling":
+            raise bad(
+                "metric_list", "is only supported for multiple_choice and generate_until tasks"
+            )
+        for key in ("generation_kwargs", "filter_list"):
+            if getattr(self, key) is not None and self.output_type != "generate_until":
+                raise bad(key, "is only supported for generate_until tasks")
         if self.process_results is not None and self.process_results not in RESULT_PROCESSORS:
             raise bad("process_results", f"must be one of {', '.join(RESULT_PROCESSORS)}")
-        if self.metric_list is not None:
+        if self.output_type == "generate_until":
+            self._check_generative(bad)
+        elif self.metric_list is not None:
             self._check_metric_list(bad)
         for key in ("doc_to_text", "target_delimiter", "fewshot_delimiter", "description"):
             if not isinstance(getattr(self, key), str):
@@ -169,6 +198,76 @@ class TaskConfig:
                 raise bad("metric_list", f"aggregation of {entry['metric']!r} must be mean")
             if not isinstance(entry.get("higher_is_better", True), bool):
                 raise bad("metric_list", f"higher_is_better of {entry['metric']!r}: a boolean")
+
+    def _check_generative(self, bad) -> None:
+        from deepwhale.eval.generative import build_filters
+
+        kw = self.generation_kwargs if self.generation_kwargs is not None else {}
+        if not isinstance(kw, dict):
+            raise bad("generation_kwargs", "must be a mapping")
+        extra = sorted(set(kw) - set(_GEN_KEYS))
+        if extra:
+            raise bad(
+                "generation_kwargs", f"unknown key {extra[0]!r} (known: {', '.join(_GEN_KEYS)})"
+            )
+        until = kw.get("until", [])
+        until = [until] if isinstance(until, str) else until
+        if not isinstance(until, list) or not all(isinstance(u, str) for u in until):
+            raise bad("generation_kwargs", "until must be a string or a list of strings")
+        if kw.get("do_sample", False) is not False:
+            raise bad("generation_kwargs", "do_sample must be false (greedy decoding only)")
+        temp = kw.get("temperature", 0.0)
+        if isinstance(temp, bool) or not isinstance(temp, int | float) or temp != 0:
+            raise bad("generation_kwargs", "temperature must be 0 (greedy decoding only)")
+        toks = kw.get("max_gen_toks", MAX_GEN_TOKS)
+        if isinstance(toks, bool) or not isinstance(toks, int) or toks < 1:
+            raise bad("generation_kwargs", "max_gen_toks must be a positive integer")
+        build_filters(self.filter_list, f"{self.source}: key 'filter_list'")
+        for entry in self.metric_list or [{"metric": "exact_match"}]:
+            if not isinstance(entry, dict) or entry.get("metric") not in GEN_METRICS:
+                raise bad(
+                    "metric_list",
+                    f"{entry!r}: generate_until tasks compute {' or '.join(GEN_METRICS)}",
+                )
+            if entry["metric"] == "pass_at_1":
+                extra = sorted(set(entry) - {"metric", "aggregation", "higher_is_better"})
+                if extra:
+                    raise bad("metric_list", f"unknown key {extra[0]!r} in {entry!r}")
+                continue
+            extra = sorted(
+                set(entry) - {"metric", "aggregation", "higher_is_better", *_EXACT_MATCH_KEYS}
+            )
+            if extra:
+                raise bad("metric_list", f"unknown key {extra[0]!r} in {entry!r}")
+            if entry.get("aggregation", "mean") != "mean":
+                raise bad("metric_list", "aggregation of 'exact_match' must be mean")
+            rx = entry.get("regexes_to_ignore") or []
+            if not isinstance(rx, list) or not all(isinstance(r, str) for r in rx):
+                raise bad("metric_list", "regexes_to_ignore must be a list of patterns")
+            for r in rx:
+                try:
+                    re.compile(r)
+                except re.error as e:
+                    raise bad(
+                        "metric_list", f"regexes_to_ignore {r!r} does not compile: {e}"
+                    ) from None
+
+    def generation(self) -> tuple[list[str], int]:
+        """``(until, max_gen_toks)`` of a generate_until task (checked at construction)."""
+        kw = self.generation_kwargs or {}
+        until = kw.get("until", [])
+        return ([until] if isinstance(until, str) else list(until)), kw.get(
+            "max_gen_toks", MAX_GEN_TOKS
+        )
+
+    def gen_metric(self) -> str:
+        """``exact_match`` or ``pass_at_1`` (the first ``metric_list`` entry's)."""
+        return (self.metric_list or [{"metric": "exact_match"}])[0]["metric"]
+
+    def exact_match_options(self) -> dict:
+        """exact_match keyword options from ``metric_list`` (lm-eval's ``ignore_case``...)."""
+        entry = (self.metric_list or [{}])[0]
+        return {k: entry[k] for k in _EXACT_MATCH_KEYS if k in entry}
 
     def result_processor(self) -> ResultProcessor:
         """The per-document metric function of a multiple-choice task: the one
@@ -331,7 +430,9 @@ class Example:
     text: str | None = None  # the rolling log-likelihood document
 
 
-def _target_text(task: TaskConfig, doc: dict, index: int) -> str:
+def target_text(task: TaskConfig, doc: dict, index: int) -> str:
+    """The gold continuation of ``doc``: its choice text (multiple choice), else the rendered
+    ``doc_to_target``. Raises TaskError naming the task and doc when a template fails."""
     target = _templated(
         task, index, "doc_to_target", templates.doc_to_target, task.doc_to_target, doc
     )
@@ -382,7 +483,7 @@ def build_examples(
                 text = _templated(
                     task, j, "doc_to_text (fewshot)", templates.doc_to_text, task.doc_to_text, shot
                 )
-                parts.append(text + task.target_delimiter + _target_text(task, shot, j))
+                parts.append(text + task.target_delimiter + target_text(task, shot, j))
             prefix += task.fewshot_delimiter.join(parts) + task.fewshot_delimiter
         if task.output_type == "loglikelihood_rolling":
             target = _templated(

@@ -60,8 +60,8 @@ def test_eval_errors_are_one_line(tmp_path):
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()
-        == "error: unknown task 'nope'; available: arc_easy, hellaswag, truthfulqa_mc1, "
-        "truthfulqa_mc2, ceval, cmmlu, ppl:FILE"
+        == "error: unknown task 'nope'; available: arc_easy, gsm8k, hellaswag, humaneval, "
+        "truthfulqa_mc1, truthfulqa_mc2, ceval, cmmlu, ppl:FILE"
     )
     res = CliRunner().invoke(app, ["eval", "-t", "arc_easy", "--data-dir", str(tmp_path)])
     assert res.exit_code == 2 and res.stderr.startswith("error: task arc_easy: data file not found")

@@ -50,7 +50,9 @@ def test_fewshot_context_uses_delimiters(tmp_path):
 
 
 def test_unknown_task_lists_available():
-    with pytest.raises(TaskError, match=r"unknown task 'nope'; available: arc_easy, hellaswag"):
+    with pytest.raises(
+        TaskError, match=r"unknown task 'nope'; available: arc_easy, gsm8k, hellaswag, humaneval"
+    ):
         load_task("nope")
 
 
@@ -142,15 +144,19 @@ def test_missing_data_file_is_named(tmp_path):
         load_docs(load_task("ppl:nowhere.txt"), "test", tmp_path)
 
 
-def test_generative_tasks_are_refused_for_now(tmp_path):
+def test_generative_task_from_a_minimal_file(tmp_path):
+    """A generate_until file with no generation keys: lm-eval's defaults (no stop strings,
+    256 new tokens, exact_match with no filter)."""
     from deepwhale.eval.runner import prepare
 
     (tmp_path / "d.jsonl").write_text(json.dumps({"q": "2+2?"}) + "\n")
     path = _write(
         tmp_path, "task: gen\ndata_files: d.jsonl\noutput_type: generate_until\ndoc_to_text: q\n"
     )
-    with pytest.raises(TaskError, match="output_type generate_until is not supported yet"):
-        prepare(load_task(str(path)), None, 512, tmp_path)
+    task = load_task(str(path))
+    assert task.generation() == ([], 256) and task.exact_match_options() == {}
+    prep = prepare(task, None, 512, tmp_path)
+    assert prep.requests == [] and [ex.context for ex in prep.examples] == ["2+2?"]  # a field name
 
 
 def test_ppl_file_errors(tmp_path):
