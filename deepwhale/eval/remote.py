@@ -187,6 +187,38 @@ class RemoteModel:
                 progress(len(idx))
         return out
 
+    def generate_batch(
+        self,
+        prompts: Sequence[list[int]],
+        temperature: float = 0,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+    ) -> list[str]:
+        """Greedy completions of token-id ``prompts`` from ``/v1/completions`` (one HTTP
+        request for the batch), for generate_until tasks.
+
+        The texts are the server's (OpenAI semantics: decoded after the prompt, so a
+        SentencePiece model's first token keeps its leading space, which lm-eval's HF model,
+        decoding the new tokens alone, drops).
+
+        Raises:
+            ValueError: ``temperature`` other than 0 (greedy only).
+            RemoteError: see the module docstring.
+        """
+        if temperature != 0:
+            raise ValueError("remote generation for evaluation is greedy: temperature must be 0")
+        body = {
+            "model": self.model,
+            "prompt": [list(p) for p in prompts],
+            "max_tokens": max_new_tokens,
+            "temperature": 0,
+            "stop": list(stop)[:16] or None,
+        }
+        choices = sorted(self._call("POST", "/completions", body)["choices"], key=_index)
+        if len(choices) != len(prompts):
+            raise RemoteError(f"{self.path}/completions: {len(choices)} choices for {len(prompts)}")
+        return [c.get("text") or "" for c in choices]
+
 
 def _index(choice: dict) -> int:
     return choice["index"]

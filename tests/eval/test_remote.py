@@ -210,3 +210,23 @@ def test_cli_with_a_server_url(live, tmp_path):
     assert res.exit_code == 2 and "needs --tokenizer DIR" in res.output
     res = CliRunner().invoke(app, [*args, "--tokenizer", str(DEFAULT_MODEL), "--quantize", "int8"])
     assert res.exit_code == 2 and "--quantize needs a local model" in res.output
+
+
+def test_remote_generation_equals_local(live):
+    """gsm8k through the server: the same greedy text as in process (up to the leading space
+    of the first token, which the server keeps and lm-eval's decoding drops)."""
+    from deepwhale.eval import evaluate
+
+    model, url = live
+    remote = RemoteModel(url, model.tokenizer)
+    kw = dict(limit=2, num_fewshot=0, max_gen_toks=16, log_samples=True, batch_size=2)
+    got = evaluate(remote, ["gsm8k"], **kw)["samples"]["gsm8k"]
+    model.config.max_position_embeddings -= 1
+    try:
+        want = evaluate(model, ["gsm8k"], **kw)["samples"]["gsm8k"]
+    finally:
+        model.config.max_position_embeddings += 1
+    assert [g["response"].lstrip() for g in got] == [w["response"].lstrip() for w in want]
+    assert any(g["response"].strip() for g in got)
+    with pytest.raises(ValueError, match="greedy"):
+        remote.generate_batch([[1, 2]], temperature=0.5)
