@@ -7,7 +7,7 @@ Endpoints (shapes from the OpenAI API reference, https://platform.openai.com/doc
   ``data: [DONE]``; ``stream_options.include_usage`` adds a last chunk with empty ``choices``.
 * ``POST /generate``: ``{prompt, max_length, temperature, top_p}`` -> ``{output, usage}``, the
   shape of DeepSeek's FastAPI serving example.
-* ``GET /v1/models``, ``GET /health``.
+* ``GET /v1/models``, ``GET /health``; vLLM's ``GET /tokenizer_info``, ``POST /tokenize``, ``POST /detokenize``.
 
 With ``auth=True`` every route but ``/health`` (and the OpenAPI docs) needs an API key from
 :class:`~deepwhale.serve.auth.KeyStore` (``Authorization: Bearer <key>``): 401 for a missing, bad
@@ -68,8 +68,10 @@ from deepwhale.serve.metrics import Metrics
 from deepwhale.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     GenerateRequest,
     InvalidUnicodeError,
+    TokenizeRequest,
     _Sampling,
 )
 from deepwhale.serve.stats import LiveStats
@@ -604,6 +606,9 @@ def create_app(
         "/metrics",
         "/dashboard",
         "/dashboard/stats",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
     }
 
     app.add_middleware(_CountMiddleware, metrics=server.metrics, routes=frozenset(routes))
@@ -733,6 +738,40 @@ def create_app(
                 "total_tokens": prompt_tokens + generated,
             },
         }
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        """vLLM's ``GET /tokenizer_info``: special tokens, chat template and context, so
+        lm-eval's ``tokenizer_backend=remote`` (and ``auto``) needs no local tokenizer."""
+        tok = model.tokenizer
+        return {
+            "tokenizer_class": "deepwhale.tokenizer.Tokenizer",
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+            "pad_token": tok.pad_token,
+            "unk_token": tok.unk_token,
+            "add_bos_token": tok.add_bos_token,
+            "chat_template": tok.chat_template,
+            "model_max_length": model.engine.max_seq_len,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+        """vLLM's ``POST /tokenize``: ``{tokens, count, max_model_len}`` of ``prompt``."""
+        server.authorize(request, body.model, body.prompt)
+        server.check_model(body.model)
+        tok = model.tokenizer
+        ids = await asyncio.to_thread(tok.encode, body.prompt, body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": model.engine.max_seq_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+        """vLLM's ``POST /detokenize``: the text of ``tokens`` (special tokens kept)."""
+        server.check_model(body.model)
+        vocab = model.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": model.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):

@@ -214,7 +214,9 @@ def route_roles(path: str) -> frozenset[str] | None:
         return None
     if path in ("/metrics", "/dashboard/stats"):
         return frozenset({"viewer", "admin"})
-    if path == "/generate" or path.startswith("/v1/"):
+    if path in ("/generate", "/tokenize", "/detokenize", "/tokenizer_info") or path.startswith(
+        "/v1/"
+    ):
         return frozenset({"user", "admin"})
     return frozenset(ROLES)
 

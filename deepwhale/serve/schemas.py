@@ -297,6 +297,22 @@ class ChatCompletionRequest(_Sampling):
         return v
 
 
+class TokenizeRequest(_Root):
+    """``POST /tokenize`` body (vLLM's): ``prompt`` text, ``add_special_tokens`` (default true:
+    the tokenizer's BOS/EOS rule; false: the text's own tokens only)."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeRequest(_Root):
+    """``POST /detokenize`` body (vLLM's): ``tokens``, a list of token ids."""
+
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
+
+
 class GenerateRequest(_Root):
     """``POST /generate`` body, the shape of DeepSeek's FastAPI example.
 

@@ -242,3 +242,51 @@ def test_lm_eval_generates_through_local_chat_completions(tmp_path):
                 seed=1234,
             )
             assert resp == out.choices[0].message.content
+
+
+def test_tokenizer_endpoints(server):
+    """vLLM's /tokenizer_info, /tokenize and /detokenize, which lm-eval's remote tokenizer uses."""
+    model, base = server
+    info = httpx.get(f"{base}/tokenizer_info").json()
+    assert info["eos_token"] == model.tokenizer.eos_token and info["model_max_length"] == 512
+    text = "Once upon a time"
+    plain = httpx.post(f"{base}/tokenize", json={"prompt": text, "add_special_tokens": False})
+    assert plain.json()["tokens"] == model.tokenizer.encode(text, add_special_tokens=False)
+    with_bos = httpx.post(f"{base}/tokenize", json={"prompt": text}).json()
+    assert with_bos["tokens"] == model.tokenizer.encode(text) and with_bos["count"] > 0
+    back = httpx.post(f"{base}/detokenize", json={"tokens": plain.json()["tokens"]}).json()
+    assert back["prompt"] == text
+    bad = httpx.post(f"{base}/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.post(f"{base}/tokenize", json={"prompt": 5}).status_code == 400
+
+
+@pytest.mark.slow
+def test_lm_eval_auto_detects_our_remote_tokenizer(server, tmp_path):
+    """``tokenizer_backend=auto`` finds /tokenizer_info and /tokenize and needs no local
+    tokenizer; its scores equal the same run with the local HF tokenizer (both without BOS)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from tests.eval.lm_eval_tasks import write_tasks
+    from tests.helpers import shared_data
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    _, base = server
+    write_tasks(tmp_path, shared_data("bench", "arc_easy", "test.json"), [], [])
+    common = f"base_url={base}/v1/completions,model=stories260K,max_length=511,num_concurrent=1"
+    runs = []
+    for backend in (
+        "tokenizer_backend=auto",
+        f"tokenizer_backend=huggingface,tokenizer={DEFAULT_MODEL}",
+    ):
+        out = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args=f"{common},{backend}",
+            tasks=["dw_arc_easy"],
+            limit=5,
+            task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        )
+        runs.append({k: v for k, v in out["results"]["dw_arc_easy"].items() if k.startswith("acc")})
+    assert runs[0] == runs[1] and "acc,none" in runs[0]
