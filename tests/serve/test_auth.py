@@ -70,6 +70,10 @@ def test_roles_get_403(served):
     assert client.get("/metrics", headers=_h(viewer)).status_code == 200
     assert client.get("/metrics", headers=_h(user)).status_code == 403
     assert client.get("/v1/models", headers=_h(user)).status_code == 200
+    tok = {"prompt": "Hi"}
+    assert client.post("/tokenize", json=tok, headers=_h(viewer)).status_code == 403
+    assert client.post("/tokenize", json=tok, headers=_h(user)).status_code == 200
+    assert client.get("/tokenizer_info").status_code == 401
 
 
 def test_disallowed_model_gets_403(served):
