@@ -275,12 +275,32 @@ class DeepSeekModel:
         return self._engine
 
     def submit(
-        self, prompt: str | list[dict], n: int = 1, logprobs: int | None = None, **sampling
+        self,
+        prompt: str | list[dict] | list[int],
+        params: SamplingParams | None = None,
+        *,
+        n: int = 1,
+        logprobs: int | None = None,
+        **sampling,
     ) -> Request:
         """Queue ``prompt`` on the engine and make sure its background loop runs; returns the
-        :class:`Request` (iterate it to stream ``(sample_index, chunk)``)."""
+        :class:`Request` (iterate it to stream ``(sample_index, chunk)``).
+
+        Args:
+            prompt: a string, chat messages or token ids (see :meth:`encode_prompt`).
+            params: how to sample; or give its fields as keywords instead
+                (``submit(prompt, temperature=0.8, max_new_tokens=5)``), not both.
+            n: independent samples (sample ``i`` uses ``seed + i``).
+            logprobs: None, or how many top alternatives to report per token (0-20).
+
+        Raises:
+            TypeError: ``params`` is not a :class:`SamplingParams` (``n`` given by position,
+                as before ``params`` existed: pass ``n=``), or both ``params`` and keywords.
+            PromptTooLongError, ValueError: see :meth:`Engine.add_request`.
+        """
+        params = _sampling_params(params, sampling)
         ids = self.encode_prompt(prompt)
-        req = self.engine.add_request(ids, SamplingParams(**sampling), n=n, logprobs=logprobs)
+        req = self.engine.add_request(ids, params, n=n, logprobs=logprobs)
         self.engine.start()
         return req
 
@@ -362,6 +382,22 @@ class DeepSeekModel:
             options={"enabled_precisions": {precisions[precision]}},
         )
         return self
+
+
+def _sampling_params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
+    """``params`` as given, or a :class:`SamplingParams` built from keyword fields."""
+    if params is None:
+        return SamplingParams(**sampling)
+    if not isinstance(params, SamplingParams):
+        raise TypeError(
+            f"params must be a SamplingParams, got {type(params).__name__} (pass n= and "
+            "logprobs= by keyword)"
+        )
+    if sampling:
+        raise TypeError(
+            f"pass either params or sampling keywords, not both (got {', '.join(sampling)})"
+        )
+    return params
 
 
 def _load_module(folder: Path, dtype: torch.dtype, device: str) -> CausalLM:

@@ -117,8 +117,9 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-class _Sampling(_Root):
-    """Sampling fields shared by the OpenAI endpoints (plus vLLM-style extensions)."""
+class SamplingFields(_Root):
+    """Sampling fields shared by the OpenAI endpoints (plus vLLM-style extensions); the serving
+    layer turns them into one :class:`~deepwhale.inference.sampling.SamplingParams`."""
 
     model: StrictStr | None = None
     temperature: Float = 1.0
@@ -157,7 +158,7 @@ class _Sampling(_Root):
         return v
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     """``POST /v1/completions`` body (OpenAI legacy completions).
 
     Attributes:
@@ -252,7 +253,7 @@ class ChatMessage(_Body):
         return self
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions`` body (OpenAI chat completions).
 
     Attributes:
@@ -350,6 +351,6 @@ class GenerateRequest(_Root):
         return v
 
 
-_Sampling.model_rebuild()
+SamplingFields.model_rebuild()
 CompletionRequest.model_rebuild()
 ChatCompletionRequest.model_rebuild()

@@ -266,6 +266,28 @@ def test_submit_starts_the_engine_and_generate_works_alongside(stories):
         m.engine.shutdown()
 
 
+def test_submit_takes_one_typed_sampling_params_or_its_fields_as_keywords(stories):
+    """``submit(prompt, params)`` and ``submit(prompt, **fields)`` queue the same request; the
+    engine request holds the very SamplingParams given (validated once, never rebuilt)."""
+    m = DeepSeekModel(stories.module, stories.tokenizer)
+    m.set_batch_size(4, max_seq_len=64)
+    params = SamplingParams(temperature=0.8, seed=3, max_new_tokens=6)
+    try:
+        typed = m.submit("Once upon a time", params, n=2, logprobs=1)
+        assert typed.params is params and typed.n == 2 and typed.logprobs == 1
+        keywords = m.submit(
+            "Once upon a time", n=2, logprobs=1, temperature=0.8, seed=3, max_new_tokens=6
+        )
+        list(typed), list(keywords)  # wait for both
+        assert typed.texts() == keywords.texts() and typed.texts()[0] != typed.texts()[1]
+        with pytest.raises(TypeError, match="not both"):
+            m.submit("Once", params, temperature=0.5)
+        with pytest.raises(TypeError, match="params must be a SamplingParams"):
+            m.submit("Once", 2)  # n by position, as before params existed
+    finally:
+        m.engine.shutdown()
+
+
 def test_on_output_sink_gets_backlog_then_live_items_then_none():
     """``Request.on_output`` delivers what was queued before it was set, then the rest, then
     ``None``; the result equals the iterator's."""

@@ -191,7 +191,7 @@ def test_dashboard_in_headless_chromium(server):
 
 def test_merge_joins_consecutive_chunks_of_one_sample():
     from deepwhale.inference.generate import GenerationChunk
-    from deepwhale.serve.app import _merge
+    from deepwhale.serve.sse import merge_chunks as _merge
 
     batch = [
         (0, GenerationChunk("a", 1)),
