@@ -7,6 +7,11 @@ killed part way (Ctrl-C, SIGKILL) loses at most one batch. A resumed run scores 
 missing requests; because a row's score does not depend on the other rows of its batch (see
 :mod:`deepwhale.eval.scoring`), its results are bitwise those of an uninterrupted run.
 
+Greedy generations (``generate_until`` tasks) are stored the same way, one row per prompt under
+``sha256(identity, task, "generate", max_len, max_gen_toks, until, prompt ids)``, holding the
+response text; greedy output does not depend on the batch (see :mod:`deepwhale.eval.gen_runner`),
+so a resumed run gives the same responses and scores.
+
 The model identity (checkpoint path, each weight file's size and mtime, the config.json hash,
 dtype, quantization mode) is written in the file; a cache made for another identity, or a file
 that is not such a cache, raises :class:`CacheError` instead of giving a wrong score.
@@ -86,6 +91,9 @@ class ScoreCache:
                 "CREATE TABLE IF NOT EXISTS scores (key BLOB PRIMARY KEY, logprob REAL NOT NULL,"
                 " greedy INTEGER NOT NULL, tokens INTEGER NOT NULL)"
             )
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS generations (key BLOB PRIMARY KEY, text TEXT NOT NULL)"
+            )
             meta = dict(self.db.execute("SELECT k, v FROM meta").fetchall())
         except sqlite3.DatabaseError as e:
             raise CacheError(f"{self.path}: not a deepwhale eval cache ({e}); delete it") from None
@@ -99,6 +107,7 @@ class ScoreCache:
         with self.db:
             if fresh or not meta:
                 self.db.execute("DELETE FROM scores")
+                self.db.execute("DELETE FROM generations")
                 self.db.execute("DELETE FROM meta")
                 self.db.executemany(
                     "INSERT INTO meta VALUES (?, ?)",
@@ -140,6 +149,39 @@ class ScoreCache:
                 ],
             )
         self.stored += len(scores)
+
+    def generation_keys(
+        self, task: str, max_len: int, max_gen: int, until: Sequence[str], prompts
+    ) -> list[bytes]:
+        """One key per greedy prompt: :func:`request_key` over the task, ``max_len`` and the
+        prompt ids, with ``max_gen`` (tokens) and the ``until`` strings folded into the task
+        part, so changing either misses the cache."""
+        tag = json.dumps([task, "generate", max_gen, list(until)])
+        return [request_key(self.identity, tag, max_len, list(p), []) for p in prompts]
+
+    def get_generations(self, keys: Sequence[bytes]) -> list[str | None]:
+        """Cached response texts (None where missing), in ``keys`` order.
+
+        Raises:
+            CacheError: a stored row is not text.
+        """
+        out: list[str | None] = []
+        for key in keys:
+            row = self.db.execute("SELECT text FROM generations WHERE key = ?", (key,)).fetchone()
+            if row is not None and not isinstance(row[0], str):
+                raise CacheError(f"{self.path}: a cached generation is not text; delete it")
+            out.append(None if row is None else row[0])
+            self.hits += row is not None
+        return out
+
+    def put_generations(self, keys: Sequence[bytes], texts: Sequence[str]) -> None:
+        """Store one batch of responses and commit it (durable once this returns)."""
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO generations VALUES (?, ?)",
+                list(zip(keys, texts, strict=True)),
+            )
+        self.stored += len(texts)
 
     def close(self) -> None:
         """Close the connection."""

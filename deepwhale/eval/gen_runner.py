@@ -47,11 +47,35 @@ def contexts(task: TaskConfig, tokenizer, examples: list, max_len: int) -> list[
 
 
 def generate(
-    model, task: TaskConfig, prompts: list[list[int]], batch_size: int, tick: Callable[[int], None]
+    model,
+    task: TaskConfig,
+    prompts: list[list[int]],
+    batch_size: int,
+    tick: Callable[[int], None],
+    cache=None,
+    max_len: int = 0,
 ) -> list[str]:
-    """The task's greedy completions of ``prompts`` (see :func:`greedy`)."""
+    """The task's greedy completions of ``prompts`` (see :func:`greedy`).
+
+    With ``cache`` (a :class:`~deepwhale.eval.cache.ScoreCache`), responses already stored for
+    this model, task, ``max_len``, budget and stop strings are reused, and the rest are
+    generated and stored batch by batch (``--resume``).
+    """
     until, max_gen = task.generation()
-    return greedy(model, prompts, until, max_gen, batch_size, tick)
+    if cache is None:
+        return greedy(model, prompts, until, max_gen, batch_size, tick)
+    keys = cache.generation_keys(task.task, max_len, max_gen, until, prompts)
+    out = cache.get_generations(keys)
+    missing = [i for i, t in enumerate(out) if t is None]
+    tick(len(out) - len(missing))
+    for start in range(0, len(missing), batch_size):
+        idx = missing[start : start + batch_size]
+        texts = greedy(model, [prompts[i] for i in idx], until, max_gen, batch_size)
+        cache.put_generations([keys[i] for i in idx], texts)
+        tick(len(idx))
+        for i, t in zip(idx, texts, strict=True):
+            out[i] = t
+    return out
 
 
 def greedy(

@@ -179,9 +179,9 @@ def evaluate(
         num_fewshot: override every task's ``num_fewshot``.
         log_samples: include per-sample records under ``"samples"``.
         progress: ``progress(done, total)`` over requests, for a progress bar.
-        cache: a :class:`~deepwhale.eval.cache.ScoreCache`; cached requests are not scored
-            again and new scores are stored batch by batch (``--resume``). Generative tasks
-            are not cached: they run again.
+        cache: a :class:`~deepwhale.eval.cache.ScoreCache`; cached requests (scores, and the
+            greedy responses of generative tasks) are not computed again, and new ones are
+            stored batch by batch (``--resume``).
         max_gen_toks: override every generate_until task's ``max_gen_toks`` (tokens; lm-eval's
             ``--gen_kwargs max_gen_toks=N``).
         sandbox_timeout: seconds per program for ``pass_at_1`` tasks (HumanEval).
@@ -237,7 +237,9 @@ def evaluate(
         name = prep.task.task
         if _generative(prep):
             prompts = gen_runner.contexts(prep.task, model.tokenizer, prep.examples, max_len)
-            responses = gen_runner.generate(model, prep.task, prompts, batch_size, tick)
+            responses = gen_runner.generate(
+                model, prep.task, prompts, batch_size, tick, cache, max_len
+            )
             results[name], samples[name] = gen_runner.reduce_generations(
                 prep.task, prep.examples, responses, log_samples, sandbox_timeout
             )

@@ -77,3 +77,29 @@ def test_cli_resume_reuses_every_score(tmp_path):
     assert res.exit_code == 0 and "resumed: 12 requests from cache, 0 scored" in res.stderr
     again = json.loads((out / "results.json").read_text())
     assert again["results"] == first["results"] and again["config"]["cache"]["scored"] == 0
+
+
+def test_generative_task_resumes_from_cached_responses(stories, tmp_path):
+    """gsm8k killed after its first batch: the resumed run generates only the rest, and the
+    responses and scores equal an uninterrupted run's; a changed budget misses the cache."""
+    bench = shared_data("bench")
+    kw = dict(data_dir=bench, limit=4, batch_size=2, max_gen_toks=12, log_samples=True)
+    full = evaluate(stories, ["gsm8k"], **kw)
+    ident = model_identity(stories)
+    cache = ScoreCache(tmp_path / FILENAME, ident, fresh=True)
+
+    def stop_after_first_batch(done, total):
+        if done >= 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        evaluate(stories, ["gsm8k"], progress=stop_after_first_batch, cache=cache, **kw)
+    assert cache.stored == 2
+    cache.close()
+    resumed = ScoreCache(tmp_path / FILENAME, ident)
+    again = evaluate(stories, ["gsm8k"], cache=resumed, **kw)
+    assert resumed.hits == 2 and resumed.stored == 2
+    assert again["results"] == full["results"] and again["samples"] == full["samples"]
+    longer = ScoreCache(tmp_path / FILENAME, ident)
+    evaluate(stories, ["gsm8k"], cache=longer, **{**kw, "max_gen_toks": 13})
+    assert longer.hits == 0 and longer.stored == 4
