@@ -8,7 +8,7 @@ Modules (each block: documents in, documents out, kept/dropped counted by reason
     dedup.py     exact (hash + GroupByKey) and MinHash LSH (bands + union-find) dedup
     quality.py   Gopher / C4 heuristics that work for CJK (jieba words)
     lm.py        perplexity scoring and filtering with a reference LM
-    augment.py   augmentation strategies (registry)
+    augment.py   augmentation strategies (registry) and the Augment DoFn
     bpe.py       byte-level BPE tokenizer training
     pack.py      tokenize, pack and write shards (shards.py: the format and the reader)
     report.py    report.json + perplexity histogram

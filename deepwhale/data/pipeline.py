@@ -35,12 +35,8 @@ from apache_beam.coders import BooleanCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from deepwhale.atomic import atomic_write, write_json
-from deepwhale.data.config import (
-    AugmentParams,
-    PipelineConfig,
-    PipelineConfigError,
-    Stage,
-)
+from deepwhale.data.augment import Augment, _check_augment, seed_for  # noqa: F401 (re-export)
+from deepwhale.data.config import PipelineConfig, PipelineConfigError, Stage
 from deepwhale.data.metrics import StageCounters, collect
 
 log = logging.getLogger(__name__)
@@ -57,55 +53,6 @@ def beam_args(cfg: PipelineConfig, extra_args: Sequence[str] = ()) -> list[str]:
         else:
             args.append(f"--{key}={value}")
     return args + list(extra_args)
-
-
-def _check_augment(params: AugmentParams) -> None:
-    try:
-        from deepwhale.data import augment
-    except ImportError as e:
-        raise PipelineConfigError(
-            f"augment: the augmentation module is not available ({e})"
-        ) from None
-    names = augment.available()
-    for s in params.strategies:
-        if s["name"] not in names:
-            raise PipelineConfigError(
-                f"augment: unknown strategy {s['name']!r}; available: {', '.join(names)}"
-            )
-
-
-def seed_for(base: int, doc_id: str, strategy: str) -> int:
-    """Deterministic per-copy seed from the base seed, the doc id and the strategy name."""
-    return (base * 1_000_003 + zlib.crc32(f"{doc_id}|{strategy}".encode())) & 0x7FFFFFFF
-
-
-class Augment(beam.DoFn):
-    """Beam DoFn: emit each document, then one augmented copy per strategy (id suffix
-    ``~<strategy>``, field ``augmented``). Strategies are built once in ``setup`` through
-    ``deepwhale.data.augment.build(name, **params)``.
-    """
-
-    def __init__(self, params: AugmentParams, stage: str = "augment"):
-        self.params = params
-        self.counters = StageCounters(stage)
-        self._augs: list = []
-
-    def setup(self):
-        from deepwhale.data import augment
-
-        self._augs = [
-            (s["name"], augment.build(s["name"], **{k: v for k, v in s.items() if k != "name"}))
-            for s in self.params.strategies
-        ]
-
-    def process(self, doc: dict) -> Iterator[dict]:
-        self.counters.seen.inc()
-        self.counters.kept.inc()
-        yield doc
-        for name, aug in self._augs:
-            text = aug(doc["text"], seed_for(self.params.seed, doc["id"], name))
-            self.counters.count("copies")
-            yield {**doc, "id": f"{doc['id']}~{name}", "text": text, "augmented": name}
 
 
 def _doc_shard(doc_id: str, n: int) -> int:
@@ -503,10 +450,10 @@ def run(
     ppl_stage = cfg.stage("perplexity")
     ppl_file = out_dir / "perplexities.json" if ppl_stage is not None else None
     if ppl_file is not None and ppl_file.exists() and ppl_stage.params.keep_percentile:
-        from deepwhale.data.lm import _percentile
+        from deepwhale.data.lm import percentile
 
         values = json.loads(ppl_file.read_text())
-        extra["perplexity_cutoff"] = _percentile(values, ppl_stage.params.keep_percentile)
+        extra["perplexity_cutoff"] = percentile(values, ppl_stage.params.keep_percentile)
     elif ppl_stage is not None and ppl_stage.params.max_ppl is not None:
         extra["perplexity_cutoff"] = ppl_stage.params.max_ppl
     if cfg.stage("tokenize") is not None:
