@@ -3,6 +3,7 @@
 Modules (each block: documents in, documents out, kept/dropped counted by reason):
 
     config.py    YAML schema -> typed dataclasses, errors that name the key
+    stages.py    the stage registry: name -> params, check, Beam transform (plugins too)
     readers.py   text / jsonl / parquet / novel / poetry / pairs sources
     clean.py     ftfy + NFKC + control characters, OpenCC t2s, lingua language tags
     dedup.py     exact (hash + GroupByKey) and MinHash LSH (bands + union-find) dedup
