@@ -126,9 +126,17 @@ class Registry(Generic[T]):
         self._loaded[name] = obj
         return obj
 
-    def names(self) -> list[str]:
-        """Sorted names registered in code or declared by an installed entry point."""
-        return sorted(set(self._items) | set(entry_points(self.group)))
+    def names(self, *, sort: bool = True) -> list[str]:
+        """Names registered in code or declared by an installed entry point.
+
+        Args:
+            sort: if true, all names sorted; if false, the names registered in code in the
+                order they were registered, then the other entry-point names sorted.
+        """
+        declared = entry_points(self.group)
+        if sort:
+            return sorted(set(self._items) | set(declared))
+        return list(self._items) + sorted(n for n in declared if n not in self._items)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and (name in self._items or name in entry_points(self.group))

@@ -46,6 +46,9 @@ def test_entry_points_load_lazily_and_code_wins(tmp_path, monkeypatch):
         reg.get("beta")
     reg.register("alpha")(7)
     assert reg.get("alpha") == 7
+    reg.register("zeta")(8)  # code order first, then the other entry points sorted
+    assert reg.names(sort=False) == ["alpha", "zeta", "beta"]
+    assert reg.names() == ["alpha", "beta", "zeta"]
 
 
 def test_conflicting_entry_points_are_reported(tmp_path, monkeypatch):

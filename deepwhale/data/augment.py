@@ -7,6 +7,10 @@ seed and parameters always give the same output; ``rate=0`` returns the text unc
 add more through the entry-point group ``deepwhale.augmenters`` (see :mod:`deepwhale.plugins`);
 an entry point names a factory ``(**params) -> Augmenter``.
 
+The pipeline's ``augment`` stage is the Beam DoFn :class:`Augment` (one augmented copy per
+strategy, each seeded by :func:`seed_for`); :func:`_check_augment` validates its strategy names
+before any worker starts.
+
 Built-in strategies (each takes ``rate`` in [0, 1]):
 
 * ``synonym_replacement``: EDA SR (Wei & Zou 2019, "EDA: Easy Data Augmentation Techniques
@@ -44,15 +48,21 @@ import inspect
 import os
 import random
 import re
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import apache_beam as beam
+
+from deepwhale.data.config import AugmentParams, PipelineConfigError
+from deepwhale.data.metrics import StageCounters
 from deepwhale.plugins import PluginError, Registry
 
 __all__ = [
+    "Augment",
     "AugmentError",
     "Augmenter",
     "BackTranslation",
@@ -67,6 +77,7 @@ __all__ = [
     "available",
     "build",
     "register",
+    "seed_for",
     "split_sentences",
     "split_words",
 ]
@@ -936,3 +947,52 @@ class BackTranslation(_Strategy):
                 sentence = self.translate(pivot, self.pivot, self.source, seed)
             out.append(sentence + ws)
         return "".join(out)
+
+
+# --------------------------------------------------------------------------- the pipeline stage
+
+
+def _check_augment(params: AugmentParams, where: str = "augment") -> None:
+    """Check that every strategy of the ``augment`` stage names a known augmenter.
+
+    Raises:
+        PipelineConfigError: an unknown strategy (the message lists the available ones).
+    """
+    names = available()
+    for s in params.strategies:
+        if s["name"] not in names:
+            raise PipelineConfigError(
+                f"{where}: unknown strategy {s['name']!r}; available: {', '.join(names)}"
+            )
+
+
+def seed_for(base: int, doc_id: str, strategy: str) -> int:
+    """Deterministic per-copy seed from the base seed, the doc id and the strategy name."""
+    return (base * 1_000_003 + zlib.crc32(f"{doc_id}|{strategy}".encode())) & 0x7FFFFFFF
+
+
+class Augment(beam.DoFn):
+    """Beam DoFn: emit each document, then one augmented copy per strategy (id suffix
+    ``~<strategy>``, field ``augmented``). Strategies are built once in ``setup`` through
+    :func:`build` ``(name, **params)``.
+    """
+
+    def __init__(self, params: AugmentParams, stage: str = "augment"):
+        self.params = params
+        self.counters = StageCounters(stage)
+        self._augs: list = []
+
+    def setup(self):
+        self._augs = [
+            (s["name"], build(s["name"], **{k: v for k, v in s.items() if k != "name"}))
+            for s in self.params.strategies
+        ]
+
+    def process(self, doc: dict) -> Iterator[dict]:
+        self.counters.seen.inc()
+        self.counters.kept.inc()
+        yield doc
+        for name, aug in self._augs:
+            text = aug(doc["text"], seed_for(self.params.seed, doc["id"], name))
+            self.counters.count("copies")
+            yield {**doc, "id": f"{doc['id']}~{name}", "text": text, "augmented": name}

@@ -27,7 +27,8 @@ Schema (every key optional except ``input``; see ``examples/data/pipeline.yaml``
       - tokenize: {seq_len: 256, num_shards: 4}
 
 Stage parameters are the fields of the ``*Params`` dataclasses below; their docstrings are the
-reference.
+reference. The stages themselves (parameters, checks, Beam transforms) are registered in
+:mod:`deepwhale.data.stages`, which plugins extend.
 """
 
 from __future__ import annotations
@@ -333,18 +334,19 @@ class TokenizeParams:
             raise PipelineConfigError("tokenize: seq_len must be >= 2 and num_shards >= 1")
 
 
-STAGES: dict[str, type] = {
-    "clean": CleanParams,
-    "langid": LangIdParams,
-    "exact_dedup": ExactDedupParams,
-    "minhash_dedup": MinHashParams,
-    "quality": QualityParams,
-    "perplexity": PerplexityParams,
-    "augment": AugmentParams,
-    "tokenize": TokenizeParams,
-}
-# Stages that need the whole collection (global combines); not available in streaming mode.
-GLOBAL_STAGES = ("minhash_dedup", "tokenize")
+def __getattr__(name: str) -> Any:
+    """``STAGES`` (stage name -> parameter dataclass, in pipeline order) and ``GLOBAL_STAGES``
+    (the names of the stages that need the whole collection, so batch mode only), derived from
+    the stage registry (:mod:`deepwhale.data.stages`) each time they are read, plugins included.
+    """
+    if name in ("STAGES", "GLOBAL_STAGES"):
+        from deepwhale.data import stages
+
+        specs = {n: stages.get(n) for n in stages.names()}
+        if name == "STAGES":
+            return {n: spec.params for n, spec in specs.items()}
+        return tuple(n for n, spec in specs.items() if spec.is_global)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -447,12 +449,15 @@ def build_params(cls: type, params: Any, where: str) -> Any:
 
 
 def parse_stages(raw: Any) -> list[Stage]:
-    """Parse the ``stages`` list: each item a one-key mapping ``{name: params}`` or a bare name.
+    """Parse the ``stages`` list: each item a one-key mapping ``{name: params}`` or a bare name
+    of a stage in the registry (:mod:`deepwhale.data.stages`).
 
     Raises:
         PipelineConfigError: not a list, an unknown stage (valid ones listed), bad params, or a
-            stage after ``tokenize`` (which must come last).
+            stage after one that must come last (``tokenize``).
     """
+    from deepwhale.data.stages import get as stage_spec
+
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -468,14 +473,11 @@ def parse_stages(raw: Any) -> list[Stage]:
                 f"stages[{i}]: expected a stage name or a one-key mapping {{name: params}}, "
                 f"got {item!r}"
             )
-        if name not in STAGES:
-            raise PipelineConfigError(
-                f"stages[{i}]: unknown stage {name!r}; valid: {', '.join(STAGES)}"
-            )
-        stages.append(Stage(name, build_params(STAGES[name], params, name)))
-    names = [s.name for s in stages]
-    if "tokenize" in names and names.index("tokenize") != len(names) - 1:
-        raise PipelineConfigError("stages: 'tokenize' must be the last stage")
+        spec = stage_spec(name, f"stages[{i}]")
+        stages.append(Stage(name, build_params(spec.params, params, name)))
+    for stage in stages[:-1]:
+        if stage_spec(stage.name).last:
+            raise PipelineConfigError(f"stages: {stage.name!r} must be the last stage")
     return stages
 
 
@@ -511,7 +513,9 @@ def parse_config(raw: Any, source: str = "config") -> PipelineConfig:
         raise PipelineConfigError(f"{source}: mode must be one of {MODES}, got {mode!r}")
     stages = parse_stages(raw.get("stages"))
     if mode == "streaming":
-        bad = [s.name for s in stages if s.name in GLOBAL_STAGES]
+        from deepwhale.data.stages import get as stage_spec
+
+        bad = [s.name for s in stages if stage_spec(s.name).is_global]
         if bad:
             raise PipelineConfigError(
                 f"{source}: stage(s) {bad} need the whole collection and cannot run in "

@@ -87,11 +87,16 @@ class _KeepFluent(beam.DoFn):
         yield doc
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100, numpy's linear interpolation) of the finite values,
+    or None if there are none (every document too short to score)."""
     import numpy as np
 
     finite = [v for v in values if math.isfinite(v)]
     return float(np.percentile(finite, q)) if finite else None
+
+
+_percentile = percentile  # the former private name, kept for existing imports
 
 
 class PerplexityFilter(beam.PTransform):
@@ -118,7 +123,7 @@ class PerplexityFilter(beam.PTransform):
             cutoff = (
                 ppls
                 | "AllValues" >> beam.combiners.ToList()
-                | "Cutoff" >> beam.Map(_percentile, self.params.keep_percentile)
+                | "Cutoff" >> beam.Map(percentile, self.params.keep_percentile)
             )
             kept = scored | "Keep" >> beam.ParDo(keep, cutoff=beam.pvalue.AsSingleton(cutoff))
         return kept, ppls

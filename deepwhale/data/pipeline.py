@@ -35,12 +35,9 @@ from apache_beam.coders import BooleanCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from deepwhale.atomic import atomic_write, write_json
-from deepwhale.data.config import (
-    AugmentParams,
-    PipelineConfig,
-    PipelineConfigError,
-    Stage,
-)
+from deepwhale.data import stages
+from deepwhale.data.augment import Augment, _check_augment, seed_for  # noqa: F401 (re-export)
+from deepwhale.data.config import PipelineConfig, PipelineConfigError
 from deepwhale.data.metrics import StageCounters, collect
 
 log = logging.getLogger(__name__)
@@ -57,55 +54,6 @@ def beam_args(cfg: PipelineConfig, extra_args: Sequence[str] = ()) -> list[str]:
         else:
             args.append(f"--{key}={value}")
     return args + list(extra_args)
-
-
-def _check_augment(params: AugmentParams) -> None:
-    try:
-        from deepwhale.data import augment
-    except ImportError as e:
-        raise PipelineConfigError(
-            f"augment: the augmentation module is not available ({e})"
-        ) from None
-    names = augment.available()
-    for s in params.strategies:
-        if s["name"] not in names:
-            raise PipelineConfigError(
-                f"augment: unknown strategy {s['name']!r}; available: {', '.join(names)}"
-            )
-
-
-def seed_for(base: int, doc_id: str, strategy: str) -> int:
-    """Deterministic per-copy seed from the base seed, the doc id and the strategy name."""
-    return (base * 1_000_003 + zlib.crc32(f"{doc_id}|{strategy}".encode())) & 0x7FFFFFFF
-
-
-class Augment(beam.DoFn):
-    """Beam DoFn: emit each document, then one augmented copy per strategy (id suffix
-    ``~<strategy>``, field ``augmented``). Strategies are built once in ``setup`` through
-    ``deepwhale.data.augment.build(name, **params)``.
-    """
-
-    def __init__(self, params: AugmentParams, stage: str = "augment"):
-        self.params = params
-        self.counters = StageCounters(stage)
-        self._augs: list = []
-
-    def setup(self):
-        from deepwhale.data import augment
-
-        self._augs = [
-            (s["name"], augment.build(s["name"], **{k: v for k, v in s.items() if k != "name"}))
-            for s in self.params.strategies
-        ]
-
-    def process(self, doc: dict) -> Iterator[dict]:
-        self.counters.seen.inc()
-        self.counters.kept.inc()
-        yield doc
-        for name, aug in self._augs:
-            text = aug(doc["text"], seed_for(self.params.seed, doc["id"], name))
-            self.counters.count("copies")
-            yield {**doc, "id": f"{doc['id']}~{name}", "text": text, "augmented": name}
 
 
 def _doc_shard(doc_id: str, n: int) -> int:
@@ -197,71 +145,24 @@ def _write_json_list(values: list, path: str) -> int:
     return len(values)
 
 
-def _check_stage(stage: Stage) -> None:
-    """Checks that can fail before any worker starts (clear errors, not worker tracebacks)."""
-    if stage.name == "augment":
-        _check_augment(stage.params)
-    elif stage.name == "langid":
-        from deepwhale.data.clean import build_detector
-
-        build_detector(stage.params.languages)  # validates the codes (cheap for a few)
-    elif stage.name == "perplexity":
-        p = stage.params
-        if p.backend == "kenlm":
-            try:
-                import kenlm  # noqa: F401
-            except ImportError:
-                raise PipelineConfigError(
-                    "perplexity.backend 'kenlm' needs the kenlm package (pip install kenlm)"
-                ) from None
-        elif p.model is not None:
-            from deepwhale.checkpoint.hub import CheckpointError, resolve_checkpoint
-
-            try:  # a folder or a bundled model's name; never a download here
-                if not Path(p.model).is_dir() and "/" in p.model:
-                    raise CheckpointError(f"no such folder {p.model!r}")
-                resolve_checkpoint(p.model)
-            except CheckpointError as e:
-                raise PipelineConfigError(f"perplexity.model: {e}") from None
-
-
 def apply_stages(docs, cfg: PipelineConfig, out_dir: Path) -> tuple:
-    """Chain the configured stages onto ``docs``.
+    """Chain the configured stages onto ``docs``, each through its registered ``apply``
+    (:mod:`deepwhale.data.stages`), after its ``check``.
 
     Returns:
-        ``(docs, ppls, manifest)``: the documents after the last non-terminal stage, the
-        PCollection of perplexities (or None) and the manifest PCollection of ``tokenize``
-        (or None).
+        ``(docs, outputs)``: the documents after the last stage and the stages' extra outputs
+        by name (``ppls``: the PCollection of perplexities of ``perplexity``; ``manifest``: the
+        manifest PCollection of ``tokenize``; any a plugin stage adds).
     """
-    from deepwhale.data.clean import Clean, LangId
-    from deepwhale.data.dedup import ExactDedup, MinHashDedup
-    from deepwhale.data.lm import PerplexityFilter
-    from deepwhale.data.pack import TokenizeAndPack
-    from deepwhale.data.quality import QualityFilter
-
-    ppls = manifest = None
+    outputs: dict = {}
     for i, stage in enumerate(cfg.stages):
-        _check_stage(stage)
-        label = f"S{i:02d}_{stage.name}"
-        p = stage.params
-        if stage.name == "clean":
-            docs = docs | label >> beam.ParDo(Clean(p))
-        elif stage.name == "langid":
-            docs = docs | label >> beam.ParDo(LangId(p))
-        elif stage.name == "exact_dedup":
-            docs = docs | label >> ExactDedup(p)
-        elif stage.name == "minhash_dedup":
-            docs = docs | label >> MinHashDedup(p)
-        elif stage.name == "quality":
-            docs = docs | label >> beam.ParDo(QualityFilter(p))
-        elif stage.name == "perplexity":
-            docs, ppls = docs | label >> PerplexityFilter(p)
-        elif stage.name == "augment":
-            docs = docs | label >> beam.ParDo(Augment(p))
-        elif stage.name == "tokenize":
-            docs = docs | "Output" >> beam.ParDo(_CountOut())
-            manifest = docs | label >> TokenizeAndPack(p, str(out_dir / "shards"))
-    return docs, ppls, manifest
+        spec = stages.get(stage.name)
+        spec.check(stage.params, stage.name)
+        ctx = stages.StageContext(stage.name, f"S{i:02d}_{stage.name}", out_dir, cfg)
+        result = spec.apply(docs, stage.params, ctx)
+        docs, extra = result if isinstance(result, tuple) else (result, {})
+        outputs.update(extra)
+    return docs, outputs
 
 
 def _read_streaming(p, cfg: PipelineConfig):
@@ -317,7 +218,8 @@ class _FirstSighting(beam.DoFn):
 
 def build(p, cfg: PipelineConfig, out_dir: Path) -> dict:
     """Add the whole pipeline for ``cfg`` to Beam pipeline ``p``; returns the terminal
-    PCollections by name (``manifest``, ``ppls``, ``docs_files``).
+    PCollections by name (``manifest``, ``ppls``, ``docs_files``, and the extra outputs of
+    plugin stages).
 
     Raises:
         PipelineConfigError: an input matches no file, or a stage check fails.
@@ -333,8 +235,9 @@ def build(p, cfg: PipelineConfig, out_dir: Path) -> dict:
     docs = streams[0] if len(streams) == 1 else tuple(streams) | "Inputs" >> beam.Flatten()
     if cfg.mode == "streaming":
         docs = docs | "Window" >> beam.WindowInto(window.FixedWindows(cfg.streaming.window_s))
-    docs, ppls, manifest = apply_stages(docs, cfg, out_dir)
-    outputs: dict = {"manifest": manifest}
+    docs, extra = apply_stages(docs, cfg, out_dir)
+    ppls, manifest = extra.pop("ppls", None), extra.pop("manifest", None)
+    outputs: dict = {"manifest": manifest, **extra}
     if ppls is not None and cfg.mode == "batch":
         outputs["ppls"] = (
             ppls
@@ -503,10 +406,10 @@ def run(
     ppl_stage = cfg.stage("perplexity")
     ppl_file = out_dir / "perplexities.json" if ppl_stage is not None else None
     if ppl_file is not None and ppl_file.exists() and ppl_stage.params.keep_percentile:
-        from deepwhale.data.lm import _percentile
+        from deepwhale.data.lm import percentile
 
         values = json.loads(ppl_file.read_text())
-        extra["perplexity_cutoff"] = _percentile(values, ppl_stage.params.keep_percentile)
+        extra["perplexity_cutoff"] = percentile(values, ppl_stage.params.keep_percentile)
     elif ppl_stage is not None and ppl_stage.params.max_ppl is not None:
         extra["perplexity_cutoff"] = ppl_stage.params.max_ppl
     if cfg.stage("tokenize") is not None:

@@ -1,0 +1,265 @@
+"""The pipeline's stages: one registry, ``name -> StageSpec``.
+
+A :class:`StageSpec` holds everything the pipeline needs to know about a stage:
+
+* ``params``: the dataclass its YAML parameters are parsed into (``config.build_params``);
+* ``check(params, where)``: validation that needs more than the dataclass (a model folder, a
+  language code, a strategy name); it runs while the pipeline is built, before any worker
+  starts, and raises :class:`~deepwhale.data.config.PipelineConfigError`;
+* ``apply(docs, params, ctx)``: adds the stage's transforms to the document PCollection
+  ``docs`` under the unique label ``ctx.label`` and returns the new documents, or
+  ``(docs, {name: PCollection})`` when it has extra outputs (``perplexity`` gives ``ppls``,
+  ``tokenize`` gives ``manifest``);
+* ``is_global``: it needs the whole collection (not available in streaming mode);
+* ``last``: it must be the last stage (``tokenize``).
+
+The built-in stages register below with :func:`register`; a script adds one the same way::
+
+    from deepwhale.data import stages
+
+    @stages.register("upper", params=UpperParams)
+    def upper(docs, params, ctx):
+        return docs | ctx.label >> beam.Map(lambda d: {**d, "text": d["text"].upper()})
+
+and an installed package through the entry-point group ``deepwhale.data.stages``, whose
+value names a :class:`StageSpec`::
+
+    [project.entry-points."deepwhale.data.stages"]
+    upper = "my_plugin.stages:UPPER"
+
+This module does not import Beam; the stages' ``apply`` functions import what they build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deepwhale.data.config import (
+    AugmentParams,
+    CleanParams,
+    ExactDedupParams,
+    LangIdParams,
+    MinHashParams,
+    PerplexityParams,
+    PipelineConfigError,
+    QualityParams,
+    TokenizeParams,
+)
+from deepwhale.plugins import PluginError, Registry
+
+__all__ = ["ENTRY_POINT_GROUP", "REGISTRY", "StageContext", "StageSpec", "get", "names", "register"]
+
+ENTRY_POINT_GROUP = "deepwhale.data.stages"
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage's ``apply`` gets besides the documents and its parameters.
+
+    Attributes:
+        name: the stage's name in the config (``quality``).
+        label: the unique Beam label of this stage in the pipeline (``S04_quality``).
+        out_dir: the run's output folder.
+        cfg: the whole :class:`~deepwhale.data.config.PipelineConfig`.
+    """
+
+    name: str
+    label: str
+    out_dir: Path
+    cfg: Any
+
+
+def _no_check(params: Any, where: str) -> None:
+    """The default ``check``: nothing beyond the parameter dataclass's own checks."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the pipeline (see the module docstring).
+
+    Attributes:
+        params: the parameter dataclass.
+        apply: ``(docs, params, ctx: StageContext) -> docs | (docs, {name: PCollection})``.
+        check: ``(params, where) -> None``; raises PipelineConfigError.
+        is_global: needs the whole collection, so batch mode only.
+        last: must be the last stage.
+    """
+
+    params: type
+    apply: Callable[..., Any]
+    check: Callable[[Any, str], None] = _no_check
+    is_global: bool = False
+    last: bool = False
+
+
+REGISTRY: Registry[StageSpec] = Registry(ENTRY_POINT_GROUP, "stage")
+
+
+def register(
+    name: str,
+    *,
+    params: type,
+    check: Callable[[Any, str], None] = _no_check,
+    is_global: bool = False,
+    last: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register the decorated ``apply`` function as stage ``name`` (returned
+    unchanged); the other arguments are the :class:`StageSpec` fields.
+
+    Raises:
+        ValueError: ``name`` is empty.
+        deepwhale.plugins.PluginError: ``name`` is already registered.
+    """
+    add = REGISTRY.register(name)
+
+    def decorator(apply: Callable[..., Any]) -> Callable[..., Any]:
+        add(StageSpec(params, apply, check, is_global, last))
+        return apply
+
+    return decorator
+
+
+def names() -> list[str]:
+    """The stage names: built-in ones in pipeline order, then the registered and entry-point
+    ones."""
+    return REGISTRY.names(sort=False)
+
+
+def get(name: str, where: str | None = None) -> StageSpec:
+    """The :class:`StageSpec` of stage ``name``.
+
+    Args:
+        name: the stage name.
+        where: the config location for the error message (default: ``name``).
+
+    Raises:
+        PipelineConfigError: ``name`` is unknown (``<where>: unknown stage 'x'; valid: ...``),
+            its entry point fails to load, or it does not name a StageSpec.
+    """
+    where = where or name
+    if name not in REGISTRY:
+        raise PipelineConfigError(f"{where}: unknown stage {name!r}; valid: {', '.join(names())}")
+    try:
+        spec = REGISTRY.get(name)
+    except PluginError as e:
+        raise PipelineConfigError(f"{where}: {e}") from None
+    if not isinstance(spec, StageSpec):
+        raise PipelineConfigError(
+            f"{where}: stage {name!r} is a {type(spec).__name__}, not a StageSpec"
+        )
+    return spec
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_augment(params: AugmentParams, where: str) -> None:
+    try:
+        from deepwhale.data.augment import _check_augment as check
+    except ImportError as e:
+        raise PipelineConfigError(
+            f"{where}: the augmentation module is not available ({e})"
+        ) from None
+    check(params, where)
+
+
+def _check_langid(params: LangIdParams, where: str) -> None:
+    from deepwhale.data.clean import build_detector
+
+    build_detector(params.languages)  # validates the codes (cheap for a few)
+
+
+def _check_perplexity(params: PerplexityParams, where: str) -> None:
+    if params.backend == "kenlm":
+        try:
+            import kenlm  # noqa: F401
+        except ImportError:
+            raise PipelineConfigError(
+                f"{where}.backend 'kenlm' needs the kenlm package (pip install kenlm)"
+            ) from None
+    elif params.model is not None:
+        from deepwhale.checkpoint.hub import CheckpointError, resolve_checkpoint
+
+        try:  # a folder or a bundled model's name; never a download here
+            if not Path(params.model).is_dir() and "/" in params.model:
+                raise CheckpointError(f"no such folder {params.model!r}")
+            resolve_checkpoint(params.model)
+        except CheckpointError as e:
+            raise PipelineConfigError(f"{where}.model: {e}") from None
+
+
+# --------------------------------------------------------------------------- built-in stages
+# Registered in pipeline order (the order of ``names()`` and of the "valid: ..." list).
+
+
+@register("clean", params=CleanParams)
+def _clean(docs, params: CleanParams, ctx: StageContext):
+    import apache_beam as beam
+
+    from deepwhale.data.clean import Clean
+
+    return docs | ctx.label >> beam.ParDo(Clean(params))
+
+
+@register("langid", params=LangIdParams, check=_check_langid)
+def _langid(docs, params: LangIdParams, ctx: StageContext):
+    import apache_beam as beam
+
+    from deepwhale.data.clean import LangId
+
+    return docs | ctx.label >> beam.ParDo(LangId(params))
+
+
+@register("exact_dedup", params=ExactDedupParams)
+def _exact_dedup(docs, params: ExactDedupParams, ctx: StageContext):
+    from deepwhale.data.dedup import ExactDedup
+
+    return docs | ctx.label >> ExactDedup(params)
+
+
+@register("minhash_dedup", params=MinHashParams, is_global=True)
+def _minhash_dedup(docs, params: MinHashParams, ctx: StageContext):
+    from deepwhale.data.dedup import MinHashDedup
+
+    return docs | ctx.label >> MinHashDedup(params)
+
+
+@register("quality", params=QualityParams)
+def _quality(docs, params: QualityParams, ctx: StageContext):
+    import apache_beam as beam
+
+    from deepwhale.data.quality import QualityFilter
+
+    return docs | ctx.label >> beam.ParDo(QualityFilter(params))
+
+
+@register("perplexity", params=PerplexityParams, check=_check_perplexity)
+def _perplexity(docs, params: PerplexityParams, ctx: StageContext):
+    from deepwhale.data.lm import PerplexityFilter
+
+    docs, ppls = docs | ctx.label >> PerplexityFilter(params)
+    return docs, {"ppls": ppls}
+
+
+@register("augment", params=AugmentParams, check=_check_augment)
+def _augment(docs, params: AugmentParams, ctx: StageContext):
+    import apache_beam as beam
+
+    from deepwhale.data.augment import Augment
+
+    return docs | ctx.label >> beam.ParDo(Augment(params))
+
+
+@register("tokenize", params=TokenizeParams, is_global=True, last=True)
+def _tokenize(docs, params: TokenizeParams, ctx: StageContext):
+    import apache_beam as beam
+
+    from deepwhale.data.pack import TokenizeAndPack
+    from deepwhale.data.pipeline import _CountOut
+
+    docs = docs | "Output" >> beam.ParDo(_CountOut())
+    manifest = docs | ctx.label >> TokenizeAndPack(params, str(ctx.out_dir / "shards"))
+    return docs, {"manifest": manifest}
