@@ -225,6 +225,34 @@ def test_chat_logprobs(chat_server):
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
 
 
+def test_chat_developer_role_is_system(chat_server):
+    """A developer message is given the system role before the chat template (as OpenAI does):
+    the same prompt, so the same greedy answer, as the same text sent as a system message."""
+
+    def ask(role: str):
+        return chat_server.chat.completions.create(
+            model="r1-debug",
+            messages=[
+                {"role": role, "content": "You are a terse assistant."},
+                {"role": "user", "content": "What is 1+1?"},
+            ],
+            max_tokens=8,
+            temperature=0,
+        )
+
+    developer, system = ask("developer"), ask("system")
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    assert developer.usage == system.usage
+    # the system text is in the prompt: more prompt tokens than the user message alone
+    alone = chat_server.chat.completions.create(
+        model="r1-debug",
+        messages=[{"role": "user", "content": "What is 1+1?"}],
+        max_tokens=1,
+        temperature=0,
+    )
+    assert developer.usage.prompt_tokens > alone.usage.prompt_tokens
+
+
 # ---------------------------------------------------------------------- bad input
 LONG = "Once upon a time " * 300
 BAD = [
