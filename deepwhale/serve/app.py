@@ -7,7 +7,8 @@ Endpoints (shapes from the OpenAI API reference, https://platform.openai.com/doc
   ``data: [DONE]``; ``stream_options.include_usage`` adds a last chunk with empty ``choices``.
 * ``POST /generate``: ``{prompt, max_length, temperature, top_p}`` -> ``{output, usage}``, the
   shape of DeepSeek's FastAPI serving example.
-* ``GET /v1/models``, ``GET /health``; vLLM's ``GET /tokenizer_info``, ``POST /tokenize``,
+* ``GET /v1/models`` (``created``: the server's start time), ``GET /v1/models/{model}``,
+  ``GET /health``; vLLM's ``GET /tokenizer_info``, ``POST /tokenize``,
   ``POST /detokenize``.
 
 With ``auth=True`` every route but ``/health`` (and the OpenAPI docs) needs an API key from
@@ -37,6 +38,7 @@ other clients; a client that disconnects cancels its engine request, which frees
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from os import PathLike
 
@@ -105,6 +107,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        serving.created = int(time.time())  # the model object's "created": the start time
         model.engine.start()
         try:
             yield

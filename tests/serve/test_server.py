@@ -98,7 +98,18 @@ def test_completion_stop_string(client):
 
 
 def test_models_and_health(stories, client):
+    before = int(time.time())
     assert [m.id for m in client.models.list().data] == ["stories260K"]
+    (card,) = httpx.get(f"{stories[1]}/v1/models").json()["data"]
+    # created: the server's start time (unix seconds), before this test ran
+    assert isinstance(card["created"], int) and before - 3600 < card["created"] <= before
+    assert client.models.retrieve("stories260K").model_dump(exclude_unset=True) == card
+    assert httpx.get(f"{stories[1]}/v1/models/stories260K").json() == card
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found" and "gpt-4" in e.value.body["message"]
+    r = httpx.get(f"{stories[1]}/v1/models/org/some-model")  # ids may hold slashes
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     health = httpx.get(f"{stories[1]}/health").json()
     assert health["status"] == "ok" and health["model"] == "stories260K"
 
@@ -360,6 +371,8 @@ def test_prometheus_metrics():
         }
         assert client.post("/v1/completions", json=body).status_code == 200
         assert client.post("/v1/completions", json={**body, "max_tokens": -1}).status_code == 400
+        assert client.get("/v1/models/stories260K").status_code == 200
+        assert client.get("/v1/models/nope").status_code == 404
         text = client.get("/metrics").text
     lines = dict(
         line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
@@ -374,6 +387,10 @@ def test_prometheus_metrics():
     )
     assert lines["deepwhale_queue_depth"] == "0.0" and lines["deepwhale_running_sequences"] == "0.0"
     assert 'deepwhale_request_latency_seconds_count{route="/v1/completions"}' in lines
+    # a path with a parameter counts as its route's template, not as "other"
+    route = "/v1/models/{model_id:path}"
+    assert lines[f'deepwhale_requests_total{{route="{route}",status="200"}}'] == "1.0"
+    assert lines[f'deepwhale_requests_total{{route="{route}",status="404"}}'] == "1.0"
 
 
 def test_non_streaming_disconnect_frees_slot(stories):
