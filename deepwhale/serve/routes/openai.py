@@ -1,5 +1,5 @@
 """OpenAI-compatible routes: ``GET /v1/models``, ``GET /v1/models/{model}``,
-``POST /v1/completions``,
+``POST /v1/completions``, ``POST /v1/embeddings``,
 ``POST /v1/chat/completions`` (https://platform.openai.com/docs/api-reference)."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from deepwhale.serve.routes import serving_of
-from deepwhale.serve.schemas import ChatCompletionRequest, CompletionRequest
+from deepwhale.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from deepwhale.serve.serving_chat import create_chat_completion
 from deepwhale.serve.serving_completions import create_completion
+from deepwhale.serve.serving_embeddings import create_embedding
 
 router = APIRouter()
 
@@ -37,3 +38,9 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """OpenAI ``POST /v1/chat/completions`` through the model's chat template."""
     return await create_chat_completion(serving_of(request), body, request)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
+    """OpenAI ``POST /v1/embeddings``: pooled, L2-normalised final hidden states per input."""
+    return await create_embedding(serving_of(request), body, request)
