@@ -20,6 +20,7 @@ import torch
 from deepwhale.checkpoint.hub import CheckpointError, resolve_checkpoint
 from deepwhale.checkpoint.io import load_model, save_model
 from deepwhale.config import ModelConfig
+from deepwhale.inference.embeddings import embed
 from deepwhale.inference.engine import Engine, Request
 from deepwhale.inference.generate import GenerationChunk, PromptTooLongError, generate_stream
 from deepwhale.inference.sampling import SamplingParams
@@ -230,6 +231,34 @@ class DeepSeekModel:
     def generate(self, prompt: str | list[dict], **sampling) -> str:
         """Generate and return the new text (prompt excluded); see :meth:`stream`."""
         return "".join(chunk.text for chunk in self.stream(prompt, **sampling))
+
+    # ------------------------------------------------------------------ embeddings
+    def embed(
+        self,
+        inputs: str | list[str | list[int]],
+        pooling: str = "mean",
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Sentence embeddings: the final hidden states (after the final norm), pooled per input
+        (``"mean"`` over its tokens, or its ``"last"`` token's), L2-normalised unless
+        ``normalize=False``; see :func:`deepwhale.inference.embeddings.embed`.
+
+        Args:
+            inputs: a string, or a list of strings (tokenized as prompts, BOS included when the
+                tokenizer adds one) and token-id lists (used as they are).
+            pooling: ``"mean"`` or ``"last"``.
+            normalize: L2-normalise each vector.
+
+        Returns:
+            ``(N, hidden_size)`` float32 on the CPU, one row per input (1 for a string).
+
+        Raises:
+            ValueError: an unknown pooling, an empty input, or token ids outside the vocabulary.
+        """
+        items = [inputs] if isinstance(inputs, str) else list(inputs)
+        ids = [self.encode_prompt(x) for x in items]
+        self.module.eval()
+        return embed(self.module, ids, pooling=pooling, normalize=normalize)
 
     # ------------------------------------------------------------------ batched engine
     def set_batch_size(self, batch_size: int, max_seq_len: int | None = None) -> DeepSeekModel:

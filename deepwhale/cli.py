@@ -265,13 +265,20 @@ def serve(
     audit_prompts: Annotated[
         bool, typer.Option("--audit-prompts", help="Also store prompt text in the audit log.")
     ] = False,
+    embedding_pooling: Annotated[
+        str,
+        typer.Option(
+            help="/v1/embeddings pooling of the final hidden states: mean (over the input's "
+            "tokens) or last (its last token); a request's pooling field overrides it."
+        ),
+    ] = "mean",
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions (SSE
-    streaming), /v1/models, plus /generate, /metrics, /dashboard and /health. Every route needs
-    an API key (`deepwhale keys create`) unless --no-auth, except /health, the /dashboard page
-    shell (its data at /dashboard/stats needs a viewer or admin key) and the OpenAPI docs
-    (/docs, /redoc, /openapi.json). Every request is appended to the audit log in the data
-    folder. Needs the serve extra (fastapi, uvicorn, sse-starlette)."""
+    streaming), /v1/embeddings, /v1/models, plus /generate, /metrics, /dashboard and /health.
+    Every route needs an API key (`deepwhale keys create`) unless --no-auth, except /health, the
+    /dashboard page shell (its data at /dashboard/stats needs a viewer or admin key) and the
+    OpenAPI docs (/docs, /redoc, /openapi.json). Every request is appended to the audit log in
+    the data folder. Needs the serve extra (fastapi, uvicorn, sse-starlette)."""
     try:
         import uvicorn
 
@@ -298,7 +305,13 @@ def serve(
         local = model is not None and Path(model).exists()
         served = name or (Path(model).name if local else model or "stories260K")
         app_ = create_app(
-            m, served, data_dir=home, auth=not no_auth, audit=True, audit_prompts=audit_prompts
+            m,
+            served,
+            data_dir=home,
+            auth=not no_auth,
+            audit=True,
+            audit_prompts=audit_prompts,
+            embedding_pooling=embedding_pooling,
         )
     except _user_errors() as e:
         _fail(e)

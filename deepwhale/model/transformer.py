@@ -111,6 +111,21 @@ class CausalLM(nn.Module):
         Raises:
             ValueError: a token id outside ``[0, vocab_size)``, or a position past the cache.
         """
+        h = self.hidden_states(input_ids, positions, caches)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        caches: list | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states, after the final norm: what ``lm_head`` maps to logits.
+
+        Args and errors as :meth:`forward`. Returns ``(B, T, H)`` in the model's dtype.
+        """
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}"
@@ -125,10 +140,7 @@ class CausalLM(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(
                 input_ids
             )
-        h = self.model(input_ids, positions, caches)
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(h)
+        return self.model(input_ids, positions, caches)
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init (normal(0, std) weights, zero biases, unit norms) for from-scratch models."""

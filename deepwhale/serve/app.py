@@ -5,9 +5,12 @@ Endpoints (shapes from the OpenAI API reference, https://platform.openai.com/doc
 * ``POST /v1/completions``, ``POST /v1/chat/completions``: non-streaming JSON, or server-sent
   events (``stream: true``) of ``text_completion`` / ``chat.completion.chunk`` objects ending in
   ``data: [DONE]``; ``stream_options.include_usage`` adds a last chunk with empty ``choices``.
+* ``POST /v1/embeddings``: pooled (mean, or last token), L2-normalised final hidden states of
+  strings or token ids, as floats or base64 float32 (:mod:`deepwhale.serve.serving_embeddings`).
 * ``POST /generate``: ``{prompt, max_length, temperature, top_p}`` -> ``{output, usage}``, the
   shape of DeepSeek's FastAPI serving example.
-* ``GET /v1/models``, ``GET /health``; vLLM's ``GET /tokenizer_info``, ``POST /tokenize``,
+* ``GET /v1/models`` (``created``: the server's start time), ``GET /v1/models/{model}``,
+  ``GET /health``; vLLM's ``GET /tokenizer_info``, ``POST /tokenize``,
   ``POST /detokenize``.
 
 With ``auth=True`` every route but ``/health`` (and the OpenAPI docs) needs an API key from
@@ -37,6 +40,7 @@ other clients; a client that disconnects cancels its engine request, which frees
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from os import PathLike
 
@@ -71,6 +75,7 @@ def create_app(
     auth: bool = False,
     audit: bool | None = None,
     audit_prompts: bool = False,
+    embedding_pooling: str = "mean",
 ) -> FastAPI:
     """Build the FastAPI app serving ``model`` under ``model_name``.
 
@@ -85,12 +90,15 @@ def create_app(
             on unless ``--no-auth``). Off logs a WARNING.
         audit: append every request to ``audit.sqlite`` (default: on when ``data_dir`` is given).
         audit_prompts: also store prompt text in the audit log (off: counts only).
+        embedding_pooling: ``/v1/embeddings``' default pooling of the final hidden states:
+            ``"mean"`` over the input's tokens, or the ``"last"`` token's (a request's
+            ``pooling`` field overrides it).
 
     Returns:
         The :class:`fastapi.FastAPI` app (run it with uvicorn).
 
     Raises:
-        ValueError: the model has no tokenizer.
+        ValueError: the model has no tokenizer, or an unknown ``embedding_pooling``.
         OSError: the data folder cannot be created.
     """
     if model.tokenizer is None:
@@ -101,10 +109,11 @@ def create_app(
         logger.warning(
             "!!! API key authentication is OFF: anyone who can reach this server can use it !!!"
         )
-    serving = Serving(model, model_name)
+    serving = Serving(model, model_name, embedding_pooling)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        serving.created = int(time.time())  # the model object's "created": the start time
         model.engine.start()
         try:
             yield

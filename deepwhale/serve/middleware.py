@@ -70,9 +70,19 @@ class InternalErrorMiddleware:
                 await response(scope, receive, send)
 
 
+def _route_label(scope, routes: frozenset[str]) -> str:
+    """The metrics label of a request: its path if a route's, else the template of the route
+    that matched it (the router leaves it in ``scope["route"]``), else ``other``."""
+    if scope["path"] in routes:
+        return scope["path"]
+    template = getattr(scope.get("route"), "path", None)
+    return template if template in routes else "other"
+
+
 class CountMiddleware:
     """Request latency (to the last byte, so streams count in full) and requests by route and
-    status, into the server's Prometheus metrics. Unknown paths count as route ``other``."""
+    status, into the server's Prometheus metrics. A path with parameters counts as its route's
+    template (``/v1/models/{model_id:path}``); unknown paths count as route ``other``."""
 
     def __init__(self, app, metrics: Metrics, routes: frozenset[str]) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -87,7 +97,7 @@ class CountMiddleware:
             await self.app(scope, receive, recorder)
         finally:
             status = recorder.status
-            route = scope["path"] if scope["path"] in self.routes else "other"
+            route = _route_label(scope, self.routes)
             self.metrics.request_latency.labels(route).observe(time.perf_counter() - start)
             self.metrics.requests.labels(route, str(status)).inc()
 

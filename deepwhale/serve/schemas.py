@@ -43,6 +43,8 @@ MAX_STOP = 16
 MAX_STOP_CHARS = 1000
 #: prompts per ``/v1/completions`` request (a list of strings or of token-id lists)
 MAX_PROMPTS = 256
+#: inputs per ``/v1/embeddings`` request (OpenAI's limit)
+MAX_EMBEDDING_INPUTS = 2048
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -296,6 +298,48 @@ class ChatCompletionRequest(SamplingFields):
         if v is not None and v.get("type") != "text":
             raise _fail("response_format other than type 'text' is not supported by this server")
         return v
+
+
+class EmbeddingRequest(_Root):
+    """``POST /v1/embeddings`` body (OpenAI embeddings, plus vLLM-style ``pooling``).
+
+    Attributes:
+        input: a string, a list of strings, a list of token ids, or a list of token-id lists
+            (at most :data:`MAX_EMBEDDING_INPUTS`, none empty); ``data[i]`` is input ``i``.
+        encoding_format: ``"float"`` (JSON numbers) or ``"base64"`` (the little-endian float32
+            bytes, base64-encoded, as OpenAI's client decodes them).
+        dimensions: only the model's hidden size is supported (anything else: 400).
+        pooling: extension: ``"mean"`` or ``"last"``; None: the server's default.
+        user: accepted and ignored.
+    """
+
+    model: StrictStr | None = None
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    pooling: Literal["mean", "last"] | None = None
+    user: StrictStr | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input_shape(cls, v: str | list) -> str | list:
+        if v == "":
+            raise _fail("input must not be an empty string")
+        if isinstance(v, list):
+            if not v:
+                raise _fail("input must not be an empty list")
+            if len(v) > MAX_EMBEDDING_INPUTS:
+                raise _fail(f"input may hold at most {MAX_EMBEDDING_INPUTS} inputs, got {len(v)}")
+            if any(p == [] or p == "" for p in v):
+                raise _fail("input must not hold an empty input")
+        return v
+
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs, one per list entry: strings or token-id lists."""
+        x = self.input
+        if isinstance(x, str) or (x and isinstance(x[0], int)):
+            return [x]
+        return list(x)
 
 
 class TokenizeRequest(_Root):

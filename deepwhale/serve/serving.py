@@ -9,7 +9,8 @@ Each endpoint's path is the same: :meth:`Serving.authorize` (audit fields, per-k
 (:func:`~deepwhale.serve.sse.stream_response`) -> format. The endpoint-specific halves live in
 :mod:`deepwhale.serve.serving_completions` (``/v1/completions``),
 :mod:`deepwhale.serve.serving_chat` (``/v1/chat/completions``) and :func:`generate` here
-(``/generate``). This layer knows FastAPI's ``Request`` only for ``request.state`` (audit) and
+(``/generate``); :mod:`deepwhale.serve.serving_embeddings` (``/v1/embeddings``) runs the model
+directly, outside the engine. This layer knows FastAPI's ``Request`` only for ``request.state`` (audit) and
 disconnects; routing is :mod:`deepwhale.serve.routes`.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from fastapi import Request
 
@@ -37,14 +39,64 @@ class Serving:
     Args:
         model: a loaded model with a tokenizer (its engine is made on first use).
         model_name: the id clients pass as ``model``.
+        embedding_pooling: ``/v1/embeddings``' default pooling of the final hidden states,
+            ``"mean"`` (over the input's tokens) or ``"last"`` (its last token).
+
+    Raises:
+        ValueError: an unknown ``embedding_pooling``.
+
+    Attributes:
+        created: the server's start time, unix seconds (set here, and again when the app
+            starts); ``created`` of the model object.
     """
 
-    def __init__(self, model: DeepSeekModel, model_name: str) -> None:
+    def __init__(
+        self, model: DeepSeekModel, model_name: str, embedding_pooling: str = "mean"
+    ) -> None:
+        if embedding_pooling not in ("mean", "last"):
+            raise ValueError(
+                f"embedding_pooling must be 'mean' or 'last', got {embedding_pooling!r}"
+            )
         self.model = model
         self.model_name = model_name
+        self.embedding_pooling = embedding_pooling
+        self.created = int(time.time())
         self.metrics = Metrics(lambda: model.engine)
         self.stats = LiveStats(lambda: (len(model.engine.running), len(model.engine.waiting)))
         self.bridge = EngineBridge(lambda: model.engine, self.metrics, self.stats)
+
+    # ------------------------------------------------------------------ models
+    def model_cards(self, request: Request) -> list[dict]:
+        """OpenAI model objects (``{id, object: "model", created, owned_by}`` plus vLLM's
+        ``max_model_len``, the context in tokens) the request's API key may use: the one model
+        served, or none."""
+        key = getattr(request.state, "api_key", None)
+        if key is not None and not key.allows_model(self.model_name):
+            return []
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "deepwhale",
+            "max_model_len": self.model.engine.max_seq_len,
+        }
+        return [card]
+
+    def model_card(self, request: Request, model_id: str) -> dict:
+        """The model object of ``model_id``, the same as its entry in :meth:`model_cards`.
+
+        Raises:
+            APIError: 404 ``model_not_found`` for an id not served (or not allowed to the key).
+        """
+        for card in self.model_cards(request):
+            if card["id"] == model_id:
+                return card
+        raise APIError(
+            f"The model '{model_id}' does not exist",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
 
     # ------------------------------------------------------------------ validation
     def authorize(self, request: Request, name: str | None, prompt) -> None:

@@ -1,7 +1,8 @@
 """``POST /v1/chat/completions``: OpenAI chat completions through the model's chat template.
 
 The messages are rendered by :meth:`deepwhale.api.DeepSeekModel.encode_prompt` (the tokenizer's
-chat template with the generation prompt), then the path is that of every endpoint (see
+chat template with the generation prompt; ``developer`` messages are given the ``system`` role
+first, :func:`to_message`), then the path is that of every endpoint (see
 :mod:`deepwhale.serve.serving`). Chat ``logprobs`` follow
 https://platform.openai.com/docs/api-reference/chat/object (``content[].{token, logprob, bytes,
 top_logprobs}``).
@@ -104,13 +105,16 @@ def _stream_choice(tok: Tokenizer, logprobs: bool) -> ChoiceFn:
 
 
 def to_message(m: ChatMessage) -> dict:
-    """A chat message as the template expects it; text parts of list content are joined."""
+    """A chat message as the template expects it; text parts of list content are joined, and a
+    ``developer`` message (OpenAI's newer name for system instructions) becomes a ``system``
+    one, as OpenAI treats it, so every chat template (none of which knows ``developer``) sees
+    it."""
     content = m.content
     if isinstance(content, list):
         content = "".join(
             p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
         )
-    out = {"role": m.role, "content": content}
+    out = {"role": "system" if m.role == "developer" else m.role, "content": content}
     if m.name is not None:
         out["name"] = m.name
     return out

@@ -88,6 +88,10 @@ def test_disallowed_model_gets_403(served):
     # /v1/models lists only what the key may use
     assert client.get("/v1/models", headers=_h(other)).json()["data"] == []
     assert [m["id"] for m in client.get("/v1/models", headers=_h(both)).json()["data"]] == [NAME]
+    # ... and retrieving a model the key may not use is a 404, as for an unknown one
+    r = client.get(f"/v1/models/{NAME}", headers=_h(other))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert client.get(f"/v1/models/{NAME}", headers=_h(both)).json()["id"] == NAME
 
 
 def test_rate_limit_gets_429_with_retry_after(served):

@@ -98,7 +98,18 @@ def test_completion_stop_string(client):
 
 
 def test_models_and_health(stories, client):
+    before = int(time.time())
     assert [m.id for m in client.models.list().data] == ["stories260K"]
+    (card,) = httpx.get(f"{stories[1]}/v1/models").json()["data"]
+    # created: the server's start time (unix seconds), before this test ran
+    assert isinstance(card["created"], int) and before - 3600 < card["created"] <= before
+    assert client.models.retrieve("stories260K").model_dump(exclude_unset=True) == card
+    assert httpx.get(f"{stories[1]}/v1/models/stories260K").json() == card
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found" and "gpt-4" in e.value.body["message"]
+    r = httpx.get(f"{stories[1]}/v1/models/org/some-model")  # ids may hold slashes
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     health = httpx.get(f"{stories[1]}/health").json()
     assert health["status"] == "ok" and health["model"] == "stories260K"
 
@@ -165,6 +176,97 @@ def test_disconnect_frees_slot(stories, client):
     assert generated < 500, generated  # cancelled, not run to max_tokens
 
 
+# ---------------------------------------------------------------------- embeddings
+TEXTS = ["Once upon a time", "Lily went to the park with her mom.", "a"]
+
+
+def _direct(model: DeepSeekModel, text: str, pooling: str = "mean") -> torch.Tensor:
+    """The embedding of ``text`` straight from the model module: the decoder's output (after
+    the final norm) pooled over the prompt's tokens, L2-normalised."""
+    ids = torch.tensor([model.tokenizer.encode(text)])
+    with torch.inference_mode():
+        h = model.module.model(ids, torch.arange(ids.shape[1])[None])[0].float()  # (T, H)
+    v = h.mean(0) if pooling == "mean" else h[-1]
+    return v / v.norm()
+
+
+def _b64(s: str) -> list[float]:
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(s), dtype="<f4").tolist()
+
+
+def test_embeddings_float_base64_and_mean_pooling(stories, client):
+    model, _ = stories
+    kw = dict(model="stories260K", input=TEXTS)
+    out = client.embeddings.create(**kw, encoding_format="float")
+    assert out.object == "list" and out.model == "stories260K"
+    assert [d.index for d in out.data] == [0, 1, 2] and all(
+        d.object == "embedding" for d in out.data
+    )
+    assert out.usage.prompt_tokens == sum(len(model.tokenizer.encode(t)) for t in TEXTS)
+    assert out.usage.total_tokens == out.usage.prompt_tokens
+    floats = [d.embedding for d in out.data]
+    raw = client.embeddings.create(**kw, encoding_format="base64")
+    assert all(isinstance(d.embedding, str) for d in raw.data)
+    decoded = client.embeddings.create(**kw)  # the client asks for base64 and decodes it
+    for f, r, d, text in zip(floats, raw.data, decoded.data, TEXTS, strict=True):
+        assert len(f) == model.config.hidden_size
+        assert _b64(r.embedding) == pytest.approx(f, abs=1e-6)
+        assert d.embedding == pytest.approx(f, abs=1e-6)
+        assert sum(x * x for x in f) == pytest.approx(1.0, abs=1e-5)  # L2-normalised
+        assert f == pytest.approx(_direct(model, text).tolist(), abs=1e-5)
+
+
+def test_embeddings_batch_equals_alone_and_token_ids(stories, client):
+    model, _ = stories
+    kw = dict(model="stories260K", encoding_format="float")
+    batch = [d.embedding for d in client.embeddings.create(input=TEXTS, **kw).data]
+    for text, vec in zip(TEXTS, batch, strict=True):
+        alone = client.embeddings.create(input=text, **kw).data[0].embedding
+        assert vec == pytest.approx(alone, abs=1e-5)
+    ids = [model.tokenizer.encode(t) for t in TEXTS]
+    by_ids = client.embeddings.create(input=ids, **kw)
+    for d, vec in zip(by_ids.data, batch, strict=True):
+        assert d.embedding == pytest.approx(vec, abs=1e-5)
+    assert by_ids.usage.prompt_tokens == sum(map(len, ids))
+    one = client.embeddings.create(input=ids[0], **kw).data
+    assert len(one) == 1 and one[0].embedding == pytest.approx(batch[0], abs=1e-5)
+
+
+def test_embeddings_last_pooling_and_server_default(stories, client):
+    model, _ = stories
+    out = client.embeddings.create(
+        model="stories260K", input=TEXTS, encoding_format="float", extra_body={"pooling": "last"}
+    )
+    for d, text in zip(out.data, TEXTS, strict=True):
+        assert d.embedding == pytest.approx(_direct(model, text, "last").tolist(), abs=1e-5)
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(model, "stories260K", embedding_pooling="last")) as tc:
+        r = tc.post("/v1/embeddings", json={"input": TEXTS[0]})
+        assert r.status_code == 200
+        assert r.json()["data"][0]["embedding"] == pytest.approx(out.data[0].embedding, abs=1e-6)
+        r = tc.post("/v1/embeddings", json={"input": TEXTS[0], "pooling": "mean"})
+        assert r.json()["data"][0]["embedding"] == pytest.approx(
+            _direct(model, TEXTS[0]).tolist(), abs=1e-5
+        )
+    with pytest.raises(ValueError, match="embedding_pooling"):
+        create_app(model, "stories260K", embedding_pooling="max")
+
+
+def test_embeddings_longer_than_the_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="stories260K", input=["Once", LONG])
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "input"
+    assert "input 1 is" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="stories260K", input=[[1, 2], [3, 10**9]])
+    assert e.value.body["param"] == "input" and "input 1: token ids" in e.value.body["message"]
+
+
 # ---------------------------------------------------------------------- /generate
 def test_generate_endpoint(stories):
     body = {"prompt": "Once upon a time", "max_length": 30, "temperature": 0}
@@ -225,6 +327,34 @@ def test_chat_logprobs(chat_server):
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
 
 
+def test_chat_developer_role_is_system(chat_server):
+    """A developer message is given the system role before the chat template (as OpenAI does):
+    the same prompt, so the same greedy answer, as the same text sent as a system message."""
+
+    def ask(role: str):
+        return chat_server.chat.completions.create(
+            model="r1-debug",
+            messages=[
+                {"role": role, "content": "You are a terse assistant."},
+                {"role": "user", "content": "What is 1+1?"},
+            ],
+            max_tokens=8,
+            temperature=0,
+        )
+
+    developer, system = ask("developer"), ask("system")
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    assert developer.usage == system.usage
+    # the system text is in the prompt: more prompt tokens than the user message alone
+    alone = chat_server.chat.completions.create(
+        model="r1-debug",
+        messages=[{"role": "user", "content": "What is 1+1?"}],
+        max_tokens=1,
+        temperature=0,
+    )
+    assert developer.usage.prompt_tokens > alone.usage.prompt_tokens
+
+
 # ---------------------------------------------------------------------- bad input
 LONG = "Once upon a time " * 300
 BAD = [
@@ -261,6 +391,21 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "n": "2"}, 400),
     ("/v1/completions", {"prompt": "x", "temperature": "0.5"}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("/v1/embeddings", {}, 400),
+    ("/v1/embeddings", {"input": ""}, 400),
+    ("/v1/embeddings", {"input": []}, 400),
+    ("/v1/embeddings", {"input": [[]]}, 400),
+    ("/v1/embeddings", {"input": ["x", ""]}, 400),
+    ("/v1/embeddings", {"input": 5}, 400),
+    ("/v1/embeddings", {"input": [1, "x"]}, 400),
+    ("/v1/embeddings", {"input": [10**9]}, 400),
+    ("/v1/embeddings", {"input": [-1]}, 400),
+    ("/v1/embeddings", {"input": LONG}, 400),
+    ("/v1/embeddings", {"input": "x", "model": "gpt-4"}, 404),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 400),
+    ("/v1/embeddings", {"input": "x", "pooling": "max"}, 400),
+    ("/v1/embeddings", {"input": "x", "dimensions": 3}, 400),
+    ("/v1/embeddings", {"input": ["x"] * 2049}, 400),
 ]
 
 
@@ -332,6 +477,8 @@ def test_prometheus_metrics():
         }
         assert client.post("/v1/completions", json=body).status_code == 200
         assert client.post("/v1/completions", json={**body, "max_tokens": -1}).status_code == 400
+        assert client.get("/v1/models/stories260K").status_code == 200
+        assert client.get("/v1/models/nope").status_code == 404
         text = client.get("/metrics").text
     lines = dict(
         line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
@@ -346,6 +493,10 @@ def test_prometheus_metrics():
     )
     assert lines["deepwhale_queue_depth"] == "0.0" and lines["deepwhale_running_sequences"] == "0.0"
     assert 'deepwhale_request_latency_seconds_count{route="/v1/completions"}' in lines
+    # a path with a parameter counts as its route's template, not as "other"
+    route = "/v1/models/{model_id:path}"
+    assert lines[f'deepwhale_requests_total{{route="{route}",status="200"}}'] == "1.0"
+    assert lines[f'deepwhale_requests_total{{route="{route}",status="404"}}'] == "1.0"
 
 
 def test_non_streaming_disconnect_frees_slot(stories):

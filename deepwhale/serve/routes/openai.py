@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: ``GET /v1/models``, ``POST /v1/completions``,
+"""OpenAI-compatible routes: ``GET /v1/models``, ``GET /v1/models/{model}``,
+``POST /v1/completions``, ``POST /v1/embeddings``,
 ``POST /v1/chat/completions`` (https://platform.openai.com/docs/api-reference)."""
 
 from __future__ import annotations
@@ -6,9 +7,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from deepwhale.serve.routes import serving_of
-from deepwhale.serve.schemas import ChatCompletionRequest, CompletionRequest
+from deepwhale.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from deepwhale.serve.serving_chat import create_chat_completion
 from deepwhale.serve.serving_completions import create_completion
+from deepwhale.serve.serving_embeddings import create_embedding
 
 router = APIRouter()
 
@@ -16,18 +18,14 @@ router = APIRouter()
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
     """OpenAI ``GET /v1/models``: the one model served, if the caller's key may use it."""
-    serving = serving_of(request)
-    key = getattr(request.state, "api_key", None)
-    if key is not None and not key.allows_model(serving.model_name):
-        return {"object": "list", "data": []}
-    card = {
-        "id": serving.model_name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "deepwhale",
-        "max_model_len": serving.model.engine.max_seq_len,  # vLLM's field: the context, tokens
-    }
-    return {"object": "list", "data": [card]}
+    return {"object": "list", "data": serving_of(request).model_cards(request)}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> dict:
+    """OpenAI ``GET /v1/models/{model}``: the model object of ``model_id`` (ids may hold
+    slashes); 404 ``model_not_found`` for any other id."""
+    return serving_of(request).model_card(request, model_id)
 
 
 @router.post("/v1/completions")
@@ -40,3 +38,9 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """OpenAI ``POST /v1/chat/completions`` through the model's chat template."""
     return await create_chat_completion(serving_of(request), body, request)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
+    """OpenAI ``POST /v1/embeddings``: pooled, L2-normalised final hidden states per input."""
+    return await create_embedding(serving_of(request), body, request)
