@@ -39,10 +39,10 @@ sys.path.insert(0, str(REPO))
 
 from deepwhale.api import DEFAULT_MODEL, DeepSeekModel  # noqa: E402
 from deepwhale.checkpoint.io import load_model, save_model  # noqa: E402
-from deepwhale.config import ModelConfig  # noqa: E402
 from deepwhale.inference.engine import Engine  # noqa: E402
 from deepwhale.inference.sampling import SamplingParams  # noqa: E402
 from deepwhale.model.cache import cache_bytes_per_token, make_cache  # noqa: E402
+from deepwhale.model.config import ModelConfig  # noqa: E402
 from deepwhale.model.flavours import FLAVOURS, flavour_config  # noqa: E402
 from deepwhale.model.transformer import CausalLM  # noqa: E402
 

@@ -39,10 +39,10 @@ import torch
 from torch import nn
 
 from deepwhale.checkpoint.io import load_model
-from deepwhale.config import ModelConfig
 from deepwhale.inference import quantize as Q
 from deepwhale.inference.generate import decode_one_token, prefill
 from deepwhale.model.cache import make_cache
+from deepwhale.model.config import ModelConfig
 from deepwhale.model.flavours import flavour_config
 from deepwhale.model.transformer import CausalLM
 

@@ -66,7 +66,7 @@ DataDirOpt = Annotated[
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from deepwhale.checkpoint.hub import CheckpointError
-    from deepwhale.config import ConfigError
+    from deepwhale.model.config import ConfigError
     from deepwhale.tokenizer import TokenizerError
 
     return (CheckpointError, ConfigError, TokenizerError, ValueError, OSError, ImportError)

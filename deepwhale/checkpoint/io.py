@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from deepwhale.atomic import atomic_write, write_json  # noqa: F401  (re-exported)
 from deepwhale.checkpoint.hub import CheckpointError
 from deepwhale.checkpoint.keys import dequantize_fp8, hf_to_ours, is_skipped
-from deepwhale.config import ModelConfig
+from deepwhale.model.config import ModelConfig
 from deepwhale.model.layers import RotaryEmbedding
 from deepwhale.model.transformer import CausalLM
 

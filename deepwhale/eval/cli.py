@@ -17,8 +17,8 @@ import typer
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from deepwhale.checkpoint.hub import CheckpointError
-    from deepwhale.config import ConfigError
     from deepwhale.eval.remote import RemoteError
+    from deepwhale.model.config import ConfigError
     from deepwhale.tokenizer import TokenizerError
 
     return (

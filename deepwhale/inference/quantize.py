@@ -88,8 +88,8 @@ from torch import nn
 
 from deepwhale.checkpoint.hub import CheckpointError
 from deepwhale.checkpoint.io import checkpoint_files, write_checkpoint
-from deepwhale.config import ModelConfig
 from deepwhale.model.cache import make_cache
+from deepwhale.model.config import ModelConfig
 from deepwhale.model.layers import RotaryEmbedding
 from deepwhale.model.transformer import CausalLM
 

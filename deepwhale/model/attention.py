@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepwhale.config import ModelConfig
 from deepwhale.model.cache import KVCache, MLACache
+from deepwhale.model.config import ModelConfig
 from deepwhale.model.layers import RMSNorm, apply_rotary, softmax_scale
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from deepwhale.config import ModelConfig
+from deepwhale.model.config import ModelConfig
 
 
 class _StaticCache:

@@ -8,7 +8,7 @@ model can be paired with a real tokenizer end to end.
 
 from __future__ import annotations
 
-from deepwhale.config import ConfigError, ModelConfig
+from deepwhale.model.config import ConfigError, ModelConfig
 
 FLAVOURS: dict[str, dict] = {
     # benchmark shapes: the 58M LLaMA PLATFORM.md measured llama.cpp on, and a DeepSeek-V3-shaped

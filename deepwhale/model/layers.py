@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepwhale.config import ModelConfig, yarn_get_mscale
+from deepwhale.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -37,6 +37,17 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature ``0.1 * mscale * ln(scale) + 1`` (1 for ``scale <= 1``).
+
+    Source: YaRN paper (arXiv:2309.00071) eq. 22, as DeepSeek-V2/V3 use it with ``mscale`` and
+    ``mscale_all_dim``.
+    """
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:

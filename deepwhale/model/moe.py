@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepwhale.config import ModelConfig
+from deepwhale.model.config import ModelConfig
 from deepwhale.model.layers import MLP
 
 

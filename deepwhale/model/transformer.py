@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deepwhale.config import ModelConfig
 from deepwhale.model.attention import MLA, Attention
+from deepwhale.model.config import ModelConfig
 from deepwhale.model.layers import MLP, RMSNorm, RotaryEmbedding
 from deepwhale.model.moe import MoE
 
@@ -76,7 +76,7 @@ class CausalLM(nn.Module):
     """A DeepSeek-family causal language model: ``model`` (:class:`DecoderStack`) + ``lm_head``.
 
     Args:
-        config: a validated :class:`~deepwhale.config.ModelConfig`.
+        config: a validated :class:`~deepwhale.model.config.ModelConfig`.
 
     With ``tie_word_embeddings`` the ``lm_head`` shares the embedding matrix.
     """
@@ -151,3 +151,10 @@ class CausalLM(nn.Module):
                 nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, 0.0, std, generator=generator)
+
+
+def num_parameters(config: ModelConfig) -> int:
+    """Parameter count of :class:`CausalLM` for ``config`` (embeddings and ``lm_head``
+    included; a tied ``lm_head`` counted once), built on the meta device, so no memory is used."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in CausalLM(config).parameters())

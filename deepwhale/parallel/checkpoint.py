@@ -313,7 +313,7 @@ def export_hf(folder: Path, model_config, out: Path) -> Path:
 
     Args:
         folder: a complete DCP ``step-N`` folder.
-        model_config: the run's :class:`~deepwhale.config.ModelConfig`.
+        model_config: the run's :class:`~deepwhale.model.config.ModelConfig`.
         out: the output folder (written atomically by :func:`deepwhale.checkpoint.io.save_model`).
 
     Raises:

@@ -338,7 +338,7 @@ def planner_estimate(record: dict, param_bytes: int = 4, optim_bytes_per_param: 
     last)."""
     import dataclasses
 
-    from deepwhale.config import ModelConfig
+    from deepwhale.model.config import ModelConfig
     from deepwhale.parallel import planner
     from deepwhale.parallel.layout import GradCompression, ParallelLayout
 

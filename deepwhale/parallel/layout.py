@@ -266,7 +266,7 @@ def check_layout(layout: ParallelLayout, model_config, seq_len: int | None = Non
 
     Args:
         layout: a resolved layout.
-        model_config: the :class:`~deepwhale.config.ModelConfig` to train.
+        model_config: the :class:`~deepwhale.model.config.ModelConfig` to train.
         seq_len: input tokens per sequence (the packed row length minus one), for the sequence
             parallel check; None skips it.
 

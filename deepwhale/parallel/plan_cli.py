@@ -60,7 +60,7 @@ def plan(
     master copy (2 + 2 + 12 bytes per parameter), Korthikanti et al. 2022 activations, Narayanan
     et al. 2021 pipeline bubbles, ring collectives. Bad input prints one error line, exit 2.
     """
-    from deepwhale.config import ConfigError
+    from deepwhale.model.config import ConfigError
     from deepwhale.parallel.planner import (
         GIB,
         PlanError,

@@ -1,6 +1,6 @@
 """Parallel layout planner: an analytic model of memory, communication and speed per layout.
 
-Pure Python (``math`` and dataclasses; no torch). Given a :class:`~deepwhale.config.ModelConfig`
+Pure Python (``math`` and dataclasses; no torch). Given a :class:`~deepwhale.model.config.ModelConfig`
 and a cluster, :func:`plan` enumerates every :class:`~deepwhale.parallel.layout.ParallelLayout`
 (``dp``, ``dp_shard``, ``tp``, ``pp``, ``ep``, pipeline schedule, microbatch size, activation
 checkpointing) that passes :func:`~deepwhale.parallel.layout.check_layout`, estimates each one with
@@ -30,7 +30,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from deepwhale.config import ConfigError, ModelConfig
+from deepwhale.model.config import ConfigError, ModelConfig
 from deepwhale.parallel.layout import LayoutError, ParallelLayout, check_layout, describe
 
 GB = 10**9

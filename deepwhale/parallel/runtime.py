@@ -41,13 +41,13 @@ def env_world() -> tuple[int, int, int]:
 
 
 def model_config_of(model_section):
-    """The :class:`~deepwhale.config.ModelConfig` a training run will build, without weights.
+    """The :class:`~deepwhale.model.config.ModelConfig` a training run will build, without weights.
 
     Raises:
         LayoutError: ``model.name`` names nothing we can read a config from.
         ConfigError: a malformed ``config.json``.
     """
-    from deepwhale.config import ModelConfig
+    from deepwhale.model.config import ModelConfig
     from deepwhale.model.flavours import FLAVOURS, flavour_config
 
     name = model_section.name

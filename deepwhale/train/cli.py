@@ -35,7 +35,7 @@ SetOpt = Annotated[
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from deepwhale.checkpoint.hub import CheckpointError
-    from deepwhale.config import ConfigError
+    from deepwhale.model.config import ConfigError
     from deepwhale.tokenizer import TokenizerError
     from deepwhale.train.checkpoint import CheckpointNotFound
     from deepwhale.train.config import TrainConfigError

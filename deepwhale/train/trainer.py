@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepwhale.checkpoint.hub import BUNDLED
+from deepwhale.device import resolve_device as _resolve_device
 from deepwhale.train import checkpoint as ckpt
 from deepwhale.train import recovery
 from deepwhale.train.config import TrainConfig, TrainConfigError
@@ -34,28 +36,21 @@ from deepwhale.train.data import IGNORE_INDEX, EpochSampler, build_datasets, che
 from deepwhale.train.metrics import MetricsLogger, Progress, perplexity
 from deepwhale.train.schedule import schedule_from_config
 
-BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "stories260K"
+BUNDLED_TOKENIZER = BUNDLED / "stories260K"
 
 log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU.
+    """``train.device`` as a :class:`torch.device` (see :func:`deepwhale.device.resolve_device`).
 
     Raises:
         TrainConfigError: an unknown device, or CUDA asked for where there is none.
     """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise TrainConfigError(f"train.device: unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainConfigError(f"train.device: {name!r} asked for, but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise TrainConfigError(f"train.device: must be auto, cpu or cuda[:N], got {name!r}")
-    return dev
+        return torch.device(_resolve_device(name))
+    except ValueError as e:
+        raise TrainConfigError(f"train.device: {e}") from None
 
 
 def build_model(model_cfg, seed: int, data_vocab: int | None = None):
@@ -71,7 +66,7 @@ def build_model(model_cfg, seed: int, data_vocab: int | None = None):
         ConfigError / CheckpointError: a bad config.json or checkpoint.
     """
     from deepwhale.checkpoint.io import load_model
-    from deepwhale.config import ModelConfig
+    from deepwhale.model.config import ModelConfig
     from deepwhale.model.flavours import FLAVOURS, flavour_config
     from deepwhale.model.transformer import CausalLM
 

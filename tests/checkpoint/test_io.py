@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from deepwhale.checkpoint.hub import CheckpointError, resolve_checkpoint
 from deepwhale.checkpoint.io import INDEX_NAME, load_model, save_model
 from deepwhale.checkpoint.keys import dequantize_fp8, quantize_fp8
-from deepwhale.config import ConfigError
+from deepwhale.model.config import ConfigError
 from deepwhale.model.flavours import flavour_config
 from deepwhale.model.transformer import CausalLM
 from tests.helpers import make_hf_model

@@ -165,7 +165,7 @@ def test_v3_single_expert_normalises_like_transformers(tmp_path):
 
 def test_v2_normalise_or_scale_follows_the_reference():
     """DeepSeek-V2's gate: renormalise if norm_topk_prob and k > 1, otherwise scale."""
-    from deepwhale.config import ModelConfig
+    from deepwhale.model.config import ModelConfig
     from deepwhale.model.moe import Gate
 
     base = dict(
