@@ -236,6 +236,7 @@ def long_prefill(lengths=(4096, 16384, 32768), chunk: int = 1024) -> dict[str, d
 def int8_figures(llama_folder: Path, prompt: torch.Tensor, n: int, fp32_tps: float) -> dict:
     """INT8 weight-bytes, perplexity and decode-speed ratios (None when quantization is absent)."""
     try:
+        from deepwhale.eval.perplexity import perplexity
         from deepwhale.inference import quantize as q
     except ImportError:
         return {
@@ -253,8 +254,8 @@ def int8_figures(llama_folder: Path, prompt: torch.Tensor, n: int, fp32_tps: flo
     ppl_ratio = None
     if text.exists():
         ids = stories.tokenizer.encode(text.read_text(encoding="utf-8"))[:512]
-        ppl_fp32 = q.perplexity(stories.module, [ids])
-        ppl_int8 = q.perplexity(q.quantize_model(load_model(DEFAULT_MODEL), "int8"), [ids])
+        ppl_fp32 = perplexity(stories.module, [ids])
+        ppl_int8 = perplexity(q.quantize_model(load_model(DEFAULT_MODEL), "int8"), [ids])
         ppl_ratio = ppl_int8 / ppl_fp32
     return {
         "int8_weight_bytes_ratio": ratio,

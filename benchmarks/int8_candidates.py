@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from deepwhale.checkpoint.io import load_model
+from deepwhale.eval.perplexity import perplexity, read_documents
 from deepwhale.inference import quantize as Q
 from deepwhale.inference.generate import decode_one_token, prefill
 from deepwhale.model.cache import make_cache
@@ -160,16 +161,16 @@ def perplexities(log, device: str = "cpu") -> dict:
     if not SAMPLE.exists():
         return {"skipped": f"{SAMPLE} not found"}
     tok = Tokenizer.from_pretrained(STORIES)
-    seqs = [tok.encode(d) for d in Q.read_documents(SAMPLE)]
-    base = Q.perplexity(load_model(STORIES, device=device), seqs)
+    seqs = [tok.encode(d) for d in read_documents(SAMPLE)]
+    base = perplexity(load_model(STORIES, device=device), seqs)
     out = {"fp32": round(base, 4), "tokens": sum(len(s) - 1 for s in seqs)}
     for mode in Q.MODES:
         for lm_head in (False, True):
             m = Q.quantize_model(load_model(STORIES, device=device), mode, lm_head=lm_head)
             key = mode + ("+lm_head" if lm_head else "")
-            out[key] = round(Q.perplexity(m, seqs) / base, 4)
+            out[key] = round(perplexity(m, seqs) / base, 4)
             if mode == "int8-dynamic" and not lm_head:  # through the one-row decode kernel
-                out[key + " stepwise"] = round(Q.perplexity(m, seqs, stepwise=True) / base, 4)
+                out[key + " stepwise"] = round(perplexity(m, seqs, stepwise=True) / base, 4)
             log(f"perplexity ratio {key}: {out[key]}")
     return out
 

@@ -33,8 +33,15 @@ LAYER = {
     "cli": 7,
     "__main__": 8,
 }
-# same-layer imports that are allowed (train <-> parallel share the training loop's pieces)
-SIDEWAYS = {("data", "inference"), ("train", "data"), ("train", "parallel"), ("parallel", "train")}
+# same-layer imports that are allowed (train <-> parallel share the training loop's pieces;
+# the data pipeline's perplexity filter uses eval.perplexity)
+SIDEWAYS = {
+    ("data", "inference"),
+    ("data", "eval"),
+    ("train", "data"),
+    ("train", "parallel"),
+    ("parallel", "train"),
+}
 
 
 def _package(module: str) -> str:

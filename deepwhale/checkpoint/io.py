@@ -24,7 +24,9 @@ from deepwhale.model.transformer import CausalLM
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_FP32_KEYS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # router math stays fp32
+#: keys kept in fp32 whatever the load dtype (the router math)
+FP32_KEYS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+_FP32_KEYS = FP32_KEYS  # the old private name
 _FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
 
 
@@ -139,7 +141,7 @@ def load_model(
                         )
                     if not bool(torch.isfinite(t).all()):
                         raise CheckpointError(f"{file}: tensor {ours!r} contains NaN or Inf values")
-                    target = torch.float32 if ours.endswith(_FP32_KEYS) else dtype
+                    target = torch.float32 if ours.endswith(FP32_KEYS) else dtype
                     loaded[ours] = t.to(target)
                     source[ours] = file
     if unexpected:
@@ -214,7 +216,7 @@ def save_model(
         state.pop("lm_head.weight", None)
     tensors = {}
     for k, v in state.items():
-        if dtype is not None and v.is_floating_point() and not k.endswith(_FP32_KEYS):
+        if dtype is not None and v.is_floating_point() and not k.endswith(FP32_KEYS):
             v = v.to(dtype)
         tensors[k] = v
     cfg = model.config.to_hf()

@@ -3,7 +3,7 @@ ones by an absolute threshold or by percentile (in the spirit of CCNet, Wenzek e
 which keeps documents by KenLM perplexity percentile).
 
 Backends: any deepwhale checkpoint (default: the bundled stories260K) through
-``deepwhale.inference.quantize.perplexity``, or a KenLM model when the ``kenlm`` package is
+``deepwhale.eval.perplexity.perplexity``, or a KenLM model when the ``kenlm`` package is
 installed. The model is loaded once per DoFn instance in ``setup`` (so once per worker thread).
 """
 
@@ -55,7 +55,7 @@ class ScorePerplexity(beam.DoFn):
         """Perplexity of ``text`` (a float >= 1, lower is more fluent; ``inf`` if too short)."""
         if self._kenlm is not None:
             return float(self._kenlm.perplexity(" ".join(text.split())))
-        from deepwhale.inference.quantize import perplexity
+        from deepwhale.eval.perplexity import perplexity
 
         ids = self._model.tokenizer.encode(text)[: self.params.max_tokens]
         if len(ids) < 2:

@@ -24,79 +24,39 @@ process) is skipped with a ``RuntimeWarning`` naming it and the next one is used
 in a pure-ATen kernel with the same numerics contract (int8 weights, and int8 activations in
 ``int8-dynamic``), so a removed API makes the model slower, never silently fp32.
 
-Choice per device, measured with ``benchmarks/int8_candidates.py``: a 58.07M-parameter LLaMA
-(random weights, vocab 32000, hidden 512, 8 layers, untied head), batch 1, greedy decode after a
-16-token prompt; tok/s is one over the median decode step, best of 5 interleaved rounds. CPU:
-this project's 2-core AMD EPYC (AVX2 only), torch 2.13.0+cpu, torchao 0.18.0, one thread (the
-machine is shared; run-to-run spread is about +-25%, two-thread figures in brackets). CUDA: one
-H200, torch 2.11.0+cu130, bf16 activations, eager, best of 3.
-
-=============================================  ===============  ============
-candidate (``lm_head`` in float)               CPU tok/s        H200 tok/s
-=============================================  ===============  ============
-fp32 / bf16 baseline                           57.4 (76.4)      106-141
-int8 ``dequant``                               **41.8** (64.0)  **100-107**
-int8 ``weight_int8pack_mm``                    32.8 (30.4)      79-109
-int8-dynamic ``fbgemm``                        **90.3** (111.8) --
-int8-dynamic ``int_mm``                        72.3 (77.3)      **44-61**
-int8-dynamic ``dequant-w8a8`` (fallback)       47.6 (73.8)      50-66
-int8-dynamic ``fbgemm`` + ``lm_head=True``     140.6 (183.7)    59 (int_mm)
-torchao ``Int8WeightOnlyConfig``               49.1 (84.2)      63
-torchao ``Int8DynamicActivationInt8Weight``    40.1 (42.7)      2.3
-``torch.ao.quantization.quantize_dynamic``     84.4 (91.4)      --
-=============================================  ===============  ============
-
-Bold: the default (first in :data:`KERNEL_ORDER`). On the H200 a 58M model is launch-bound, so
-CUDA was decided on 7B-shaped layers (CUDA-graph replay, one token, microseconds per call for
-4096x4096 / 11008x4096 / 4096x11008): bf16 9.5 / 24 / 27, ``dequant`` 58 / 148 / 148,
-``weight_int8pack_mm`` 124 / 252 / 408, ``int_mm`` 34 / 43 / 54, ``dequant-w8a8`` 96 / 204 /
-198. Eager int8 is slower than bf16 on that GPU at every shape (the activation quantization and
-rescaling are separate kernels); under ``torch.compile`` ``int_mm`` reaches 15 / 21 us. On both
-devices int8 is first a memory saving; on this CPU ``int8-dynamic`` is also 1.6x fp32.
-
-Weight bytes (:func:`weight_bytes`) of that model: attention/MLP Linears 0.252 of fp32 (int8 plus
-an fp32 scale per row); whole model 0.674 (embeddings and ``lm_head`` are 56% of its parameters
-and stay fp32), 0.463 with ``lm_head=True``. Perplexity of the bundled stories260K on the
-TinyStories sample (fp32 3.548, 1804 tokens), ratio to fp32: ``int8`` 1.0010 (1.0009 with the
-head), ``int8-dynamic`` 1.0007 (1.0006 with the head), 1.0061 token by token through fbgemm.
-
-Caveats: weight-only int8 is slower than fp32 on this AVX2 CPU (every candidate widens the
-weights to float per call; ``torch._weight_int8pack_mm`` has no AVX2-vectorised kernel), and so
-is the same model's torchao path. fbgemm quantizes a whole call per tensor (asymmetric, 7 bits
-with ``reduce_range``), so it serves one-row inputs (batch-1 decode), where that is per token;
-multi-row inputs (prefill, batched decode) go through ``torch._int_mm`` with per-token scales.
-fbgemm keeps its own packed copy of each weight (resident memory about 2 bytes per weight more
-than :func:`weight_bytes` counts), and PyTorch 2.13 marks the quantized-tensor API it needs as
-deprecated (pytorch/pytorch#184982; ``torch.ao.quantization`` itself warns that it "will be
-removed"); ``int_mm`` is its fallback. On CUDA ``torch._int_mm`` needs in/out features divisible
-by 8; other layers use ``dequant-w8a8`` (stories260K's 172-wide MLP does).
+Which kernel each device uses, the measured speed of every candidate, weight bytes and the
+perplexity ratios are in ``docs/int8.md`` (measured with ``benchmarks/int8_candidates.py``).
+Quantized checkpoints are read and written by :mod:`deepwhale.checkpoint.quantized`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from deepwhale.checkpoint.hub import CheckpointError
-from deepwhale.checkpoint.io import checkpoint_files, write_checkpoint
-from deepwhale.model.cache import make_cache
+from deepwhale.checkpoint.io import checkpoint_files
+from deepwhale.checkpoint.quantized import (  # noqa: F401  (re-exported)
+    MODES,
+    QUANT_METHOD,
+    SCALE_SUFFIX,
+    is_quantized_checkpoint,
+    quantization_config,
+    read_quantization_config,
+    read_quantized_state,
+    save_quantized,
+)
 from deepwhale.model.config import ModelConfig
 from deepwhale.model.layers import RotaryEmbedding
 from deepwhale.model.transformer import CausalLM
 
-QUANT_METHOD = "deepwhale-int8"
-MODES = ("int8", "int8-dynamic")
-SCALE_SUFFIX = "_scale"  # ``X.weight`` -> ``X.weight_scale``
-_FP32_KEYS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # router math stays fp32
 _EPS = 1e-8  # smallest absmax before dividing by it (all-zero rows and tokens)
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM in torch._int_mm wants more than 16 rows
 
@@ -395,6 +355,12 @@ class Int8Linear(nn.Module):
             self.kernels[key] = fits[0] if fits else working[-1]
         return self.kernels[key]
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight ``(out_features, in_features)`` fp32 it stands for,
+        ``int8 * scale[:, None]`` (for code that needs the matrix itself, such as MLA's absorbed
+        ``kv_b_proj``)."""
+        return self.weight.float() * self.weight_scale[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = self._runs.get(x.device)
         if run is None:
@@ -508,18 +474,6 @@ def _finish(module: CausalLM, mode: str, lm_head: bool) -> None:
     }
 
 
-def quantization_config(module: CausalLM) -> dict:
-    """The ``quantization_config`` written to ``config.json`` for a quantized module.
-
-    Raises:
-        ValueError: ``module`` was not quantized by :func:`quantize_model` / :func:`load_quantized`.
-    """
-    q = getattr(module, "quantization", None)
-    if not q:
-        raise ValueError("the model is not quantized; call quantize_model(module, mode) first")
-    return {"quant_method": QUANT_METHOD, "mode": q["mode"], "lm_head": bool(q["lm_head"])}
-
-
 def weight_bytes(module: nn.Module, linear_only: bool = False) -> int:
     """Bytes of the model's weights: parameters, int8 weights and scales, persistent buffers.
 
@@ -561,74 +515,17 @@ def _tensor_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-# ---------------------------------------------------------------------------- save and load
-def save_quantized(
-    module: CausalLM, folder: str | Path, max_shard_size: int = 5 * 1024**3
-) -> list[Path]:
-    """Write a quantized model as a HF-style folder.
-
-    ``config.json`` gets ``quantization_config = {"quant_method": "deepwhale-int8", "mode": ...,
-    "lm_head": ...}``; the safetensors hold each quantized ``X.weight`` as int8 ``(out, in)`` with
-    ``X.weight_scale`` fp32 ``(out,)``, everything else as in :func:`~deepwhale.checkpoint.io.
-    save_model` (tied ``lm_head.weight`` omitted unless the head is quantized). Files are written
-    to a temporary name and renamed; above ``max_shard_size`` bytes, shards plus
-    ``model.safetensors.index.json``.
-
-    Returns:
-        The written weight files.
-
-    Raises:
-        ValueError: the module is not quantized.
-    """
-    qcfg = quantization_config(module)
-    state = module.state_dict()
-    if module.config.tie_word_embeddings and not qcfg["lm_head"]:
-        state.pop("lm_head.weight", None)
-    cfg = module.config.to_hf()
-    cfg["quantization_config"] = qcfg
-    cfg["torch_dtype"] = str(module.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    return write_checkpoint(folder, state, cfg, max_shard_size)
-
-
-def is_quantized_checkpoint(config: ModelConfig) -> bool:
-    """True when ``config.quantization_config`` names ``quant_method: "deepwhale-int8"``.
-
-    For the loader's dispatch: ``if is_quantized_checkpoint(config): return load_quantized(...)``.
-    """
-    qc = config.quantization_config
-    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
-
-
-def _read_qconfig(config: ModelConfig, source: Path) -> tuple[str, bool]:
-    qc = config.quantization_config
-    if not is_quantized_checkpoint(config):
-        raise CheckpointError(
-            f"{source}: quantization_config.quant_method must be {QUANT_METHOD!r}, got "
-            f"{(qc or {}).get('quant_method') if isinstance(qc, dict) else qc!r}"
-        )
-    mode = qc.get("mode")
-    if mode not in MODES:
-        raise CheckpointError(
-            f"{source}: unknown quantization mode {mode!r} in quantization_config; "
-            f"use one of {', '.join(MODES)}"
-        )
-    lm_head = qc.get("lm_head", False)
-    if not isinstance(lm_head, bool):
-        raise CheckpointError(f"{source}: quantization_config.lm_head must be true or false")
-    return mode, lm_head
-
-
 def load_quantized(
     folder: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> CausalLM:
-    """Load a folder written by :func:`save_quantized`.
+    """Load a folder written by :func:`~deepwhale.checkpoint.quantized.save_quantized`.
 
     The model is built on the ``meta`` device from ``config.json``, its Linears replaced by
-    :class:`Int8Linear`, and the int8 weights, fp32 scales and float tensors are read through
-    safetensors' memory map and assigned. Logits are bitwise identical to the saved module's
-    on the same device and kernel.
+    :class:`Int8Linear`, and the int8 weights, fp32 scales and float tensors read through
+    safetensors' memory map (:func:`~deepwhale.checkpoint.quantized.read_quantized_state`) are
+    assigned. Logits are bitwise identical to the saved module's on the same device and kernel.
 
     Args:
         folder: the checkpoint folder.
@@ -646,7 +543,7 @@ def load_quantized(
     """
     folder = Path(folder)
     config = ModelConfig.from_json_file(folder / "config.json")
-    mode, lm_head = _read_qconfig(config, folder / "config.json")
+    mode, lm_head = read_quantization_config(config, folder / "config.json")
     if dtype is None:
         dtype = getattr(torch, config.torch_dtype or "float32", None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -660,47 +557,9 @@ def load_quantized(
             old = getattr(parent, attr)
             new = Int8Linear(old.in_features, old.out_features, old.bias is not None, mode)
             setattr(parent, attr, new)
-    expected = model.state_dict()
     tied = config.tie_word_embeddings and not lm_head
-    needed = set(expected) - ({"lm_head.weight"} if tied else set())
-    quantized = {k for k in expected if k + SCALE_SUFFIX in expected}
     load_device = str(device) if str(device).startswith("cuda") else "cpu"
-    loaded: dict[str, torch.Tensor] = {}
-    source: dict[str, Path] = {}
-    unexpected: list[str] = []
-    for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device=load_device)
-        except Exception as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
-        with handle as f:
-            for key in f.keys():
-                if key not in needed:
-                    unexpected.append(f"{key} (in {file.name})")
-                    continue
-                try:
-                    t = f.get_tensor(key)
-                except Exception as e:
-                    raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e})") from e
-                loaded[key] = _check_tensor(key, t, expected[key], quantized, file, dtype)
-                source[key] = file
-    if unexpected:
-        raise CheckpointError(
-            f"{folder}: {len(unexpected)} unexpected tensor(s) for this config, e.g. "
-            + ", ".join(unexpected[:5])
-        )
-    missing = sorted(needed - set(loaded))
-    for key in missing:
-        weight = key.removesuffix(SCALE_SUFFIX)
-        if key.endswith(".weight" + SCALE_SUFFIX) and weight in source:
-            raise CheckpointError(
-                f"{source[weight]}: quantized weight {weight!r} has no scale {key!r}"
-            )
-    if missing:
-        raise CheckpointError(
-            f"{folder}: {len(missing)} tensor(s) missing from "
-            f"{', '.join(p.name for p in files)}, e.g. {', '.join(missing[:5])}"
-        )
+    loaded = read_quantized_state(folder, files, model.state_dict(), tied, dtype, load_device)
     model.load_state_dict(loaded, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -708,87 +567,6 @@ def load_quantized(
     model = model.to(device).eval()
     _finish(model, mode, lm_head)
     return model
-
-
-def _check_tensor(
-    key: str,
-    t: torch.Tensor,
-    want: torch.Tensor,
-    quantized: set[str],
-    file: Path,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    if tuple(t.shape) != tuple(want.shape):
-        raise CheckpointError(
-            f"{file}: tensor {key!r} has shape {tuple(t.shape)}, but this config needs "
-            f"{tuple(want.shape)}"
-        )
-    if key in quantized or key.endswith(".weight" + SCALE_SUFFIX):
-        need = torch.int8 if key in quantized else torch.float32
-        if t.dtype != need:
-            raise CheckpointError(
-                f"{file}: quantized tensor {key!r} has dtype {t.dtype}, expected {need}"
-            )
-        return t
-    if not t.is_floating_point():
-        raise CheckpointError(f"{file}: tensor {key!r} has dtype {t.dtype}, expected a float")
-    return t.to(torch.float32 if key.endswith(_FP32_KEYS) else dtype)
-
-
-# ---------------------------------------------------------------------------- quality
-@torch.inference_mode()
-def perplexity(module: CausalLM, sequences: Iterable[list[int]], stepwise: bool = False) -> float:
-    """Perplexity ``exp(mean NLL)`` of next-token prediction over token sequences.
-
-    Each sequence is scored on its own from its first token, in windows of at most
-    ``max_position_embeddings`` tokens; the first token of each window is context only.
-
-    Args:
-        module: the model (quantized or not).
-        sequences: token id lists (e.g. one per document, BOS included).
-        stepwise: score through the decode path, one token per forward with a KV cache (this
-            exercises the one-row kernels, e.g. fbgemm), instead of one forward per window.
-
-    Returns:
-        Perplexity (a float >= 1; lower is better).
-
-    Raises:
-        ValueError: no sequence has two or more tokens.
-    """
-    ctx = module.config.max_position_embeddings
-    param = next(module.parameters())  # the cache's device and dtype, as in generation
-    nll, count = 0.0, 0
-    for seq in sequences:
-        for start in range(0, max(len(seq) - 1, 0), ctx):
-            ids = torch.tensor([seq[start : start + ctx]], device=param.device)  # (1, T)
-            if ids.shape[1] < 2:
-                continue
-            if stepwise:
-                caches = make_cache(
-                    module.config, 1, ids.shape[1], dtype=param.dtype, device=param.device
-                )
-                logits = torch.cat(
-                    [
-                        module(
-                            ids[:, i : i + 1], torch.full((1, 1), i, device=param.device), caches
-                        )
-                        for i in range(ids.shape[1] - 1)
-                    ],
-                    dim=1,
-                )  # (1, T-1, V)
-            else:
-                logits = module(ids)[:, :-1]  # (1, T-1, V)
-            nll += F.cross_entropy(logits[0].float(), ids[0, 1:], reduction="sum").item()
-            count += ids.shape[1] - 1
-    if count == 0:
-        raise ValueError("perplexity needs at least one sequence of two or more tokens")
-    return math.exp(nll / count)
-
-
-def read_documents(path: str | Path, separator: str = "<|endoftext|>") -> list[str]:
-    """The non-empty documents of a text file split on ``separator`` (TinyStories' layout)."""
-    text = Path(path).read_text(encoding="utf-8")
-    return [d.strip() for d in text.split(separator) if d.strip()]
 
 
 __all__ = [
@@ -801,12 +579,10 @@ __all__ = [
     "check_mode",
     "is_quantized_checkpoint",
     "load_quantized",
-    "perplexity",
     "quantization_config",
     "quantize_model",
     "quantize_rows",
     "quantize_weight",
-    "read_documents",
     "save_quantized",
     "weight_bytes",
 ]

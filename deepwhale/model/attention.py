@@ -17,7 +17,7 @@ from torch import nn
 
 from deepwhale.model.cache import KVCache, MLACache
 from deepwhale.model.config import ModelConfig
-from deepwhale.model.layers import RMSNorm, apply_rotary, softmax_scale
+from deepwhale.model.layers import RMSNorm, apply_rotary, linear_weight, softmax_scale
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -245,10 +245,9 @@ class MLA(nn.Module):
 
     def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_UK`` ``(H, nope, r)`` and ``W_UV`` ``(H, v, r)`` from ``kv_b_proj``."""
-        w = self.kv_b_proj.weight
-        if not w.is_floating_point():  # an int8 layer: per-output-channel scales
-            w = w.float() * self.kv_b_proj.weight_scale[:, None]
-        w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w = linear_weight(self.kv_b_proj).view(
+            self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank
+        )
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def _absorbed_blocked(self, q_nope, q_pe, c_kv, k_pe, q_pos, k_pos) -> torch.Tensor:

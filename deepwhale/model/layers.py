@@ -169,6 +169,14 @@ def apply_rotary(
     return out.to(x.dtype)
 
 
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The ``(out_features, in_features)`` float weight of a linear layer: ``layer.weight`` for
+    an ``nn.Linear``, or what ``layer.dequantized_weight()`` returns for a layer that stores its
+    weight another way (a quantized linear owns that conversion, the model does not)."""
+    dequantized = getattr(layer, "dequantized_weight", None)
+    return dequantized() if dequantized is not None else layer.weight
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from deepwhale.api import DEFAULT_MODEL, DeepSeekModel
 from deepwhale.checkpoint.io import load_model, save_model
+from deepwhale.eval.perplexity import perplexity, read_documents
 from deepwhale.inference import quantize as Q
 from deepwhale.model.cache import make_cache
 from deepwhale.model.flavours import flavour_config
@@ -56,7 +57,7 @@ def fp32():
 @pytest.fixture(scope="module")
 def docs(tokenizer):
     path = shared_data("corpus", "en", "tinystories", "tinystories_sample.txt")
-    return [tokenizer.encode(d) for d in Q.read_documents(path)]
+    return [tokenizer.encode(d) for d in read_documents(path)]
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +98,13 @@ def test_logits_close_to_fp32_and_greedy_text(mode, fp32, quantized, docs, token
 
 
 def test_perplexity_within_two_percent(fp32, quantized, docs):
-    base = Q.perplexity(fp32, docs)
+    base = perplexity(fp32, docs)
     assert 3.0 < base < 4.5  # stories260K on TinyStories: 3.55
     for mode in Q.MODES:
-        assert Q.perplexity(quantized[mode], docs) / base <= 1.02, mode
+        assert perplexity(quantized[mode], docs) / base <= 1.02, mode
     # token by token through the decode kernel (fbgemm on x86), on the first story
-    stepwise = Q.perplexity(quantized["int8-dynamic"], docs[:1], stepwise=True)
-    assert stepwise / Q.perplexity(fp32, docs[:1]) <= 1.02
+    stepwise = perplexity(quantized["int8-dynamic"], docs[:1], stepwise=True)
+    assert stepwise / perplexity(fp32, docs[:1]) <= 1.02
 
 
 def test_only_attention_and_mlp_linears_are_quantized(quantized):
@@ -288,7 +289,7 @@ def test_removed_kernel_falls_back_to_the_next_never_fp32(fresh_kernels, monkeyp
         model = Q.quantize_model(copy.deepcopy(fp32), "int8-dynamic")
     assert model.quantization["kernels"] == {"int_mm": 35}
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
-    assert Q.perplexity(model, docs[:1]) / Q.perplexity(fp32, docs[:1]) <= 1.02
+    assert perplexity(model, docs[:1]) / perplexity(fp32, docs[:1]) <= 1.02
     with pytest.raises(RuntimeError, match="kernel 'fbgemm' does not work on cpu"):
         Q.quantize_model(copy.deepcopy(fp32), "int8-dynamic", kernel="fbgemm")
 
