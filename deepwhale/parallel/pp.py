@@ -34,11 +34,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deepwhale.model.transformer import CausalLM
 from deepwhale.parallel.layout import LayoutError, ParallelLayout
+from deepwhale.train.loss import token_cross_entropy_sum
 
 IGNORE_INDEX = -100  # label value that carries no loss (deepwhale.train.data.IGNORE_INDEX)
 
@@ -218,12 +218,7 @@ class WindowTokenLoss:
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``logits (b, T, V)``, ``labels (b, T)`` int64 -> a 0-d fp32 loss."""
-        ce = F.cross_entropy(
-            logits.float().flatten(0, 1),  # (b*T, V)
-            labels.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        ce = token_cross_entropy_sum(logits, labels)
         return ce / self.denom
 
 

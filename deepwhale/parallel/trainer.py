@@ -49,6 +49,7 @@ from deepwhale.parallel.tp import loss_context
 from deepwhale.train import checkpoint as ckpt
 from deepwhale.train.ac_compile import is_recomputing
 from deepwhale.train.data import IGNORE_INDEX, collate
+from deepwhale.train.loss import token_cross_entropy_sum
 from deepwhale.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -428,12 +429,7 @@ class ParallelTrainer(Trainer):
     # ------------------------------------------------------------------ one step
     def _ce_sum(self, logits, labels):
         """Summed token cross-entropy; ``logits`` may be vocabulary-sharded (loss parallel)."""
-        return F.cross_entropy(
-            logits.float().flatten(0, 1),
-            labels.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        return token_cross_entropy_sum(logits, labels)
 
     def _pipeline_window(self, batches):
         """One window through the pipeline schedule (forward and backward of all microbatches)."""
@@ -834,12 +830,7 @@ class _TokenLoss:
         self.denom = 1.0
 
     def __call__(self, logits, labels):
-        ce = F.cross_entropy(
-            logits.float().flatten(0, 1),
-            labels.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        ce = token_cross_entropy_sum(logits, labels)
         return _local(ce) / self.denom
 
 

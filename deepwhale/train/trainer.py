@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from deepwhale.checkpoint.hub import BUNDLED
 from deepwhale.device import resolve_device as _resolve_device
@@ -33,6 +32,7 @@ from deepwhale.train import checkpoint as ckpt
 from deepwhale.train import recovery
 from deepwhale.train.config import TrainConfig, TrainConfigError
 from deepwhale.train.data import IGNORE_INDEX, EpochSampler, build_datasets, check_vocab, collate
+from deepwhale.train.loss import token_cross_entropy_sum
 from deepwhale.train.metrics import MetricsLogger, Progress, perplexity
 from deepwhale.train.schedule import schedule_from_config
 
@@ -157,13 +157,13 @@ class Trainer:
             self._model_folder = name_path
 
         data = build_datasets(cfg.data, self.tokenizer)
-        self.data_format = data["format"]
-        self.train_ds, self.val_ds, self.pad_id = data["train"], data["val"], data["pad_id"]
-        self.dropped = data["dropped"]
-        self._data_tokenizer = data.get("tokenizer")
-        model, self._model_folder = build_model(cfg.model, cfg.train.seed, data["vocab_size"])
+        self.data_format = data.format
+        self.train_ds, self.val_ds, self.pad_id = data.train, data.val, data.pad_id
+        self.dropped = data.dropped
+        self._data_tokenizer = data.tokenizer
+        model, self._model_folder = build_model(cfg.model, cfg.train.seed, data.vocab_size)
         check_vocab(self.train_ds, model.config.vocab_size, Path(cfg.data.path))
-        check_context(data["row_len"], model.config.max_position_embeddings, self.data_format)
+        check_context(data.row_len, model.config.max_position_embeddings, self.data_format)
         self.config = model.config
         if (
             self.data_format == "shards"
@@ -497,15 +497,7 @@ class Trainer:
                 self.monitor.clear()
             with self._autocast():
                 logits = self.model(ids)  # (B, T, V)
-            loss = (
-                F.cross_entropy(
-                    logits.float().flatten(0, 1),
-                    labels.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-                / denom
-            )
+            loss = token_cross_entropy_sum(logits, labels) / denom
             total = loss
             if self.monitor is not None:
                 if self.aux_alpha > 0:
@@ -569,14 +561,7 @@ class Trainer:
             labels = b["labels"].to(self.device)
             with self._autocast():
                 logits = self.model(b["input_ids"].to(self.device))
-            loss += float(
-                F.cross_entropy(
-                    logits.float().flatten(0, 1),
-                    labels.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-            )
+            loss += float(token_cross_entropy_sum(logits, labels))
             tokens += int((labels != IGNORE_INDEX).sum())
         self.model.train()
         if self.monitor is not None:
