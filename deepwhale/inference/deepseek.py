@@ -56,7 +56,9 @@ class DeepSeekModel:
         self.batch_size = 8
         self.max_seq_len: int | None = None
         self._engine: Engine | None = None
-        self._compiled = False
+        #: torch.compile arguments of the engine's decode step (compile() / enable_tensorrt()),
+        #: applied again to an engine rebuilt by set_batch_size; None: eager
+        self._compile_kwargs: dict | None = None
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -254,8 +256,8 @@ class DeepSeekModel:
                 max_batch_size=self.batch_size,
                 max_seq_len=self.max_seq_len,
             )
-            if self._compiled:
-                self._engine.compile_decode()
+            if self._compile_kwargs is not None:  # a rebuilt engine keeps the compile settings
+                self._engine.compile_decode(**self._compile_kwargs)
         return self._engine
 
     def submit(
@@ -327,8 +329,7 @@ class DeepSeekModel:
         On CPU the gain is small (~1.1x); on CUDA it removes most launch overhead. The first
         step after compiling takes tens of seconds. Returns ``self``.
         """
-        self._compiled = True
-        self._compile_mode = mode
+        self._compile_kwargs = {"mode": mode}
         if self._engine is not None:
             self._engine.compile_decode(mode)
         return self
@@ -361,10 +362,11 @@ class DeepSeekModel:
             ) from e
         self.module.to(device="cuda", dtype=precisions[precision])
         self._engine = None
-        self.engine.compile_decode(
-            backend="torch_tensorrt",
-            options={"enabled_precisions": {precisions[precision]}},
-        )
+        self._compile_kwargs = {
+            "backend": "torch_tensorrt",
+            "options": {"enabled_precisions": {precisions[precision]}},
+        }
+        self.engine  # noqa: B018  (built, and compiled with the settings above)
         return self
 
 

@@ -315,16 +315,11 @@ class Engine:
     @torch.inference_mode()
     def _prefill(self, prompt: torch.Tensor, slot: int) -> torch.Tensor:
         """Chunked prefill of one prompt ``(P,)`` into ``slot``; returns last logits ``(V,)``."""
-        for c in self.caches:
-            c.row_start = slot
-        try:
-            for start in range(0, len(prompt), self.prefill_chunk):
-                chunk = prompt[start : start + self.prefill_chunk][None]  # (1, C)
-                pos = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
-                logits = self.model(chunk, positions=pos, caches=self.caches, last_only=True)
-        finally:
-            for c in self.caches:
-                c.row_start = 0
+        caches = [c.rows(slot, slot + 1) for c in self.caches]  # this slot's row, as views
+        for start in range(0, len(prompt), self.prefill_chunk):
+            chunk = prompt[start : start + self.prefill_chunk][None]  # (1, C)
+            pos = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
+            logits = self.model(chunk, positions=pos, caches=caches, last_only=True)
         return logits[0, -1].float()
 
     def _decode_forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ over from an earlier, longer sequence are masked out.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from deepwhale.model.config import ModelConfig
@@ -23,8 +25,6 @@ class _StaticCache:
         self.a, self.b = a, b
         self.max_seq_len = a.shape[1]
         self.positions = torch.arange(self.max_seq_len, device=a.device)
-        #: first cache row the next forward's batch row 0 maps to (the engine's slot offset)
-        self.row_start = 0
         #: attend over all ``max_seq_len`` slots (static shapes for torch.compile) instead of
         #: truncating to the longest written position (less work in eager mode)
         self.static_len = False
@@ -33,14 +33,14 @@ class _StaticCache:
         self, positions: torch.Tensor, a_new: torch.Tensor, b_new: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write ``a_new``/``b_new`` ``(B, T, ...)`` at ``positions`` ``(B, T)`` into rows
-        ``row_start .. row_start + B``; return views of those rows up to the longest written
+        ``0 .. B``; return views of those rows up to the longest written
         length (or all ``max_seq_len`` with ``static_len``), and their positions ``(S,)``.
 
         Raises:
             ValueError: a position at or past ``max_seq_len``, or rows past the allocated batch.
         """
         bsz = positions.shape[0]
-        lo, hi = self.row_start, self.row_start + bsz
+        lo, hi = 0, bsz
         if hi > self.a.shape[0]:
             raise ValueError(f"rows {lo}..{hi - 1} exceed the cache's {self.a.shape[0]} rows")
         if self.static_len:
@@ -55,6 +55,22 @@ class _StaticCache:
         self.a[rows, positions] = a_new.to(self.a.dtype)
         self.b[rows, positions] = b_new.to(self.b.dtype)
         return self.a[lo:hi, :kv_len], self.b[lo:hi, :kv_len], self.positions[:kv_len]
+
+    def rows(self, lo: int, hi: int) -> _StaticCache:
+        """A cache of the same kind over rows ``lo .. hi`` of this one (views, no copy): a
+        forward through it reads and writes those rows, with batch row 0 at row ``lo`` (the
+        engine prefills one slot this way).
+
+        Raises:
+            ValueError: an empty or out-of-range row span.
+        """
+        if not 0 <= lo < hi <= self.a.shape[0]:
+            raise ValueError(
+                f"rows {lo}..{hi - 1} are not within the cache's {self.a.shape[0]} rows"
+            )
+        view = copy.copy(self)
+        view.a, view.b = self.a[lo:hi], self.b[lo:hi]
+        return view
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of row ``src`` to row ``dst`` (fork a prefix)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -418,7 +419,33 @@ def load_chat(path: Path, tokenizer, template: str | None, max_len: int, limit: 
     return examples, dropped
 
 
-def build_datasets(data_cfg, tokenizer_fn, vocab_size: int | None = None) -> dict:
+@dataclass
+class Datasets:
+    """What :func:`build_datasets` returns.
+
+    Attributes:
+        train: the training set (rows of ``row_len + 1`` token ids, or chat examples).
+        val: the validation set, or None.
+        format: ``shards``, ``text``, ``jsonl`` or ``chat``.
+        vocab_size: the data's vocabulary (a shard manifest's), or None.
+        pad_id: the id padding uses (the shards' EOS, else the tokenizer's pad id, else 0).
+        dropped: chat examples dropped for being longer than ``data.seq_len``.
+        tokenizer: the tokenizer folder a shard manifest names
+            (:func:`resolve_recorded_tokenizer`), or None.
+        row_len: tokens per row: the manifest's ``seq_len`` for shards, else ``data.seq_len``.
+    """
+
+    train: Any
+    val: Any
+    format: str
+    vocab_size: int | None
+    pad_id: int
+    dropped: int
+    tokenizer: Path | str | None
+    row_len: int
+
+
+def build_datasets(data_cfg, tokenizer_fn, vocab_size: int | None = None) -> Datasets:
     """The training and validation datasets of a :class:`~deepwhale.train.config.DataSection`.
 
     Args:
@@ -428,10 +455,7 @@ def build_datasets(data_cfg, tokenizer_fn, vocab_size: int | None = None) -> dic
         vocab_size: the model's vocabulary; every token id must be below it.
 
     Returns:
-        ``{"train", "val" (or None), "format", "vocab_size" (of the data, or None),
-        "pad_id", "dropped", "tokenizer", "row_len"}`` (``tokenizer``: the folder a shard
-        manifest names, resolved by :func:`resolve_recorded_tokenizer`, or None; ``row_len``:
-        tokens per row, the manifest's ``seq_len`` for shards, else ``data.seq_len``).
+        A :class:`Datasets`.
 
     Raises:
         DataError: a missing path, malformed data, token ids outside the vocabulary, or too
@@ -504,8 +528,8 @@ def build_datasets(data_cfg, tokenizer_fn, vocab_size: int | None = None) -> dic
         train, val = wrap(train_obj, kind), None
     if vocab_size is not None:
         check_vocab(train, vocab_size, path)
-    info.update(train=train, val=val)
-    return info
+    info.setdefault("tokenizer", None)
+    return Datasets(train=train, val=val, **info)
 
 
 def _template_or_none(tok) -> str | None:

@@ -207,6 +207,31 @@ def test_compiled_decode_matches_eager(stories):
     assert m.generate_batch(["Once upon a time", "Tom"], temperature=0, max_new_tokens=8) == eager
 
 
+def test_a_rebuilt_engine_keeps_the_compile_mode(stories, monkeypatch):
+    """set_batch_size rebuilds the engine; compile()'s mode reaches the new one."""
+    seen = []
+    monkeypatch.setattr(Engine, "compile_decode", lambda self, *a, **kw: seen.append((a, kw)))
+    m = DeepSeekModel(stories.module, stories.tokenizer)
+    m.compile(mode="max-autotune-no-cudagraphs")
+    m.set_batch_size(3, max_seq_len=32)
+    assert m.engine.max_batch_size == 3
+    assert seen == [((), {"mode": "max-autotune-no-cudagraphs"})]
+
+
+def test_cache_rows_are_views_of_the_slot():
+    """The engine prefills a slot through ``rows(slot, slot + 1)``: writes land in that row."""
+    cache = make_cache(flavour_config("debug-v3"), batch=3, max_seq_len=4)[0]
+    view = cache.rows(2, 3)
+    pos = torch.tensor([[0, 1]])
+    view.update(
+        pos, torch.ones(1, 2, cache.a.shape[-1]), torch.full((1, 2, cache.b.shape[-1]), 2.0)
+    )
+    assert torch.all(cache.a[2, :2] == 1) and torch.all(cache.b[2, :2] == 2)
+    assert not cache.a[:2].any() and not cache.a[2, 2:].any()
+    with pytest.raises(ValueError, match="not within the cache's 3 rows"):
+        cache.rows(2, 4)
+
+
 def test_tensorrt_says_what_is_missing(stories):
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")

@@ -100,13 +100,13 @@ def test_text_and_jsonl(tmp_path, tok, shakespeare):
     info = build_datasets(
         DataSection(path=str(shakespeare), seq_len=65, val_fraction=0.1, limit=200), lambda: tok
     )
-    assert info["format"] == "text" and len(info["val"]) >= 1
-    x, y = info["train"][0]
+    assert info.format == "text" and len(info.val) >= 1
+    x, y = info.train[0]
     assert len(x) == 64 and (x[1:] == y[:-1]).all()
     j = tmp_path / "docs.jsonl"
     j.write_text("\n".join(json.dumps({"body": "Once upon a time " * 20}) for _ in range(8)))
     info = build_datasets(DataSection(path=str(j), text_key="body", seq_len=33), lambda: tok)
-    assert info["format"] == "jsonl" and len(info["train"]) > 4
+    assert info.format == "jsonl" and len(info.train) > 4
     with pytest.raises(DataError, match="no string 'text' field"):
         build_datasets(DataSection(path=str(j), seq_len=33), lambda: tok)
 
@@ -117,11 +117,11 @@ def test_shards(tmp_path, tok, shakespeare):
     recs = [write_shard(tmp_path, i, part, 512) for i, part in enumerate(np.array_split(rows, 2))]
     write_manifest(tmp_path, recs, seq_len=33, vocab_size=512, eos_id=tok.eos_token_id)
     info = build_datasets(DataSection(path=str(tmp_path), val_fraction=0.1), lambda: None, 512)
-    assert info["format"] == "shards" and info["vocab_size"] == 512
-    assert info["tokenizer"] is None  # the manifest records none
-    n = len(info["train"]) + len(info["val"])
+    assert info.format == "shards" and info.vocab_size == 512
+    assert info.tokenizer is None  # the manifest records none
+    n = len(info.train) + len(info.val)
     assert n == len(rows)
-    x, y = info["train"][3]
+    x, y = info.train[3]
     assert (x == rows[3][:-1]).all() and (y == rows[3][1:]).all()
     with pytest.raises(DataError, match="vocab_size is 256"):
         build_datasets(DataSection(path=str(tmp_path)), lambda: None, 256)
@@ -129,7 +129,7 @@ def test_shards(tmp_path, tok, shakespeare):
 
 def test_chat_dataset_and_errors(tmp_path, tok, gsm8k):
     info = build_datasets(DataSection(path=str(gsm8k), seq_len=256, limit=10), lambda: tok)
-    assert info["format"] == "chat" and len(info["train"]) + info["dropped"] == 10
+    assert info.format == "chat" and len(info.train) + info.dropped == 10
     with pytest.raises(DataError, match="data path not found"):
         build_datasets(DataSection(path=str(tmp_path / "nope.txt")), lambda: tok)
     with pytest.raises(DataError, match="data.path is empty"):
