@@ -170,24 +170,38 @@ class DeepSeekModel:
             f"or a list of token ids; got {type(prompt).__name__}"
         )
 
-    def stream(self, prompt: str | list[dict], **sampling) -> Iterator[GenerationChunk]:
-        """Yield :class:`GenerationChunk` deltas for ``prompt`` (a string or chat messages).
+    def stream(
+        self,
+        prompt: str | list[dict] | list[int],
+        params: SamplingParams | None = None,
+        **sampling,
+    ) -> Iterator[GenerationChunk]:
+        """Yield :class:`GenerationChunk` deltas for ``prompt`` (a string, chat messages or
+        token ids; see :meth:`encode_prompt`).
 
-        Keyword arguments are :class:`SamplingParams` fields (``max_new_tokens``,
-        ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``...).
+        Args:
+            prompt: what to continue.
+            params: how to sample; or give its fields as keywords instead (``max_new_tokens``,
+                ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``...), not both.
 
         Raises:
             PromptTooLongError: the prompt does not fit the context.
+            TypeError: ``params`` is not a :class:`SamplingParams`, or both it and keywords.
             ValueError: an invalid sampling value.
         """
-        params = SamplingParams(**sampling)
+        params = _sampling_params(params, sampling)
         ids = self.encode_prompt(prompt)
         self.module.eval()
         return generate_stream(self.module, self._require_tokenizer(), ids, params)
 
-    def generate(self, prompt: str | list[dict], **sampling) -> str:
+    def generate(
+        self,
+        prompt: str | list[dict] | list[int],
+        params: SamplingParams | None = None,
+        **sampling,
+    ) -> str:
         """Generate and return the new text (prompt excluded); see :meth:`stream`."""
-        return "".join(chunk.text for chunk in self.stream(prompt, **sampling))
+        return "".join(chunk.text for chunk in self.stream(prompt, params, **sampling))
 
     # ------------------------------------------------------------------ embeddings
     def embed(
@@ -290,13 +304,23 @@ class DeepSeekModel:
         self.engine.start()
         return req
 
-    def generate_batch(self, prompts: list[str | list[dict]], **sampling) -> list[str]:
+    def generate_batch(
+        self,
+        prompts: list[str | list[dict] | list[int]],
+        params: SamplingParams | None = None,
+        **sampling,
+    ) -> list[str]:
         """Generate for many prompts at once with continuous batching; returns one text each.
 
-        Prompts beyond the batch size wait and join as slots free up. Greedy output is identical
-        to running each prompt alone.
+        ``params`` (or its fields as keywords, not both) applies to every prompt. Prompts beyond
+        the batch size wait and join as slots free up. Greedy output is identical to running
+        each prompt alone.
+
+        Raises:
+            TypeError: ``params`` is not a :class:`SamplingParams`, or both it and keywords.
+            PromptTooLongError, ValueError: see :meth:`Engine.add_request`.
         """
-        params = SamplingParams(**sampling)
+        params = _sampling_params(params, sampling)
         ids = [self.encode_prompt(p) for p in prompts]
         return [r.texts()[0] for r in self.engine.generate(ids, params)]
 

@@ -313,6 +313,24 @@ def test_submit_takes_one_typed_sampling_params_or_its_fields_as_keywords(storie
         m.engine.shutdown()
 
 
+def test_generate_stream_and_batch_take_params_too(stories):
+    """``generate`` / ``stream`` / ``generate_batch`` take the same typed SamplingParams as
+    ``submit``, with the same answers as its fields given as keywords."""
+    m = DeepSeekModel(stories.module, stories.tokenizer)
+    m.set_batch_size(2, max_seq_len=64)
+    params = SamplingParams(temperature=0.7, seed=5, max_new_tokens=7)
+    fields = dict(temperature=0.7, seed=5, max_new_tokens=7)
+    assert m.generate("Once upon a time", params) == m.generate("Once upon a time", **fields)
+    streamed = "".join(c.text for c in m.stream("Tom", params))
+    assert streamed == m.generate("Tom", **fields)
+    prompts = ["Once upon a time", "Tom"]
+    assert m.generate_batch(prompts, params) == m.generate_batch(prompts, **fields)
+    with pytest.raises(TypeError, match="not both"):
+        m.generate("Once", params, max_new_tokens=3)
+    with pytest.raises(TypeError, match="params must be a SamplingParams"):
+        m.generate_batch(prompts, 3)
+
+
 def test_on_output_sink_gets_backlog_then_live_items_then_none():
     """``Request.on_output`` delivers what was queued before it was set, then the rest, then
     ``None``; the result equals the iterator's."""
