@@ -28,7 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deepwhale.inference.generate import GenerationChunk, PromptTooLongError, stop_holdback
+from deepwhale.inference.generate import (  # noqa: F401  (TokenLogprob re-exported)
+    GenerationChunk,
+    PromptTooLongError,
+    TextStream,
+    TokenLogprob,
+)
 from deepwhale.inference.sampling import (
     NonFiniteLogitsError,
     SamplingParams,
@@ -42,27 +47,16 @@ _DONE = object()
 
 
 @dataclass
-class TokenLogprob:
-    """Log-probability of a sampled token and its most likely alternatives (natural log)."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
 class Sequence:
     """One sample of a request, bound to one cache slot while it runs."""
 
     index: int
     params: SamplingParams
     generator: torch.Generator | None
-    detok: object
+    stream: TextStream
     slot: int | None = None
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
     finish_reason: str | None = None
     next_logits: torch.Tensor | None = None  # (V,) logits for the next token to sample
 
@@ -104,7 +98,7 @@ class Request:
             seed = None if params.seed is None else params.seed + i
             gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
             detok = tokenizer.detokenizer(prompt_ids=self.prompt_ids, skip_special_tokens=True)
-            self.sequences.append(Sequence(i, params, gen, detok))
+            self.sequences.append(Sequence(i, params, gen, TextStream(detok, params.stop)))
         self._queue: queue.Queue = queue.Queue()
         self._sink = None
         self._sink_lock = threading.Lock()
@@ -130,7 +124,7 @@ class Request:
         """
         if self.error is not None:
             raise self.error
-        return [s.text[: s.emitted] for s in self.sequences]
+        return [s.stream.final_text for s in self.sequences]
 
     def on_output(self, sink) -> None:
         """Deliver this request's output to ``sink`` instead of the blocking iterator.
@@ -392,29 +386,18 @@ class Engine:
         p = seq.params
         eos = () if p.ignore_eos else self.tokenizer.eos_token_ids
         if token in eos:
-            seq.text += seq.detok.flush()
-            self._finish(req, seq, "stop", events, token)
+            self._finish(req, seq, "stop", events, token, seq.stream.eos())
             return
         seq.output_ids.append(token)
         self.stats["generated_tokens"] += 1
-        seq.text += seq.detok.add(token)
         room = self.lengths[seq.slot] + 1 < self.max_seq_len
-        last = len(seq.output_ids) >= p.max_new_tokens or not room
-        if last:
-            seq.text += seq.detok.flush()
-        if p.stop:
-            hit = min((i for s in p.stop if (i := seq.text.find(s, seq.emitted)) >= 0), default=-1)
-            if hit >= 0:
-                seq.text = seq.text[:hit]
-                self._finish(req, seq, "stop", events, token)
-                return
-        if last:
-            self._finish(req, seq, "length", events, token)
+        text, finish = seq.stream.add(
+            token, last=len(seq.output_ids) >= p.max_new_tokens or not room
+        )
+        if finish is not None:
+            self._finish(req, seq, finish, events, token, text)
             return
-        safe = len(seq.text) - (stop_holdback(seq.text, p.stop) if p.stop else 0)
-        chunk = GenerationChunk(seq.text[seq.emitted : safe], token)
-        seq.emitted = max(seq.emitted, safe)
-        self._emit(req, seq, chunk, events)
+        self._emit(req, seq, GenerationChunk(text, token), events)
 
     def _fail_request(self, req: Request, error: BaseException) -> None:
         """Stop every sample of ``req`` with ``error``: free its slots, wake its stream."""
@@ -439,9 +422,11 @@ class Engine:
         events.append((req, seq.index, chunk))
         req._put((seq.index, chunk))
 
-    def _finish(self, req, seq, reason: str, events, token: int | None = None) -> None:
-        chunk = GenerationChunk(seq.text[seq.emitted :], token, reason)
-        seq.emitted = len(seq.text)
+    def _finish(
+        self, req, seq, reason: str, events, token: int | None = None, text: str | None = None
+    ) -> None:
+        """End ``seq`` with ``reason``, emitting ``text`` (default: whatever is not out yet)."""
+        chunk = GenerationChunk(seq.stream.rest() if text is None else text, token, reason)
         seq.finish_reason = reason
         if seq.slot is not None:
             self.running.remove((req, seq))

@@ -9,7 +9,7 @@ that could still turn into a stop string is held back until it cannot.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,15 @@ class PromptTooLongError(ValueError):
 
 
 @dataclass
+class TokenLogprob:
+    """Log-probability of a sampled token and its most likely alternatives (natural log)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class GenerationChunk:
     """One streamed step.
 
@@ -31,14 +40,14 @@ class GenerationChunk:
         token_id: the sampled token id, or None for the final flush.
         finish_reason: None while running, then ``"stop"`` (EOS or a stop string), ``"length"``,
             or ``"cancelled"`` (engine requests only).
-        logprobs: the sampled token's :class:`~deepwhale.inference.engine.TokenLogprob` when
-            the request asked for logprobs, else None.
+        logprobs: the sampled token's :class:`TokenLogprob` when the request asked for
+            logprobs, else None.
     """
 
     text: str
     token_id: int | None
     finish_reason: str | None = None
-    logprobs: object | None = None
+    logprobs: TokenLogprob | None = None
 
 
 @torch.inference_mode()
@@ -65,6 +74,63 @@ def stop_holdback(text: str, stops: list[str]) -> int:
                 best = n
                 break
     return best
+
+
+class TextStream:
+    """One sequence's text as tokens arrive: incremental detokenisation, stop strings, and the
+    hold-back of text that could still become a stop string. Single-sequence generation and
+    the engine both stream through it, so they cut and emit text the same way.
+
+    Args:
+        detok: the tokenizer's incremental detokenizer (``add(token) -> str``, ``flush()``).
+        stop: stop strings (the text before the first one is kept; the stop itself is not).
+    """
+
+    def __init__(self, detok, stop: list[str] | None) -> None:
+        self.detok = detok
+        self.stop = list(stop or [])
+        self.text = ""  # everything decoded so far (cut at a stop string once one is found)
+        self.emitted = 0  # characters of `text` already handed out
+
+    def add(self, token: int, last: bool) -> tuple[str, str | None]:
+        """Append ``token``; return ``(new text to emit, finish reason or None)``.
+
+        ``last``: no token will follow (the budget or the context is used up), so everything
+        is flushed and the reason is ``"length"`` unless a stop string ends it first.
+        """
+        self.text += self.detok.add(token)
+        if last:
+            self.text += self.detok.flush()
+        if self.stop:
+            # text before `emitted` was held back from every stop prefix, so search from there
+            hit = min(
+                (i for s in self.stop if (i := self.text.find(s, self.emitted)) >= 0), default=-1
+            )
+            if hit >= 0:
+                self.text = self.text[:hit]
+                return self.rest(), "stop"
+        if last:
+            return self.rest(), "length"
+        safe = len(self.text) - (stop_holdback(self.text, self.stop) if self.stop else 0)
+        chunk = self.text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return chunk, None
+
+    def eos(self) -> str:
+        """The end of sequence was sampled: flush the detokenizer and return what is left."""
+        self.text += self.detok.flush()
+        return self.rest()
+
+    def rest(self) -> str:
+        """Everything not emitted yet (the sequence ends now)."""
+        chunk = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return chunk
+
+    @property
+    def final_text(self) -> str:
+        """The text handed out so far (the whole output once the sequence has finished)."""
+        return self.text[: self.emitted]
 
 
 def generate_stream(
@@ -113,12 +179,12 @@ def _generate(model, tokenizer, prompt_ids, params, budget) -> Iterator[Generati
     generator = params.make_generator(device)
     prompt = torch.tensor([prompt_ids], device=device)
     eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
-    detok = tokenizer.detokenizer(prompt_ids=prompt_ids, skip_special_tokens=True)
+    stream = TextStream(
+        tokenizer.detokenizer(prompt_ids=prompt_ids, skip_special_tokens=True), params.stop
+    )
     needs_history = params.repetition_penalty != 1 or params.presence_penalty
     needs_history = needs_history or params.frequency_penalty
     output: list[int] = []
-    text = ""  # everything decoded so far
-    emitted = 0  # characters of `text` already yielded
     logits = prefill(model, prompt, caches)
     for step in range(budget):
         if needs_history:
@@ -126,28 +192,13 @@ def _generate(model, tokenizer, prompt_ids, params, budget) -> Iterator[Generati
             logits = apply_penalties(logits[0].float(), prompt[0], out_t, params)[None]
         token = int(sample(logits, params, generator)[0])
         if token in eos:
-            yield GenerationChunk(text[emitted:] + detok.flush(), None, "stop")
+            yield GenerationChunk(stream.eos(), None, "stop")
             return
         output.append(token)
-        text += detok.add(token)
-        last = step == budget - 1
-        if last:
-            text += detok.flush()
-        if params.stop:
-            # text before `emitted` was held back from every stop prefix, so search from there
-            hit = min((i for s in params.stop if (i := text.find(s, emitted)) >= 0), default=-1)
-            if hit >= 0:
-                yield GenerationChunk(text[emitted:hit], token, "stop")
-                return
-            safe = len(text) - (0 if last else stop_holdback(text, params.stop))
-        else:
-            safe = len(text)
-        chunk = text[emitted:safe]
-        emitted = max(emitted, safe)
-        if last:
-            yield GenerationChunk(chunk, token, "length")
+        text, finish = stream.add(token, last=step == budget - 1)
+        yield GenerationChunk(text, token, finish)
+        if finish is not None:
             return
-        yield GenerationChunk(chunk, token)
         logits = decode_one_token(
             model, torch.tensor([[token]], device=device), n_prompt + step, caches
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from deepwhale.inference.engine import TokenLogprob
+from deepwhale.inference.generate import TokenLogprob
 
 #: Rows of the forward pass at a time: bounds the (rows, vocab) logits tensor.
 CHUNK = 256

@@ -15,8 +15,7 @@ import uuid
 
 from fastapi import Request
 
-from deepwhale.inference.engine import TokenLogprob
-from deepwhale.inference.generate import GenerationChunk
+from deepwhale.inference.generate import GenerationChunk, TokenLogprob
 from deepwhale.serve.errors import APIError
 from deepwhale.serve.schemas import ChatCompletionRequest, ChatMessage
 from deepwhale.serve.serving import Serving, usage

@@ -28,8 +28,8 @@ from fastapi import Request
 from sse_starlette import EventSourceResponse
 
 from deepwhale.inference.engine import Request as EngineRequest
-from deepwhale.inference.engine import Sequence, TokenLogprob
-from deepwhale.inference.generate import GenerationChunk
+from deepwhale.inference.engine import Sequence
+from deepwhale.inference.generate import GenerationChunk, TokenLogprob
 from deepwhale.inference.prompt_logprobs import prompt_logprobs
 from deepwhale.serve.errors import APIError
 from deepwhale.serve.schemas import CompletionRequest
