@@ -205,10 +205,7 @@ class CompletionRequest(SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one per list entry: strings or token-id lists."""
-        p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
-        return list(p)
+        return _one_per_entry(self.prompt)
 
     @field_validator("suffix")
     @classmethod
@@ -336,10 +333,7 @@ class EmbeddingRequest(_Root):
 
     def inputs(self) -> list[str | list[int]]:
         """The inputs, one per list entry: strings or token-id lists."""
-        x = self.input
-        if isinstance(x, str) or (x and isinstance(x[0], int)):
-            return [x]
-        return list(x)
+        return _one_per_entry(self.input)
 
 
 class TokenizeRequest(_Root):
@@ -398,3 +392,12 @@ class GenerateRequest(_Root):
 SamplingFields.model_rebuild()
 CompletionRequest.model_rebuild()
 ChatCompletionRequest.model_rebuild()
+
+
+def _one_per_entry(x) -> list[str | list[int]]:
+    """A prompt field as a list with one entry per prompt: a string or one token-id list is a
+    single prompt; a list of strings / token-id lists is several (OpenAI's ``prompt`` and
+    ``input`` shapes)."""
+    if isinstance(x, str) or (x and isinstance(x[0], int)):
+        return [x]
+    return list(x)
