@@ -5,6 +5,10 @@ Endpoints (shapes from the OpenAI API reference, https://platform.openai.com/doc
 * ``POST /v1/completions``, ``POST /v1/chat/completions``: non-streaming JSON, or server-sent
   events (``stream: true``) of ``text_completion`` / ``chat.completion.chunk`` objects ending in
   ``data: [DONE]``; ``stream_options.include_usage`` adds a last chunk with empty ``choices``.
+* ``POST /v1/responses``: the Responses API, stateless (nothing stored): one ``response``
+  object, or typed SSE events (``event:`` + ``data:`` with ``sequence_number``) from
+  ``response.created`` to ``response.completed`` / ``response.incomplete``
+  (:mod:`deepwhale.serve.serving_responses`).
 * ``POST /v1/embeddings``: pooled (mean, or last token), L2-normalised final hidden states of
   strings or token ids, as floats or base64 float32 (:mod:`deepwhale.serve.serving_embeddings`).
 * ``POST /generate``: ``{prompt, max_length, temperature, top_p}`` -> ``{output, usage}``, the

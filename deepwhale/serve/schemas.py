@@ -2,7 +2,7 @@
 
 Field names, types and defaults follow the OpenAI API reference
 (https://platform.openai.com/docs/api-reference/completions/create and
-.../chat/create); ``GenerateRequest`` follows the ``/generate`` body of DeepSeek's FastAPI
+.../chat/create, .../responses/create); ``GenerateRequest`` follows the ``/generate`` body of DeepSeek's FastAPI
 serving example (``prompt``, ``max_length``, ``temperature``, ``top_p``). Unknown fields are
 ignored, as OpenAI-compatible servers do; known OpenAI fields this server cannot honour
 (``tools``, ``response_format`` other than text, ``logit_bias``, ``suffix``, ``best_of`` > 1...)
@@ -297,6 +297,158 @@ class ChatCompletionRequest(SamplingFields):
         return v
 
 
+class ResponseInputMessage(_Body):
+    """One message item of a ``/v1/responses`` ``input`` list (OpenAI's ``EasyInputMessage`` /
+    input message): ``role`` (user, system, developer or assistant), ``content`` a string or a
+    list of ``{"type": "input_text" | "output_text", "text": ...}`` parts (joined), and
+    optionally ``"type": "message"``. Other item types (tool calls and outputs, reasoning,
+    item references) and non-text parts are refused."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: StrictStr | list[dict]
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _message_only(cls, v: Any) -> Any:
+        if v != "message":
+            raise _fail(
+                f"only input items of type 'message' are supported by this server (got {v!r})"
+            )
+        return v
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content: str | list[dict]) -> str | list[dict]:
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") not in ("input_text", "output_text"):
+                    raise _fail(
+                        "only input_text and output_text content parts are supported (got a "
+                        f"part of type '{part.get('type')}')"
+                    )
+                if not isinstance(part.get("text"), str):
+                    raise _fail(f"a {part['type']} content part needs a string 'text'")
+        return content
+
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p["text"] for p in self.content)
+
+
+class ResponseRequest(SamplingFields):
+    """``POST /v1/responses`` body (OpenAI Responses API, stateless subset, as vLLM serves it;
+    https://platform.openai.com/docs/api-reference/responses/create). The sampling extensions
+    of :class:`SamplingFields` (``top_k``, ``seed``, ``stop``, ...) are accepted as vLLM does.
+
+    Attributes:
+        input: a string (one user message) or a list of :class:`ResponseInputMessage`; parsed
+            as the list either way.
+        instructions: a system message put before ``input``.
+        max_output_tokens: new tokens at most; None fills the context.
+        store: accepted, but nothing is stored (the response says ``"store": false``).
+        user, metadata, parallel_tool_calls, truncation ``"disabled"``: accepted, echoed.
+        previous_response_id, conversation (stateful), background, prompt, non-empty
+            ``tools``, ``tool_choice`` other than none/auto, ``reasoning``, ``text.format``
+            other than text, non-empty ``include``, ``top_logprobs`` > 0, ``truncation``
+            ``"auto"``, ``n`` other than 1: not supported (400 naming the field).
+    """
+
+    input: list[ResponseInputMessage]
+    instructions: StrictStr | None = None
+    max_output_tokens: StrictInt | None = None
+    store: StrictBool | None = None
+    user: StrictStr | None = None
+    metadata: dict[StrictStr, StrictStr] | None = None
+    parallel_tool_calls: StrictBool = True
+    truncation: Literal["disabled", "auto"] | None = None
+    previous_response_id: StrictStr | None = None
+    conversation: Any = None
+    background: StrictBool | None = None
+    prompt: Any = None
+    tools: list | None = None
+    tool_choice: Any = None
+    reasoning: dict | None = None
+    text: dict | None = None
+    include: list | None = None
+    top_logprobs: StrictInt | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _string_is_a_user_message(cls, v: Any) -> Any:
+        # a string is one user message (OpenAI's semantics); done before validation so that a
+        # bad item is reported at its own path, not as "not a string" of a union
+        if v == "" or v == []:
+            raise _fail("input must not be empty")
+        if isinstance(v, str):
+            return [{"type": "message", "role": "user", "content": v}]
+        if not isinstance(v, list):
+            raise _fail("input must be a string or a list of message items")
+        return v
+
+    @field_validator("previous_response_id", "conversation")
+    @classmethod
+    def _stateless(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None:
+            raise _fail(
+                f"{info.field_name} is not supported: this server does not store responses "
+                "(stateful responses are not supported); send the whole conversation as input"
+            )
+        return v
+
+    @field_validator("tools", "include", "prompt", "reasoning")
+    @classmethod
+    def _none_or_empty(cls, v: Any, info: ValidationInfo) -> Any:
+        if v:
+            raise _unsupported(info.field_name)
+        return v
+
+    @field_validator("background")
+    @classmethod
+    def _not_background(cls, v: bool | None) -> bool | None:
+        if v:
+            raise _unsupported("background")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v: Any) -> Any:
+        if v not in (None, "none", "auto"):
+            raise _unsupported("tool_choice")
+        return v
+
+    @field_validator("text")
+    @classmethod
+    def _text_format(cls, v: dict | None) -> dict | None:
+        fmt = (v or {}).get("format")
+        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+            raise _fail("text.format other than type 'text' is not supported by this server")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, v: int | None) -> int | None:
+        if v:
+            raise _unsupported("top_logprobs")
+        return v
+
+    @field_validator("truncation")
+    @classmethod
+    def _no_truncation(cls, v: str | None) -> str | None:
+        if v == "auto":
+            raise _fail("truncation 'auto' is not supported by this server")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _one_output(cls, v: int) -> int:
+        if v != 1:
+            raise _fail("n other than 1 is not supported by /v1/responses")
+        return v
+
+
 class EmbeddingRequest(_Root):
     """``POST /v1/embeddings`` body (OpenAI embeddings, plus vLLM-style ``pooling``).
 
@@ -392,6 +544,7 @@ class GenerateRequest(_Root):
 SamplingFields.model_rebuild()
 CompletionRequest.model_rebuild()
 ChatCompletionRequest.model_rebuild()
+ResponseRequest.model_rebuild()
 
 
 def _one_per_entry(x) -> list[str | list[int]]:

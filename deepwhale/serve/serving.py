@@ -8,7 +8,8 @@ Each endpoint's path is the same: :meth:`Serving.authorize` (audit fields, per-k
 -> wait (:meth:`~deepwhale.serve.bridge.EngineBridge.drain`) or stream
 (:func:`~deepwhale.serve.sse.stream_response`) -> format. The endpoint-specific halves live in
 :mod:`deepwhale.serve.serving_completions` (``/v1/completions``),
-:mod:`deepwhale.serve.serving_chat` (``/v1/chat/completions``) and :func:`generate` here
+:mod:`deepwhale.serve.serving_chat` (``/v1/chat/completions``),
+:mod:`deepwhale.serve.serving_responses` (``/v1/responses``) and :func:`generate` here
 (``/generate``); :mod:`deepwhale.serve.serving_embeddings` (``/v1/embeddings``) runs the model
 directly, outside the engine. This layer knows FastAPI's ``Request`` only for ``request.state`` (audit) and
 disconnects; routing is :mod:`deepwhale.serve.routes`.

@@ -35,14 +35,8 @@ async def create_chat_completion(serving: Serving, body: ChatCompletionRequest, 
     messages = [to_message(m) for m in body.messages]
     serving.authorize(request, body.model, messages)
     serving.check_model(body.model)
+    check_chat_template(serving, "messages")
     tok = serving.model.tokenizer
-    if not tok.chat_templates:
-        raise APIError(
-            f"the model '{serving.model_name}' has no chat template; use /v1/completions with "
-            "a plain text prompt",
-            param="messages",
-            code="no_chat_template",
-        )
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
     ids = await serving.encode(request, messages)
@@ -85,6 +79,18 @@ async def create_chat_completion(serving: Serving, body: ChatCompletionRequest, 
         "choices": choices,
         "usage": usage(req),
     }
+
+
+def check_chat_template(serving: Serving, param: str) -> None:
+    """Raises APIError (400 ``no_chat_template``, ``param`` the messages' field) unless the
+    served model's tokenizer has a chat template."""
+    if not serving.model.tokenizer.chat_templates:
+        raise APIError(
+            f"the model '{serving.model_name}' has no chat template; use /v1/completions with "
+            "a plain text prompt",
+            param=param,
+            code="no_chat_template",
+        )
 
 
 def _stream_choice(tok: Tokenizer, logprobs: bool) -> ChoiceFn:

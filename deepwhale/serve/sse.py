@@ -6,15 +6,18 @@ The stream is ``data: {chunk}`` events ending in ``data: [DONE]``
 ``choices`` carries the request's ``usage``. An engine failure mid-stream is sent as one
 ``{"error": ...}`` event and ends the stream. Each endpoint supplies how one choice looks
 (:mod:`deepwhale.serve.serving_completions`, :mod:`deepwhale.serve.serving_chat`).
+:func:`stream_typed_events` streams the Responses API's typed events instead
+(:mod:`deepwhale.serve.serving_responses`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
 from fastapi import Request
@@ -108,12 +111,70 @@ def stream_response(
             yield event([], usage(req))
         yield {"data": "[DONE]"}
 
+    return _event_source(request, body())
+
+
+def _event_source(request: Request, events: AsyncIterator[dict]) -> EventSourceResponse:
+    """The SSE response of ``events`` (sse-starlette event dicts); a client leaving mid-stream
+    is noted as status 499 for the audit log."""
+
     async def generator():
         try:
-            async for item in body():
+            async for item in events:
                 yield item
         except (asyncio.CancelledError, GeneratorExit):
             request.state.audit_status = 499  # the client left mid-stream
             raise
 
     return EventSourceResponse(generator(), ping=15)
+
+
+def stream_typed_events(
+    bridge: EngineBridge,
+    request: Request,
+    req: EngineRequest,
+    *,
+    head: Sequence[dict],
+    delta: Callable[[str], list[dict]],
+    tail: Callable[[], list[dict]],
+) -> EventSourceResponse:
+    """SSE of typed events, the Responses API's stream
+    (https://platform.openai.com/docs/api-reference/responses-streaming): each event is
+    ``event: <type>`` plus ``data: {"type": <type>, ..., "sequence_number": k}``, ``k``
+    counting from 0; there is no ``[DONE]``.
+
+    Args:
+        head: events sent before any token.
+        delta: the events of one piece of new text (one sample's merged chunks).
+        tail: the closing events, built once the request has finished.
+
+    An engine failure mid-stream is sent as one ``error`` event (``{type, code, message,
+    param}``) and ends the stream. A client disconnect cancels the engine request as in
+    :func:`stream_response`.
+    """
+    numbers = itertools.count()
+
+    def event(body: dict) -> dict:
+        body = {**body, "sequence_number": next(numbers)}
+        return {"event": body["type"], "data": json.dumps(body, ensure_ascii=False)}
+
+    async def body():
+        async with aclosing(bridge.events(req)) as events:
+            for e in head:
+                yield event(e)
+            try:
+                async for batch in events:
+                    for _, chunk in merge_chunks(batch):
+                        if chunk.text and chunk.finish_reason != "cancelled":
+                            for e in delta(chunk.text):
+                                yield event(e)
+            except Exception as e:  # the engine failed mid-stream: tell the client, then stop
+                message = f"{type(e).__name__}: {e}"
+                yield event(
+                    {"type": "error", "code": "server_error", "message": message, "param": None}
+                )
+                return
+        for e in tail():
+            yield event(e)
+
+    return _event_source(request, body())

@@ -12,6 +12,7 @@ SERVE = Path(deepwhale.serve.__file__).parent
 OPERATIONS = {"serve.auth", "serve.audit", "serve.metrics", "serve.stats", "atomic"}
 SERVING = {"serve.serving", "serve.serving_completions", "serve.serving_chat"}
 SERVING |= {"serve.serving_tokenizer", "serve.serving_embeddings", "serve.sse"}
+SERVING |= {"serve.serving_responses"}
 # module (relative to deepwhale/serve) -> what of deepwhale it may import
 ALLOWED = {
     "schemas.py": set(),
@@ -20,7 +21,7 @@ ALLOWED = {
     "middleware.py": {"serve.errors"} | OPERATIONS,
     "routes/": {"serve", "serve.routes", "serve.schemas"} | SERVING,
 }
-SERVING_FILES = ("serving.py", "serving_completions.py", "serving_chat.py")
+SERVING_FILES = ("serving.py", "serving_completions.py", "serving_chat.py", "serving_responses.py")
 for name in (*SERVING_FILES, "serving_tokenizer.py", "serving_embeddings.py"):
     ALLOWED[name] = {"api", "tokenizer", "serve.schemas", "serve.bridge", "serve.errors"}
     ALLOWED[name] |= {"inference.engine", "inference.generate", "inference.sampling"}

@@ -1,16 +1,22 @@
 """OpenAI-compatible routes: ``GET /v1/models``, ``GET /v1/models/{model}``,
 ``POST /v1/completions``, ``POST /v1/embeddings``,
-``POST /v1/chat/completions`` (https://platform.openai.com/docs/api-reference)."""
+``POST /v1/chat/completions``, ``POST /v1/responses`` (https://platform.openai.com/docs/api-reference)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
 from deepwhale.serve.routes import serving_of
-from deepwhale.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from deepwhale.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ResponseRequest,
+)
 from deepwhale.serve.serving_chat import create_chat_completion
 from deepwhale.serve.serving_completions import create_completion
 from deepwhale.serve.serving_embeddings import create_embedding
+from deepwhale.serve.serving_responses import create_response
 
 router = APIRouter()
 
@@ -38,6 +44,12 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """OpenAI ``POST /v1/chat/completions`` through the model's chat template."""
     return await create_chat_completion(serving_of(request), body, request)
+
+
+@router.post("/v1/responses")
+async def responses(body: ResponseRequest, request: Request):
+    """OpenAI ``POST /v1/responses`` (stateless) through the model's chat template."""
+    return await create_response(serving_of(request), body, request)
 
 
 @router.post("/v1/embeddings")
