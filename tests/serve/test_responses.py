@@ -201,6 +201,10 @@ def test_disconnect_aborts_the_engine_request(served):
         assert time.monotonic() < deadline, "the disconnected request kept its slot"
         time.sleep(0.02)
     assert model.engine.stats["generated_tokens"] - before < 200  # cancelled, not run out
+    home = served[3]
+    while not any(r["status"] == 499 for r in _audit_rows(home)):  # audited as the client left
+        assert time.monotonic() < deadline + 10, "no 499 audit row for the disconnected stream"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
@@ -303,3 +307,39 @@ def test_metrics_count_the_route(served):
     assert r.status_code == 200
     assert 'deepwhale_requests_total{route="/v1/responses",status="200"}' in r.text
     assert 'deepwhale_request_latency_seconds_count{route="/v1/responses"}' in r.text
+
+
+def test_previous_output_items_can_be_sent_back_as_input(served):
+    """A response's ``output`` items (with their ``id``/``status``/``annotations``) are valid
+    input items: the stateless way to continue a conversation."""
+    client = served[0]
+    first = client.responses.create(model=NAME, input=QUESTION, max_output_tokens=4, temperature=0)
+    items = [
+        {"role": "user", "content": QUESTION},
+        *[o.model_dump(exclude_none=True) for o in first.output],
+        {"role": "user", "content": "And 2+2?"},
+    ]
+    resp = client.responses.create(model=NAME, input=items, max_output_tokens=4, temperature=0)
+    chat = _chat(
+        client,
+        [
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "And 2+2?"},
+        ],
+        4,
+    )
+    assert resp.output_text == chat.choices[0].message.content
+    assert resp.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_model_without_chat_template_is_400():
+    from fastapi.testclient import TestClient
+
+    model = DeepSeekModel.from_pretrained(device="cpu").set_batch_size(1, 64)  # stories260K
+    with TestClient(create_app(model, "stories260K")) as client:
+        r = client.post("/v1/responses", json={"input": "Once upon a time"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "no_chat_template" and err["param"] == "input"
+    assert "chat template" in err["message"]
