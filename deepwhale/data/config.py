@@ -33,10 +33,11 @@ reference. The stages themselves (parameters, checks, Beam transforms) are regis
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from deepwhale.typed_config import ConfigError, Loader
 
 FORMATS = ("text", "jsonl", "parquet", "novel", "poetry", "pairs")
 TEXT_SPLITS = ("line", "block", "document")
@@ -44,27 +45,19 @@ MODES = ("batch", "streaming")
 DEFAULT_RUNNER = "FnApiRunner"  # in-process: never downloads Prism (see PLATFORM.md)
 
 
-class PipelineConfigError(ValueError):
+class PipelineConfigError(ConfigError):
     """A malformed pipeline config: the message names the file, stage or key at fault."""
 
 
-def _check_range(where: str, name: str, value, lo=None, hi=None) -> None:
-    """Raise :class:`PipelineConfigError` naming ``where.name`` unless ``lo <= value <= hi``
-    (``None`` bounds and a ``None`` value are not checked)."""
-    if value is None:
-        return
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise PipelineConfigError(f"{where}.{name} must be in {bounds}, got {value}")
-
-
-def _check_order(where: str, low: str, high: str, obj) -> None:
-    """Raise :class:`PipelineConfigError` unless ``obj.low <= obj.high``."""
-    if getattr(obj, low) > getattr(obj, high):
-        raise PipelineConfigError(
-            f"{where}.{low} ({getattr(obj, low)}) must not exceed {where}.{high} "
-            f"({getattr(obj, high)})"
-        )
+#: the typed loader of the pipeline's sections: YAML types are kept (``"yes"`` is no bool),
+#: errors are :class:`PipelineConfigError`; stages' parameter dataclasses use its checks
+LOADER = Loader(
+    error=PipelineConfigError,
+    strict=True,
+    unknown_key="{where}: unknown parameter {name!r}; valid: {valid}",
+    not_mapping="{where}: parameters must be a mapping, got {value!r}",
+    none_is_empty=True,
+)
 
 
 @dataclass
@@ -121,7 +114,7 @@ class CleanParams:
     min_chars: int = 1
 
     def __post_init__(self):
-        _check_range("clean", "min_chars", self.min_chars, 0)
+        LOADER.check_range("clean.min_chars", self.min_chars, 0)
 
 
 @dataclass
@@ -139,7 +132,7 @@ class LangIdParams:
     max_chars: int = 2000
 
     def __post_init__(self):
-        _check_range("langid", "max_chars", self.max_chars, 1)
+        LOADER.check_range("langid.max_chars", self.max_chars, 1)
 
 
 @dataclass
@@ -182,7 +175,7 @@ class MinHashParams:
             raise PipelineConfigError(
                 "minhash_dedup: num_perm >= 2, char_ngram and word_ngram >= 1"
             )
-        _check_range("minhash_dedup", "max_bucket", self.max_bucket, 1)
+        LOADER.check_range("minhash_dedup.max_bucket", self.max_bucket, 1)
 
 
 @dataclass
@@ -228,14 +221,14 @@ class QualityParams:
         """Raises: PipelineConfigError naming the parameter: a count below 0, a ratio or
         fraction outside [0, 1], or a lower bound above its upper bound."""
         for name in ("min_chars", "max_chars", "min_words", "max_words", "max_lorem_ipsum"):
-            _check_range("quality", name, getattr(self, name), 0)
+            LOADER.check_range(f"quality.{name}", getattr(self, name), 0)
         for name in (
             "min_mean_word_len",
             "max_mean_word_len",
             "cjk_min_mean_word_len",
             "cjk_max_mean_word_len",
         ):
-            _check_range("quality", name, getattr(self, name), 0)
+            LOADER.check_range(f"quality.{name}", getattr(self, name), 0)
         for name in (
             "max_symbol_ratio",
             "max_digit_ratio",
@@ -246,14 +239,14 @@ class QualityParams:
             "max_dup_ngram_frac",
             "max_ellipsis_line_frac",
         ):
-            _check_range("quality", name, getattr(self, name), 0, 1)
+            LOADER.check_range(f"quality.{name}", getattr(self, name), 0, 1)
         for low, high in (
             ("min_chars", "max_chars"),
             ("min_words", "max_words"),
             ("min_mean_word_len", "max_mean_word_len"),
             ("cjk_min_mean_word_len", "cjk_max_mean_word_len"),
         ):
-            _check_order("quality", low, high, self)
+            LOADER.check_order("quality", low, high, self)
 
 
 @dataclass
@@ -396,56 +389,20 @@ class PipelineConfig:
         return next((s for s in self.stages if s.name == name), None)
 
 
-def _typecheck(where: str, key: str, value: Any, default: Any) -> Any:
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise PipelineConfigError(
-            f"{where}.{key}: expected {type(default).__name__}, got {type(value).__name__} "
-            f"({value!r})"
-        )
-    return value
-
-
 def build_params(cls: type, params: Any, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, checking names and types.
+    """Instantiate dataclass ``cls`` from a mapping, checking names and types (``LOADER``).
+
+    Args:
+        cls: the parameter dataclass.
+        params: the mapping (None = all defaults).
+        where: the stage or section name the messages start with (``quality``, ``input[0]``).
 
     Raises:
         PipelineConfigError: ``params`` is not a mapping, names an unknown key (the message
-            lists the valid ones), or a value has the wrong type.
+            lists the valid ones), a value has the wrong type, a required field is missing, or
+            the dataclass rejects a value.
     """
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise PipelineConfigError(f"{where}: parameters must be a mapping, got {params!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in params.items():
-        if key not in fields:
-            raise PipelineConfigError(
-                f"{where}: unknown parameter {key!r}; valid: {', '.join(fields)}"
-            )
-        f = fields[key]
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
-        kwargs[key] = _typecheck(where, key, value, default)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise PipelineConfigError(f"{where}: {e}") from None
+    return LOADER.build(cls, params, where)
 
 
 def parse_stages(raw: Any) -> list[Stage]:
@@ -535,7 +492,7 @@ def parse_config(raw: Any, source: str = "config") -> PipelineConfig:
         streaming=build_params(StreamingParams, raw.get("streaming"), "streaming"),
         runner=str(raw.get("runner") or DEFAULT_RUNNER),
         options=dict(options),
-        write_docs=_typecheck(source, "write_docs", raw.get("write_docs", False), False),
+        write_docs=LOADER.coerce(raw.get("write_docs", False), bool, f"{source}.write_docs"),
     )
 
 

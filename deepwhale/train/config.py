@@ -13,18 +13,21 @@ key and, for unknown keys, the valid ones.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deepwhale.parallel.layout import LayoutError, ParallelLayout
+from deepwhale.typed_config import ConfigError, Loader
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     """A training config that cannot run: unknown key, wrong type, bad value or missing file."""
+
+
+#: the typed loader of the sections: strings from ``--set`` overrides are converted to the
+#: field's type; errors are :class:`TrainConfigError`, a layout's own error keeps its message
+LOADER = Loader(error=TrainConfigError, passthrough=(LayoutError,))
 
 
 @dataclass
@@ -49,10 +52,10 @@ class ModelSection:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "model.name", "must name a flavour, folder or config.json")
+        LOADER.require(bool(self.name), "model.name", "must name a flavour, folder or config.json")
         if self.vocab_size is not None:
-            _require(self.vocab_size > 0, "model.vocab_size", "must be > 0")
-        _require(self.init_std > 0, "model.init_std", "must be > 0")
+            LOADER.require(self.vocab_size > 0, "model.vocab_size", "must be > 0")
+        LOADER.require(self.init_std > 0, "model.init_std", "must be > 0")
 
 
 @dataclass
@@ -85,11 +88,11 @@ class DataSection:
     chat_template: str | None = None
 
     def __post_init__(self) -> None:
-        _choice("data.format", self.format, ("auto", "shards", "text", "jsonl", "chat"))
-        _require(self.seq_len >= 2, "data.seq_len", "must be >= 2")
-        _require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        LOADER.choice("data.format", self.format, ("auto", "shards", "text", "jsonl", "chat"))
+        LOADER.require(self.seq_len >= 2, "data.seq_len", "must be >= 2")
+        LOADER.require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
         if self.limit is not None:
-            _require(self.limit > 0, "data.limit", "must be > 0")
+            LOADER.require(self.limit > 0, "data.limit", "must be > 0")
 
 
 @dataclass
@@ -111,11 +114,13 @@ class OptimSection:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", "must be > 0")
-        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "in [0, 1)")
-        _require(self.eps > 0, "optim.eps", "must be > 0")
-        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        LOADER.require(self.lr > 0, "optim.lr", "must be > 0")
+        LOADER.require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        LOADER.require(
+            0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "in [0, 1)"
+        )
+        LOADER.require(self.eps > 0, "optim.eps", "must be > 0")
+        LOADER.require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
 
 @dataclass
@@ -140,19 +145,19 @@ class ScheduleSection:
     stage_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _choice("schedule.name", self.name, ("cosine", "constant", "staged"))
-        _require(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
-        _require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be in [0, 1]")
+        LOADER.choice("schedule.name", self.name, ("cosine", "constant", "staged"))
+        LOADER.require(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+        LOADER.require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be in [0, 1]")
         if self.name == "staged":
-            _require(bool(self.stage_lrs), "schedule.stage_lrs", "needs at least one value")
-            _require(all(v > 0 for v in self.stage_lrs), "schedule.stage_lrs", "must be > 0")
-            _require(
+            LOADER.require(bool(self.stage_lrs), "schedule.stage_lrs", "needs at least one value")
+            LOADER.require(all(v > 0 for v in self.stage_lrs), "schedule.stage_lrs", "must be > 0")
+            LOADER.require(
                 len(self.stage_steps) == len(self.stage_lrs) - 1,
                 "schedule.stage_steps",
                 f"needs {len(self.stage_lrs) - 1} boundaries for {len(self.stage_lrs)} stage_lrs, "
                 f"got {self.stage_steps}",
             )
-            _require(
+            LOADER.require(
                 all(a < b for a, b in zip(self.stage_steps, self.stage_steps[1:], strict=False))
                 and all(s > 0 for s in self.stage_steps),
                 "schedule.stage_steps",
@@ -193,12 +198,14 @@ class TrainSection:
     compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
-        _require(self.steps > 0, "train.steps", "must be > 0")
-        _require(self.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
-        _require(self.grad_accum > 0, "train.grad_accum", "must be > 0")
-        _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
-        _choice("train.activation_checkpointing", self.activation_checkpointing, ("none", "full"))
-        _require(self.ac_every > 0, "train.ac_every", "must be > 0")
+        LOADER.require(self.steps > 0, "train.steps", "must be > 0")
+        LOADER.require(self.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
+        LOADER.require(self.grad_accum > 0, "train.grad_accum", "must be > 0")
+        LOADER.choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        LOADER.choice(
+            "train.activation_checkpointing", self.activation_checkpointing, ("none", "full")
+        )
+        LOADER.require(self.ac_every > 0, "train.ac_every", "must be > 0")
 
 
 @dataclass
@@ -222,8 +229,8 @@ class MoESection:
 
     def __post_init__(self) -> None:
         if self.aux_loss_alpha is not None:
-            _require(self.aux_loss_alpha >= 0, "moe.aux_loss_alpha", "must be >= 0")
-        _require(self.bias_update_speed >= 0, "moe.bias_update_speed", "must be >= 0")
+            LOADER.require(self.aux_loss_alpha >= 0, "moe.aux_loss_alpha", "must be >= 0")
+        LOADER.require(self.bias_update_speed >= 0, "moe.bias_update_speed", "must be >= 0")
 
 
 @dataclass
@@ -239,8 +246,8 @@ class EvalSection:
     max_batches: int = 10
 
     def __post_init__(self) -> None:
-        _require(self.interval >= 0, "eval.interval", "must be >= 0")
-        _require(self.max_batches > 0, "eval.max_batches", "must be > 0")
+        LOADER.require(self.interval >= 0, "eval.interval", "must be >= 0")
+        LOADER.require(self.max_batches > 0, "eval.max_batches", "must be > 0")
 
 
 @dataclass
@@ -273,8 +280,8 @@ class CheckpointSection:
     async_save: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.interval >= 0, "checkpoint.interval", "must be >= 0")
-        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        LOADER.require(self.interval >= 0, "checkpoint.interval", "must be >= 0")
+        LOADER.require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
 
 
 @dataclass
@@ -294,7 +301,7 @@ class LogSection:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.interval > 0, "log.interval", "must be > 0")
+        LOADER.require(self.interval > 0, "log.interval", "must be > 0")
 
 
 @dataclass
@@ -316,9 +323,9 @@ class LoraSection:
     target_modules: list[str] | None = None
 
     def __post_init__(self) -> None:
-        _require(self.r > 0, "lora.r", "must be > 0")
-        _require(self.alpha > 0, "lora.alpha", "must be > 0")
-        _require(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        LOADER.require(self.r > 0, "lora.r", "must be > 0")
+        LOADER.require(self.alpha > 0, "lora.alpha", "must be > 0")
+        LOADER.require(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
 
 
 @dataclass
@@ -357,7 +364,7 @@ class TrainConfig:
             TrainConfigError: an unknown key (the message lists the valid keys of its section), a
                 value of the wrong type, or an out-of-range value.
         """
-        return _build(cls, data or {}, "")
+        return LOADER.build(cls, data or {}, "")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -410,96 +417,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             node = child
         node[parts[-1]] = value
     return TrainConfig.from_dict(data)
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise TrainConfigError(f"{key}: {message}")
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise TrainConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(data, dict):
-        raise TrainConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise TrainConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys"
-            f"{' in ' + where if prefix else ''}: {', '.join(names)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
-    try:
-        return cls(**kwargs)
-    except TrainConfigError:
-        raise
-    except LayoutError as e:  # its message already names the dotted key
-        raise TrainConfigError(str(e)) from None
-    except (TypeError, ValueError) as e:  # pragma: no cover - guarded by _coerce
-        raise TrainConfigError(f"{where}: {e}") from None
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if len(args) < len(typing.get_args(hint)):
-                return None
-        return _coerce(value, args[0], key)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v for v in (s.strip() for s in value.split(",")) if v]
-        if not isinstance(value, list | tuple):
-            raise TrainConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise TrainConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise TrainConfigError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool):
-            raise TrainConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            raise TrainConfigError(f"{key}: expected a number, got {value!r}") from None
-        if not math.isfinite(out):
-            raise TrainConfigError(f"{key}: expected a finite number, got {value!r}")
-        return out
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise TrainConfigError(f"{key}: expected a string, got {value!r}")
-    return value  # pragma: no cover
