@@ -147,22 +147,29 @@ def _write_json_list(values: list, path: str) -> int:
 
 def apply_stages(docs, cfg: PipelineConfig, out_dir: Path) -> tuple:
     """Chain the configured stages onto ``docs``, each through its registered ``apply``
-    (:mod:`deepwhale.data.stages`), after its ``check``.
+    (:mod:`deepwhale.data.stages`), after its ``check``; the documents are counted as the
+    pipeline's output (``output``) before the first ``sink`` stage, else after the last stage.
 
     Returns:
-        ``(docs, outputs)``: the documents after the last stage and the stages' extra outputs
-        by name (``ppls``: the PCollection of perplexities of ``perplexity``; ``manifest``: the
-        manifest PCollection of ``tokenize``; any a plugin stage adds).
+        ``(docs, outputs, sunk)``: the documents after the last stage, the stages' extra
+        outputs by name (``ppls`` of ``perplexity``, ``manifest`` of ``tokenize``, any a plugin
+        stage adds), and whether a sink stage wrote the pipeline's product.
     """
     outputs: dict = {}
+    sunk = False
     for i, stage in enumerate(cfg.stages):
         spec = stages.get(stage.name)
         spec.check(stage.params, stage.name)
+        if spec.sink is not None and not sunk:
+            docs = docs | "Output" >> beam.ParDo(_CountOut())
+            sunk = True
         ctx = stages.StageContext(stage.name, f"S{i:02d}_{stage.name}", out_dir, cfg)
         result = spec.apply(docs, stage.params, ctx)
         docs, extra = result if isinstance(result, tuple) else (result, {})
         outputs.update(extra)
-    return docs, outputs
+    if not sunk:
+        docs = docs | "Output" >> beam.ParDo(_CountOut())
+    return docs, outputs, sunk
 
 
 def _read_streaming(p, cfg: PipelineConfig):
@@ -218,8 +225,9 @@ class _FirstSighting(beam.DoFn):
 
 def build(p, cfg: PipelineConfig, out_dir: Path) -> dict:
     """Add the whole pipeline for ``cfg`` to Beam pipeline ``p``; returns the terminal
-    PCollections by name (``manifest``, ``ppls``, ``docs_files``, and the extra outputs of
-    plugin stages).
+    PCollections by name: the stages' extra outputs (``manifest`` of ``tokenize``...; those a
+    stage declares in ``lists`` are written to their file in batch mode and left out in
+    streaming mode) and ``docs_files``.
 
     Raises:
         PipelineConfigError: an input matches no file, or a stage check fails.
@@ -235,18 +243,17 @@ def build(p, cfg: PipelineConfig, out_dir: Path) -> dict:
     docs = streams[0] if len(streams) == 1 else tuple(streams) | "Inputs" >> beam.Flatten()
     if cfg.mode == "streaming":
         docs = docs | "Window" >> beam.WindowInto(window.FixedWindows(cfg.streaming.window_s))
-    docs, extra = apply_stages(docs, cfg, out_dir)
-    ppls, manifest = extra.pop("ppls", None), extra.pop("manifest", None)
-    outputs: dict = {"manifest": manifest, **extra}
-    if ppls is not None and cfg.mode == "batch":
-        outputs["ppls"] = (
-            ppls
-            | "PplList" >> beam.combiners.ToList()
-            | "PplWrite" >> beam.Map(_write_json_list, str(out_dir / "perplexities.json"))
-        )
-    if manifest is None:
-        docs = docs | "Output" >> beam.ParDo(_CountOut())
-    if manifest is None or cfg.write_docs:
+    docs, outputs, sunk = apply_stages(docs, cfg, out_dir)
+    for stage in cfg.stages:
+        for name, filename in stages.get(stage.name).lists.items():
+            values = outputs.pop(name, None)
+            if values is not None and cfg.mode == "batch":
+                outputs[name] = (
+                    values
+                    | f"{name}List" >> beam.combiners.ToList()
+                    | f"{name}Write" >> beam.Map(_write_json_list, str(out_dir / filename))
+                )
+    if not sunk or cfg.write_docs:
         if cfg.mode == "streaming":
             outputs["docs_files"] = docs | "WriteWindows" >> beam.ParDo(
                 _WriteWindowParts(str(out_dir / "windows"))
@@ -386,8 +393,10 @@ def run(
     # so a config error never leaves a fingerprint behind.
     build(p, cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.stage("tokenize") is not None:
-        _claim_shard_folder(cfg, out_dir / "shards")
+    specs = [(stage, stages.get(stage.name)) for stage in cfg.stages]
+    for _, spec in specs:
+        if spec.sink is not None:
+            _claim_shard_folder(cfg, out_dir / spec.sink)
     say(f"running {len(cfg.stages)} stage(s) in {cfg.mode} mode with {' '.join(args)}")
     result = p.run()
     result.wait_until_finish()
@@ -403,21 +412,11 @@ def run(
         "docs_in": counters.get("read", {}).get("docs", 0),
         "docs_out": counters.get("output", {}).get("kept", 0),
     }
-    ppl_stage = cfg.stage("perplexity")
-    ppl_file = out_dir / "perplexities.json" if ppl_stage is not None else None
-    if ppl_file is not None and ppl_file.exists() and ppl_stage.params.keep_percentile:
-        from deepwhale.data.lm import percentile
-
-        values = json.loads(ppl_file.read_text())
-        extra["perplexity_cutoff"] = percentile(values, ppl_stage.params.keep_percentile)
-    elif ppl_stage is not None and ppl_stage.params.max_ppl is not None:
-        extra["perplexity_cutoff"] = ppl_stage.params.max_ppl
-    if cfg.stage("tokenize") is not None:
-        manifest = json.loads((out_dir / "shards" / "manifest.json").read_text())
-        extra["shards"] = {k: manifest[k] for k in ("rows", "tokens", "docs", "seq_len")}
-        extra["shards"]["files"] = len(manifest["shards"])
+    for stage, spec in specs:
+        if spec.report is not None:
+            extra.update(spec.report(stage.params, out_dir))
     from deepwhale.data.report import write_report
 
-    report = write_report(out_dir, counters, extra, ppl_file)
+    report = write_report(out_dir, counters, extra)
     say(f"done in {wall:.1f} s: {extra['docs_in']} docs in, {extra['docs_out']} out")
     return report

@@ -50,14 +50,25 @@ def plot_histogram(values: list[float], path: Path, cutoff: float | None = None)
     return path
 
 
-def write_report(out_dir: Path, counters: dict, extra: dict, ppl_file: Path | None) -> dict:
-    """Write ``report.json`` (and the histogram when ``ppl_file`` holds perplexities).
+def perplexity_summary(values: list[float], out_dir: Path, cutoff: float | None = None) -> dict:
+    """:func:`ppl_summary` of ``values``, after writing their histogram (``cutoff`` marked) to
+    ``out_dir/perplexity_hist.png``; its ``histogram`` field names that file."""
+    summary = ppl_summary(values)
+    plot_histogram(values, out_dir / "perplexity_hist.png", cutoff)
+    summary["histogram"] = "perplexity_hist.png"
+    return summary
+
+
+def write_report(out_dir: Path, counters: dict, extra: dict, ppl_file: Path | None = None) -> dict:
+    """Write ``report.json``: ``{"stages": counters, **extra}``.
 
     Args:
         out_dir: output folder.
         counters: :func:`deepwhale.data.metrics.collect` of the run.
-        extra: more top-level fields (config summary, timings, shard totals).
-        ppl_file: JSON list of perplexities written by the pipeline, or None.
+        extra: more top-level fields (config summary, timings, the stages' report fields).
+        ppl_file: a JSON list of perplexities to summarise as ``perplexity`` (with the
+            histogram, at ``extra["perplexity_cutoff"]``), or None. The pipeline passes None:
+            its ``perplexity`` stage reports its own summary.
 
     Returns:
         The report dict.
@@ -65,9 +76,6 @@ def write_report(out_dir: Path, counters: dict, extra: dict, ppl_file: Path | No
     report = {"stages": counters, **extra}
     if ppl_file is not None and ppl_file.exists():
         values = json.loads(ppl_file.read_text())
-        report["perplexity"] = ppl_summary(values)
-        cutoff = extra.get("perplexity_cutoff")
-        plot_histogram(values, out_dir / "perplexity_hist.png", cutoff)
-        report["perplexity"]["histogram"] = "perplexity_hist.png"
+        report["perplexity"] = perplexity_summary(values, out_dir, extra.get("perplexity_cutoff"))
     write_json(out_dir / "report.json", report)
     return report

@@ -11,7 +11,17 @@ A :class:`StageSpec` holds everything the pipeline needs to know about a stage:
   ``(docs, {name: PCollection})`` when it has extra outputs (``perplexity`` gives ``ppls``,
   ``tokenize`` gives ``manifest``);
 * ``is_global``: it needs the whole collection (not available in streaming mode);
-* ``last``: it must be the last stage (``tokenize``).
+* ``last``: it must be the last stage (``tokenize``);
+* ``sink``: the subfolder of the output into which the stage writes the pipeline's product
+  (``tokenize``: ``shards``). The pipeline counts the documents as its output before the stage,
+  writes them as ``docs/*.jsonl`` only with ``write_docs``, and claims the folder with the
+  config's fingerprint before the run;
+* ``lists``: extra outputs that a batch run writes as one JSON list into a file of the output
+  folder (``perplexity``: ``ppls`` -> ``perplexities.json``);
+* ``report(params, out_dir)``: after the run, the stage's fields of ``report.json``, read from
+  the files it wrote (``perplexity``: the cutoff and the summary; ``tokenize``: the shard totals).
+
+The pipeline (:mod:`deepwhale.data.pipeline`) reads only these fields; it knows no stage by name.
 
 The built-in stages register below with :func:`register`; a script adds one the same way::
 
@@ -32,8 +42,9 @@ This module does not import Beam; the stages' ``apply`` functions import what th
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +97,10 @@ class StageSpec:
         check: ``(params, where) -> None``; raises PipelineConfigError.
         is_global: needs the whole collection, so batch mode only.
         last: must be the last stage.
+        sink: the output subfolder the stage writes the pipeline's product into, or None.
+        lists: ``{extra output: file name}``: outputs a batch run writes as a JSON list there.
+        report: ``(params, out_dir: Path) -> dict`` of ``report.json`` fields after the run,
+            or None.
     """
 
     params: type
@@ -93,6 +108,9 @@ class StageSpec:
     check: Callable[[Any, str], None] = _no_check
     is_global: bool = False
     last: bool = False
+    sink: str | None = None
+    lists: Mapping[str, str] = field(default_factory=dict)
+    report: Callable[[Any, Path], dict] | None = None
 
 
 REGISTRY: Registry[StageSpec] = Registry(ENTRY_POINT_GROUP, "stage")
@@ -105,6 +123,9 @@ def register(
     check: Callable[[Any, str], None] = _no_check,
     is_global: bool = False,
     last: bool = False,
+    sink: str | None = None,
+    lists: Mapping[str, str] | None = None,
+    report: Callable[[Any, Path], dict] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register the decorated ``apply`` function as stage ``name`` (returned
     unchanged); the other arguments are the :class:`StageSpec` fields.
@@ -116,7 +137,7 @@ def register(
     add = REGISTRY.register(name)
 
     def decorator(apply: Callable[..., Any]) -> Callable[..., Any]:
-        add(StageSpec(params, apply, check, is_global, last))
+        add(StageSpec(params, apply, check, is_global, last, sink, dict(lists or {}), report))
         return apply
 
     return decorator
@@ -236,7 +257,46 @@ def _quality(docs, params: QualityParams, ctx: StageContext):
     return docs | ctx.label >> beam.ParDo(QualityFilter(params))
 
 
-@register("perplexity", params=PerplexityParams, check=_check_perplexity)
+def _report_perplexity(params: PerplexityParams, out_dir: Path) -> dict:
+    """``perplexity_cutoff`` (the ``keep_percentile`` of the written perplexities, else
+    ``max_ppl``) and ``perplexity``, the summary of ``perplexities.json`` with its histogram
+    (batch runs; :mod:`deepwhale.data.report`)."""
+    from deepwhale.data.report import perplexity_summary
+
+    out: dict = {}
+    ppl_file = out_dir / PERPLEXITIES
+    values = json.loads(ppl_file.read_text()) if ppl_file.exists() else None
+    if values is not None and params.keep_percentile:
+        from deepwhale.data.lm import percentile
+
+        out["perplexity_cutoff"] = percentile(values, params.keep_percentile)
+    elif params.max_ppl is not None:
+        out["perplexity_cutoff"] = params.max_ppl
+    if values is not None:
+        out["perplexity"] = perplexity_summary(values, out_dir, out.get("perplexity_cutoff"))
+    return out
+
+
+def _report_tokenize(params: TokenizeParams, out_dir: Path) -> dict:
+    """``shards``: the manifest's totals (``rows``, ``tokens``, ``docs``, ``seq_len``) and the
+    number of shard files."""
+    manifest = json.loads((out_dir / "shards" / "manifest.json").read_text())
+    shards = {k: manifest[k] for k in ("rows", "tokens", "docs", "seq_len")}
+    shards["files"] = len(manifest["shards"])
+    return {"shards": shards}
+
+
+#: the file a batch run writes the ``perplexity`` stage's values into
+PERPLEXITIES = "perplexities.json"
+
+
+@register(
+    "perplexity",
+    params=PerplexityParams,
+    check=_check_perplexity,
+    lists={"ppls": PERPLEXITIES},
+    report=_report_perplexity,
+)
 def _perplexity(docs, params: PerplexityParams, ctx: StageContext):
     from deepwhale.data.lm import PerplexityFilter
 
@@ -253,13 +313,16 @@ def _augment(docs, params: AugmentParams, ctx: StageContext):
     return docs | ctx.label >> beam.ParDo(Augment(params))
 
 
-@register("tokenize", params=TokenizeParams, is_global=True, last=True)
+@register(
+    "tokenize",
+    params=TokenizeParams,
+    is_global=True,
+    last=True,
+    sink="shards",
+    report=_report_tokenize,
+)
 def _tokenize(docs, params: TokenizeParams, ctx: StageContext):
-    import apache_beam as beam
-
     from deepwhale.data.pack import TokenizeAndPack
-    from deepwhale.data.pipeline import _CountOut
 
-    docs = docs | "Output" >> beam.ParDo(_CountOut())
     manifest = docs | ctx.label >> TokenizeAndPack(params, str(ctx.out_dir / "shards"))
     return docs, {"manifest": manifest}

@@ -170,3 +170,54 @@ def test_stage_from_an_entry_point_runs_from_yaml(tmp_path, registry, monkeypatc
 
     with pytest.raises(C.PipelineConfigError, match="cannot run in streaming mode"):
         C.parse_config({"input": str(src), "mode": "streaming", "stages": ["shout"]})
+
+
+@dataclass
+class LengthsParams:
+    """Parameters of the test's ``lengths`` stage (none)."""
+
+
+def _report_lengths(params: LengthsParams, out_dir) -> dict:
+    values = json.loads((out_dir / "lengths.json").read_text())
+    return {"lengths": {"count": len(values), "total": sum(values)}}
+
+
+def test_stage_declares_its_sink_lists_and_report(tmp_path, registry):
+    """The pipeline dispatches on what a stage declares, not on its name: a ``sink`` is counted
+    as the output before it, replaces docs/*.jsonl (unless write_docs) and has its folder
+    claimed; a ``lists`` output is written as a JSON list; ``report`` adds report fields."""
+
+    @stages.register(
+        "lengths",
+        params=LengthsParams,
+        last=True,
+        sink="lengths",
+        lists={"lengths": "lengths.json"},
+        report=_report_lengths,
+    )
+    def lengths(docs, params, ctx):
+        import apache_beam as beam
+
+        return docs, {"lengths": docs | ctx.label >> beam.Map(lambda d: len(d["text"]))}
+
+    assert stages.get("lengths").sink == "lengths"
+    src = _write_inputs(tmp_path, n=4)
+    out = tmp_path / "out"
+    cfg = C.parse_config({"input": str(src), "output": str(out), "stages": ["clean", "lengths"]})
+    report = run(cfg)
+    values = json.loads((out / "lengths.json").read_text())
+    assert len(values) == 4 == report["docs_out"] == report["stages"]["output"]["kept"]
+    assert report["lengths"] == {"count": 4, "total": sum(values)}
+    assert not (out / "docs").exists()  # the sink's product replaces the documents
+    stamp = json.loads((out / "lengths" / "pipeline.json").read_text())
+    assert len(stamp["fingerprint"]) == 40  # the sink's folder is claimed
+
+    cfg = C.parse_config(
+        {
+            "input": str(src),
+            "output": str(tmp_path / "both"),
+            "stages": ["lengths"],
+            "write_docs": True,
+        }
+    )
+    assert run(cfg)["docs_out"] == 4 == len(_docs(tmp_path / "both"))
