@@ -8,7 +8,7 @@ add more through the entry-point group ``deepwhale.augmenters`` (see :mod:`deepw
 an entry point names a factory ``(**params) -> Augmenter``.
 
 The pipeline's ``augment`` stage is the Beam DoFn :class:`Augment` (one augmented copy per
-strategy, each seeded by :func:`seed_for`); :func:`_check_augment` validates its strategy names
+strategy, each seeded by :func:`seed_for`); :func:`check_augment` validates its strategy names
 before any worker starts.
 
 Built-in strategies (each takes ``rate`` in [0, 1]):
@@ -76,6 +76,7 @@ __all__ = [
     "SynonymReplacement",
     "available",
     "build",
+    "check_augment",
     "register",
     "seed_for",
     "split_sentences",
@@ -952,7 +953,7 @@ class BackTranslation(_Strategy):
 # --------------------------------------------------------------------------- the pipeline stage
 
 
-def _check_augment(params: AugmentParams, where: str = "augment") -> None:
+def check_augment(params: AugmentParams, where: str = "augment") -> None:
     """Check that every strategy of the ``augment`` stage names a known augmenter.
 
     Raises:

@@ -36,7 +36,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from deepwhale.atomic import atomic_write, write_json
 from deepwhale.data import stages
-from deepwhale.data.augment import Augment, _check_augment, seed_for  # noqa: F401 (re-export)
+from deepwhale.data.augment import Augment, seed_for  # noqa: F401 (re-export)
 from deepwhale.data.config import PipelineConfig, PipelineConfigError
 from deepwhale.data.metrics import StageCounters, collect
 
@@ -130,7 +130,10 @@ class _WriteWindowParts(beam.DoFn):
         self._buf = {}
 
 
-class _CountOut(beam.DoFn):
+class CountOutput(beam.DoFn):
+    """Pass every document on, counting it as the pipeline's output (``output``: ``in`` and
+    ``kept``, the report's ``docs_out``)."""
+
     def __init__(self):
         self.counters = StageCounters("output")
 
@@ -161,14 +164,14 @@ def apply_stages(docs, cfg: PipelineConfig, out_dir: Path) -> tuple:
         spec = stages.get(stage.name)
         spec.check(stage.params, stage.name)
         if spec.sink is not None and not sunk:
-            docs = docs | "Output" >> beam.ParDo(_CountOut())
+            docs = docs | "Output" >> beam.ParDo(CountOutput())
             sunk = True
         ctx = stages.StageContext(stage.name, f"S{i:02d}_{stage.name}", out_dir, cfg)
         result = spec.apply(docs, stage.params, ctx)
         docs, extra = result if isinstance(result, tuple) else (result, {})
         outputs.update(extra)
     if not sunk:
-        docs = docs | "Output" >> beam.ParDo(_CountOut())
+        docs = docs | "Output" >> beam.ParDo(CountOutput())
     return docs, outputs, sunk
 
 

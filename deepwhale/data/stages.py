@@ -179,12 +179,12 @@ def get(name: str, where: str | None = None) -> StageSpec:
 
 def _check_augment(params: AugmentParams, where: str) -> None:
     try:
-        from deepwhale.data.augment import _check_augment as check
+        from deepwhale.data.augment import check_augment
     except ImportError as e:
         raise PipelineConfigError(
             f"{where}: the augmentation module is not available ({e})"
         ) from None
-    check(params, where)
+    check_augment(params, where)
 
 
 def _check_langid(params: LangIdParams, where: str) -> None:
