@@ -18,6 +18,7 @@ LAYER = {
     "device": 0,
     "extras": 0,
     "plugins": 0,
+    "typed_config": 0,
     "model": 1,
     "checkpoint": 2,
     "tokenizer": 2,
