@@ -221,9 +221,8 @@ def export_gguf(
     dtype: Annotated[str, typer.Option(help="f32 or f16.")] = "f32",
 ) -> None:
     """Export a LLaMA-layout checkpoint to GGUF for llama.cpp."""
-    from deepwhale.api import DEFAULT_MODEL
     from deepwhale.checkpoint.gguf import export_gguf as run
-    from deepwhale.checkpoint.hub import resolve_checkpoint
+    from deepwhale.checkpoint.hub import DEFAULT_MODEL, resolve_checkpoint
 
     try:
         path = run(resolve_checkpoint(model or DEFAULT_MODEL), out, dtype=dtype)

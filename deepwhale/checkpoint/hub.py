@@ -15,8 +15,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be found, downloaded or loaded; the message names file and key."""
 
 
-#: models shipped inside the package (``deepwhale/assets/<name>``), usable by bare name
+#: models shipped inside the package (``deepwhale/assets/<name>``), usable by bare name; this
+#: module is the one place that knows their paths
 BUNDLED = Path(__file__).resolve().parents[1] / "assets"
+#: the default model and tokenizer when none is given: llama2.c's stories260K, converted
+DEFAULT_MODEL = BUNDLED / "stories260K"
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 ALLOW_PATTERNS = [
@@ -27,6 +30,13 @@ ALLOW_PATTERNS = [
     "*.txt",
     "*.md",
 ]
+
+
+def bundled(name: str) -> Path | None:
+    """The folder of the bundled model ``name`` (``stories260K``, ``deepwhale-demo``), or None
+    when ``name`` is a path (it holds a ``/``) or no bundled folder has that name."""
+    folder = BUNDLED / name
+    return folder if "/" not in name and folder.is_dir() else None
 
 
 def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
@@ -47,9 +57,9 @@ def resolve_checkpoint(path_or_repo_id: str | Path, revision: str | None = None)
     if path.is_dir():
         return path
     name = str(path_or_repo_id)
-    bundled = BUNDLED / name
-    if "/" not in name and (bundled / "config.json").is_file():
-        return bundled
+    folder = bundled(name)
+    if folder is not None and (folder / "config.json").is_file():
+        return folder
     if path.exists():
         raise CheckpointError(f"{name} is a file; pass the checkpoint folder that holds it")
     if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):

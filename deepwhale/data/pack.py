@@ -38,12 +38,11 @@ def tokenizer_folder(path: str | None) -> Path:
     Raises:
         PipelineConfigError: no ``tokenizer.json`` in it.
     """
-    from deepwhale.api import DEFAULT_MODEL
-    from deepwhale.checkpoint.hub import BUNDLED
+    from deepwhale.checkpoint.hub import DEFAULT_MODEL, bundled
 
     folder = Path(path) if path else DEFAULT_MODEL
-    if path and not folder.exists() and "/" not in path and (BUNDLED / path).is_dir():
-        folder = BUNDLED / path
+    if path and not folder.exists() and bundled(path) is not None:
+        folder = bundled(path)
     if not (folder / "tokenizer.json").is_file():
         raise PipelineConfigError(f"tokenize.tokenizer: no tokenizer.json in {folder}")
     return folder

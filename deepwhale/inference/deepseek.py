@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from deepwhale.checkpoint.hub import BUNDLED, CheckpointError, resolve_checkpoint
+# DEFAULT_MODEL (public here and in deepwhale.api) is checkpoint.hub's, the bundled stories260K
+from deepwhale.checkpoint.hub import DEFAULT_MODEL, CheckpointError, resolve_checkpoint
 from deepwhale.checkpoint.io import load_model, save_model
 from deepwhale.device import resolve_device, resolve_dtype
 from deepwhale.inference.embeddings import embed
@@ -29,7 +30,6 @@ from deepwhale.model.config import ModelConfig
 from deepwhale.model.transformer import CausalLM
 from deepwhale.tokenizer import Tokenizer
 
-DEFAULT_MODEL = BUNDLED / "stories260K"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepwhale.checkpoint.hub import BUNDLED
+from deepwhale.checkpoint.hub import DEFAULT_MODEL
 from deepwhale.device import resolve_device as _resolve_device
 from deepwhale.train import checkpoint as ckpt
 from deepwhale.train import recovery
@@ -36,7 +36,8 @@ from deepwhale.train.loss import token_cross_entropy_sum
 from deepwhale.train.metrics import MetricsLogger, Progress, perplexity
 from deepwhale.train.schedule import schedule_from_config
 
-BUNDLED_TOKENIZER = BUNDLED / "stories260K"
+#: the tokenizer for text data without one: the bundled stories260K (checkpoint.hub.DEFAULT_MODEL)
+BUNDLED_TOKENIZER = DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 

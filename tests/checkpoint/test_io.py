@@ -226,6 +226,20 @@ def test_resolve_checkpoint_errors(tmp_path, monkeypatch):
         resolve_checkpoint("deepseek-ai/DeepSeek-V3")
 
 
+def test_one_owner_of_the_bundled_models_paths():
+    """checkpoint.hub knows the bundled folders; the public names elsewhere are its objects."""
+    from deepwhale import api
+    from deepwhale.checkpoint.hub import BUNDLED, DEFAULT_MODEL, bundled
+    from deepwhale.data.pack import tokenizer_folder
+    from deepwhale.train.trainer import BUNDLED_TOKENIZER
+
+    assert DEFAULT_MODEL == BUNDLED / "stories260K" == bundled("stories260K")
+    assert api.DEFAULT_MODEL is DEFAULT_MODEL and BUNDLED_TOKENIZER is DEFAULT_MODEL
+    assert tokenizer_folder(None) == DEFAULT_MODEL == resolve_checkpoint("stories260K")
+    assert bundled("deepwhale-demo") == BUNDLED / "deepwhale-demo"
+    assert bundled("no-such-model") is None and bundled("a/stories260K") is None
+
+
 def test_layers_beyond_the_config_are_unexpected(tmp_path):
     """Only DeepSeek-V3's MTP layers may sit past num_hidden_layers; others are an error."""
     ours = _random_model("debug-llama")
