@@ -100,6 +100,19 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> bool:
+        """Forget ``name``: drop its registration in code and its loaded entry point, so the
+        next :meth:`get` loads a declared entry point afresh (or fails). A test that registers
+        a name, or loads a plugin, calls this to leave the registry as it found it.
+
+        Returns:
+            True if there was anything to drop (like :meth:`set.discard`, no error otherwise).
+        """
+        found = name in self._items or name in self._loaded
+        self._items.pop(name, None)
+        self._loaded.pop(name, None)
+        return found
+
     def get(self, name: str) -> T:
         """The object registered as ``name``, loading its entry point if needed.
 

@@ -51,6 +51,26 @@ def test_entry_points_load_lazily_and_code_wins(tmp_path, monkeypatch):
     assert reg.names() == ["alpha", "beta", "zeta"]
 
 
+def test_unregister_forgets_code_names_and_loaded_entry_points(tmp_path, monkeypatch):
+    _dist(tmp_path, "plug_d", "delta = plug_d:VALUE", "VALUE = 4\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    reg: Registry[int] = Registry(GROUP, "widget")
+    reg.register("one")(1)
+    assert reg.unregister("one") is True and "one" not in reg
+    assert reg.unregister("one") is False  # nothing left to drop
+    with pytest.raises(PluginError, match="unknown widget 'one'"):
+        reg.get("one")
+    reg.register("one")(2)  # the name is free again
+    assert reg.get("one") == 2
+    reg.register("delta")(5)  # code shadows the entry point ...
+    assert reg.get("delta") == 5 and reg.unregister("delta")
+    assert reg.get("delta") == 4  # ... until unregistered; then the entry point loads
+    assert reg.unregister("delta") is True  # drops the loaded entry point from the cache
+    assert "delta" in reg and reg.get("delta") == 4  # still declared, so loaded afresh
+    assert reg.names(sort=False) == ["one", "delta"]
+
+
 def test_conflicting_entry_points_are_reported(tmp_path, monkeypatch):
     _dist(tmp_path, "plug_b", "gamma = plug_b:X", "X = 1\n")
     _dist(tmp_path, "plug_c", "gamma = plug_c:Y", "Y = 2\n")
