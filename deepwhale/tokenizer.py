@@ -17,6 +17,11 @@ tokenization and decoding), ``transformers``' chat-template rendering semantics 
 Jinja2 with ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``tojson``,
 ``strftime_now``), and the prefix/read-offset incremental detokenization used by Hugging Face
 text-generation-inference and vLLM.
+
+This module stays whole (about 900 lines): the chat template, BOS handling and the incremental
+detokenizer all rest on the decoder facts :class:`Tokenizer` reads from ``tokenizer.json``
+(byte-level or byte-fallback ids, which tokens contribute text), which the detokenizer reads
+from the tokenizer directly.
 """
 
 from __future__ import annotations

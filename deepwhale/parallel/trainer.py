@@ -26,6 +26,11 @@ the same layout and reshardable to another layout or to one process; written in 
 under ``checkpoint.async_save``. Under ``torchrun --max-restarts`` a restarted worker resumes from
 the newest complete checkpoint (rank 0 chooses it and broadcasts it) and rank 0 reports how long
 the recovery took (:mod:`deepwhale.train.recovery`).
+
+This module stays whole (about 870 lines) because :class:`ParallelTrainer` is the one place
+where the plans are applied in their fixed order and the equivalence rules above meet, which is
+only checkable when read together; the plans themselves live in ``tp``, ``ep``, ``pp``,
+``checkpoint`` and ``compression``.
 """
 
 from __future__ import annotations

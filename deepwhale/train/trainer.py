@@ -12,6 +12,11 @@ The model stays single-device ``nn.Module`` code; this loop only calls it. One o
 
 fp32 on CPU; bf16 autocast on CUDA (fp32 master weights). Checkpoints hold everything an
 uninterrupted run would have in memory at that step, so a resumed run repeats it bit for bit.
+
+This module stays whole (about 670 lines) because :class:`Trainer` is one object whose steps
+share the run's state (model, optimizer, sampler, RNG streams, checkpoint); the parts that stand
+alone already live beside it (``schedule``, ``loss``, ``data``, ``checkpoint``, ``recovery``,
+``metrics``, ``moe``).
 """
 
 from __future__ import annotations
