@@ -109,3 +109,22 @@ def test_long_modules_say_why_they_stay_whole():
             long[str(path.relative_to(ROOT))] = ast.get_docstring(ast.parse(text)) or ""
     bad = sorted(name for name, doc in long.items() if "stays whole" not in doc)
     assert long and not bad, "modules over 600 lines without a reason:\n" + "\n".join(bad)
+
+
+def test_no_module_imports_another_modules_private_names():
+    """``from deepwhale.x import _name`` is refused: a name used by another module is public in
+    its owner (``augment.check_augment``, ``pipeline.CountOutput``)."""
+    bad = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            module = node.module or ""
+            if node.level == 0 and module != "deepwhale" and not module.startswith("deepwhale."):
+                continue
+            bad += [
+                f"{path.relative_to(ROOT)}:{node.lineno}: {module}.{a.name}"
+                for a in node.names
+                if a.name.startswith("_") and not a.name.startswith("__")
+            ]
+    assert not bad, "private names imported across modules:\n" + "\n".join(sorted(bad))
