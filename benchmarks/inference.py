@@ -314,6 +314,8 @@ def main() -> None:
         cb = cache_bytes_per_token(v3.config, dtype_bytes=2)
         res["mla_cache_bytes_per_token"] = cb["cache"]
         res["mha_cache_bytes_per_token"] = cb["mha"]
+        v32 = ModelConfig(**FLAVOURS["bench-v32-134m"])  # + DeepSeek-V3.2's indexer keys
+        res["v32_cache_bytes_per_token"] = cache_bytes_per_token(v32, dtype_bytes=2)["cache"]
         step("stories260K: deepwhale vs transformers")
         stories = load_model(DEFAULT_MODEL)
         sp = torch.tensor([[1, 403, 407, 261, 378]])

@@ -52,6 +52,7 @@ def make_hf_model(model_type: str, out: Path, seed: int = 0, std: float = 0.15, 
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
         "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
         "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+        "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM"),
     }[model_type]
     base = TINY_MLA if model_type.startswith("deepseek") else dict(TINY, num_key_value_heads=2)
     cfg = getattr(transformers, cls_cfg)(**{**base, **overrides})

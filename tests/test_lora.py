@@ -44,7 +44,21 @@ def test_trainable_share_on_a_realistic_config(capsys):
 
 @pytest.mark.parametrize(
     ("model_type", "overrides"),
-    [("llama", {}), ("deepseek_v3", {"q_lora_rank": 24, "n_group": 4, "topk_group": 2})],
+    [
+        ("llama", {}),
+        ("deepseek_v3", {"q_lora_rank": 24, "n_group": 4, "topk_group": 2}),
+        (
+            "deepseek_v32",  # MLA adapted, the lightning indexer (top-4 of 10 tokens) frozen
+            {
+                "q_lora_rank": 24,
+                "n_group": 4,
+                "topk_group": 2,
+                "index_n_heads": 8,
+                "index_head_dim": 16,
+                "index_topk": 4,
+            },
+        ),
+    ],
 )
 def test_adapter_loads_in_peft_on_transformers(tmp_path, model_type, overrides):
     from peft import PeftModel
@@ -57,9 +71,9 @@ def test_adapter_loads_in_peft_on_transformers(tmp_path, model_type, overrides):
     save_adapter(ours, tmp_path / "adapter")
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    first = "q_a_proj" if model_type == "deepseek_v3" else "q_proj"
+    first = "q_a_proj" if model_type.startswith("deepseek") else "q_proj"
     assert f"base_model.model.model.layers.0.self_attn.{first}.lora_A.weight" in keys
-    assert not any(".experts." in k for k in keys)
+    assert not any(".experts." in k or ".indexer." in k for k in keys)
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
 

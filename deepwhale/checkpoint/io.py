@@ -24,8 +24,13 @@ from deepwhale.model.transformer import CausalLM
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-#: keys kept in fp32 whatever the load dtype (the router math)
-FP32_KEYS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+#: keys kept in fp32 whatever the load dtype (the router math; DeepSeek-V3.2's indexer head weights,
+#: as transformers keeps them)
+FP32_KEYS = (
+    "mlp.gate.weight",
+    "mlp.gate.e_score_correction_bias",
+    "self_attn.indexer.weights_proj.weight",
+)
 _FP32_KEYS = FP32_KEYS  # the old private name
 _FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
 
@@ -104,7 +109,7 @@ def load_model(
     loaded: dict[str, torch.Tensor] = {}
     source: dict[str, Path] = {}
     unexpected: list[str] = []
-    mtp = config.num_nextn_predict_layers if config.model_type == "deepseek_v3" else 0
+    mtp = config.num_nextn_predict_layers if config.model_type.startswith("deepseek_v3") else 0
     for file in files:
         with _open(file, load_device) as f:
             for key in f.keys():

@@ -13,8 +13,9 @@ Two modes, both with int8 weights and one fp32 scale per output channel (symmetr
   ``Int8DynamicActivationInt8WeightConfig``).
 
 Every ``nn.Linear`` of attention and MLP / experts becomes an :class:`Int8Linear`. Embeddings,
-norms, the MoE router (``mlp.gate``, a parameter, not a Linear) and, by default, ``lm_head`` stay
-in float. The module keeps its forward signature, so the generation code runs it unchanged, and
+norms, the MoE router (``mlp.gate``, a parameter, not a Linear), DeepSeek-V3.2's lightning indexer
+(``self_attn.indexer``: its top-k choice is a hard selection that int8 rounding would flip) and,
+by default, ``lm_head`` stay in float. The module keeps its forward signature, so the generation code runs it unchanged, and
 remembers its mode in ``module.quantization``.
 
 Kernels: an :class:`Int8Linear` stores only ``weight`` (int8) and ``weight_scale`` (fp32); the
@@ -406,6 +407,8 @@ def _targets(module: CausalLM, lm_head: bool) -> list[tuple[nn.Module, str, str]
     """``(parent, attribute, qualified name)`` of every Linear to quantize."""
     out = []
     for name, parent in module.model.layers.named_modules(prefix="model.layers"):
+        if name.endswith(".indexer"):  # DeepSeek-V3.2's token selection stays in float
+            continue
         for attr, child in parent.named_children():
             if type(child) is nn.Linear:
                 out.append((parent, attr, f"{name}.{attr}"))

@@ -7,6 +7,8 @@ lengths can share a batch.
 References: GQA (Ainslie et al., arXiv:2305.13245); MLA (DeepSeek-V2, arXiv:2405.04434, §2.1):
 queries and keys/values are projected through low-rank latents; only the latent ``c_kv``
 (``kv_lora_rank`` wide) and the shared RoPE key (``qk_rope_head_dim`` wide) are cached per token.
+DeepSeek Sparse Attention (DeepSeek-V3.2, arXiv:2512.02556, §2.1): MLA attends only to the
+``index_topk`` tokens its lightning indexer (:mod:`deepwhale.model.indexer`) selects per query.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepwhale.model.cache import KVCache, MLACache
+from deepwhale.model.cache import IndexedMLACache, KVCache, MLACache
 from deepwhale.model.config import ModelConfig
+from deepwhale.model.indexer import Indexer
 from deepwhale.model.layers import RMSNorm, apply_rotary, linear_weight, softmax_scale
 
 
@@ -164,6 +167,13 @@ class MLA(nn.Module):
     over the latent and nothing per-head is materialised for the cached tokens; ``"auto"`` (the
     default) absorbs for short query blocks (decode) and expands for long ones (prefill), as
     DeepSeek's reference inference code recommends for each phase.
+
+    DeepSeek-V3.2 (``config.is_sparse_attention``) adds ``indexer`` (:class:`Indexer`) and an
+    :class:`IndexedMLACache` that also holds the indexer's keys. Each query attends to the
+    ``index_topk`` allowed tokens with the highest index scores (DeepSeek-V3.2 §2.1, eq. 2): the
+    naive form masks the other keys out; the absorbed form gathers only the selected latents
+    ``(B, T, index_topk, kv_lora_rank + rope)``, so a decode step's attention reads
+    ``index_topk`` tokens however long the context is.
     """
 
     #: query blocks up to this many tokens use the absorbed form under ``attn_impl="auto"``
@@ -195,6 +205,7 @@ class MLA(nn.Module):
             self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False
         )
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=config.attention_bias)
+        self.indexer = Indexer(config) if config.is_sparse_attention else None
         self.attn_impl = "auto"
 
     def forward(
@@ -203,13 +214,15 @@ class MLA(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         positions: torch.Tensor,
-        cache: MLACache | None = None,
+        cache: MLACache | IndexedMLACache | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         if self.q_lora_rank is None:
+            c_q = None
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            c_q = self.q_a_layernorm(self.q_a_proj(x))  # (B, T, q_lora_rank)
+            q = self.q_b_proj(c_q)
         q = q.view(b, t, -1, self.qk_dim).transpose(1, 2)  # (B, H, T, nope+rope); -1: TP shard
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         kv_a = self.kv_a_proj_with_mqa(x)  # (B, T, kv_lora_rank + rope)
@@ -221,6 +234,9 @@ class MLA(nn.Module):
             c_kv, k_pe, k_pos = cache.update(positions, c_kv, k_pe)  # (B, S, r), (B, S, rope)
         else:
             k_pos = positions
+        if self.indexer is not None:
+            out = self._sparse(x, c_q, cos, sin, positions, k_pos, q_nope, q_pe, c_kv, k_pe, cache)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, H * v_head_dim)
         long = c_kv.shape[1] > 2 * ATTN_BLOCK
         absorb = self.attn_impl == "absorb" or (
             self.attn_impl == "auto" and cache is not None and (t <= self.ABSORB_MAX_TOKENS or long)
@@ -232,6 +248,49 @@ class MLA(nn.Module):
         else:
             out = self._naive(q_nope, q_pe, c_kv, k_pe, attention_mask(positions, k_pos))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, H * v_head_dim)
+
+    def _sparse(
+        self, x, c_q, cos, sin, positions, k_pos, q_nope, q_pe, c_kv, k_pe, cache
+    ) -> torch.Tensor:
+        """DeepSeek Sparse Attention (DeepSeek-V3.2 §2.1): the indexer picks up to
+        ``index_topk`` allowed keys per query, and MLA attends to those only.
+
+        ``c_kv`` ``(B, S, r)`` and ``k_pe`` ``(B, S, rope)`` are the latents of every key (cached
+        and new), at positions ``k_pos``. Returns ``(B, H, T, v_head_dim)``.
+        """
+        index_k = self.indexer.keys(x, cos, sin)  # (B, T, index_head_dim)
+        if cache is not None:
+            index_k = cache.update_index(positions, index_k)  # (B, S, index_head_dim)
+        allowed = attention_mask(positions, k_pos)  # (B, 1, T, S)
+        chosen = self.indexer.select(x, c_q, cos, sin, index_k, allowed[:, 0])  # (B, T, K)
+        absorb = self.attn_impl == "absorb" or (
+            self.attn_impl == "auto" and cache is not None and x.shape[1] <= self.ABSORB_MAX_TOKENS
+        )
+        if absorb:
+            return self._absorbed_sparse(q_nope, q_pe, c_kv, k_pe, chosen, allowed[:, 0])
+        picked = torch.zeros_like(allowed).scatter_(-1, chosen.unsqueeze(1), True)
+        return self._naive(q_nope, q_pe, c_kv, k_pe, allowed & picked)
+
+    def _absorbed_sparse(self, q_nope, q_pe, c_kv, k_pe, chosen, allowed) -> torch.Tensor:
+        """The absorbed form over the selected latents only.
+
+        Args: q_nope ``(B, H, T, nope)``, q_pe ``(B, H, T, rope)``, c_kv ``(B, S, r)``, k_pe
+        ``(B, S, rope)``, chosen ``(B, T, K)`` key indices, allowed ``(B, T, S)`` bool.
+        Returns ``(B, H, T, v_head_dim)``.
+        """
+        b, h, t, _ = q_nope.shape
+        k = chosen.shape[-1]
+        w_uk, w_uv = self._absorbed_weights()  # (H, nope, r), (H, v, r)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # (B, H, T, r)
+        flat = chosen.reshape(b, t * k, 1)  # (B, T*K, 1)
+        c_sel = c_kv.gather(1, flat.expand(-1, -1, c_kv.shape[-1])).view(b, t, k, -1)  # (B,T,K,r)
+        pe_sel = k_pe.gather(1, flat.expand(-1, -1, k_pe.shape[-1])).view(b, t, k, -1)
+        scores = torch.einsum("bhtr,btkr->bhtk", q_lat, c_sel)
+        scores = (scores + torch.einsum("bhtp,btkp->bhtk", q_pe, pe_sel)) * self.scale
+        valid = allowed.gather(-1, chosen).unsqueeze(1)  # (B, 1, T, K)
+        probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+        o_lat = torch.einsum("bhtk,btkr->bhtr", probs.to(c_sel.dtype), c_sel)  # (B, H, T, r)
+        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv.to(o_lat.dtype))
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Expand per-head keys/values from the latent; returns ``(B, H, T, v_head_dim)``."""

@@ -3,6 +3,9 @@
 * :class:`KVCache` holds keys and values ``(B, S, n_kv_heads, head_dim)`` for GQA layers.
 * :class:`MLACache` holds MLA's compressed latent ``(B, S, kv_lora_rank)`` and the shared RoPE key
   ``(B, S, qk_rope_head_dim)`` (DeepSeek-V2 §2.1.2, "low-rank key-value joint compression").
+* :class:`IndexedMLACache` adds DeepSeek-V3.2's lightning-indexer key ``(B, S, index_head_dim)``
+  (DeepSeek-V3.2 §2.1): one small key per token, shared by the indexer's heads. Nothing else is
+  cached; the top-k selection is recomputed from it at every step.
 
 Each sequence ``b`` writes at its own positions, so sequences of different lengths share a batch:
 a query at position ``p`` attends to cache slots ``0..p`` of its own row, and slots past ``p`` left
@@ -39,10 +42,18 @@ class _StaticCache:
         Raises:
             ValueError: a position at or past ``max_seq_len``, or rows past the allocated batch.
         """
+        kv_len = self._store(self.a, positions, a_new)
+        self._store(self.b, positions, b_new)
         bsz = positions.shape[0]
-        lo, hi = 0, bsz
-        if hi > self.a.shape[0]:
-            raise ValueError(f"rows {lo}..{hi - 1} exceed the cache's {self.a.shape[0]} rows")
+        return self.a[:bsz, :kv_len], self.b[:bsz, :kv_len], self.positions[:kv_len]
+
+    def _store(self, buf: torch.Tensor, positions: torch.Tensor, new: torch.Tensor) -> int:
+        """Write ``new`` ``(B, T, ...)`` into ``buf`` at ``positions`` ``(B, T)``, rows ``0 .. B``;
+        return the length to read back (the longest written position + 1, or ``max_seq_len``
+        with ``static_len``). Errors as :meth:`_write`."""
+        bsz = positions.shape[0]
+        if bsz > buf.shape[0]:
+            raise ValueError(f"rows 0..{bsz - 1} exceed the cache's {buf.shape[0]} rows")
         if self.static_len:
             kv_len = self.max_seq_len
         else:
@@ -51,10 +62,9 @@ class _StaticCache:
                 raise ValueError(
                     f"position {kv_len - 1} is past the cache's max_seq_len {self.max_seq_len}"
                 )
-        rows = torch.arange(lo, hi, device=positions.device)[:, None]  # (B, 1)
-        self.a[rows, positions] = a_new.to(self.a.dtype)
-        self.b[rows, positions] = b_new.to(self.b.dtype)
-        return self.a[lo:hi, :kv_len], self.b[lo:hi, :kv_len], self.positions[:kv_len]
+        rows = torch.arange(bsz, device=positions.device)[:, None]  # (B, 1)
+        buf[rows, positions] = new.to(buf.dtype)
+        return kv_len
 
     def rows(self, lo: int, hi: int) -> _StaticCache:
         """A cache of the same kind over rows ``lo .. hi`` of this one (views, no copy): a
@@ -139,23 +149,70 @@ class MLACache(_StaticCache):
         return self._write(positions, c_kv, k_pe)
 
 
+class IndexedMLACache(MLACache):
+    """MLA's latent cache plus the lightning indexer's keys ``index_k`` ``(B, S, index_head_dim)``
+    of one DeepSeek-V3.2 layer (DeepSeek-V3.2 §2.1: the indexer scores every cached token with
+    ``H_I`` query heads against this one key per token)."""
+
+    def __init__(
+        self,
+        batch: int,
+        max_seq_len: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        index_head_dim: int,
+        **kw,
+    ) -> None:
+        super().__init__(batch, max_seq_len, kv_lora_rank, rope_dim, **kw)
+        self.c = torch.zeros(batch, max_seq_len, index_head_dim, **kw)
+
+    @property
+    def index_k(self) -> torch.Tensor:
+        """Normalised, rotated indexer keys ``(B, S, index_head_dim)``."""
+        return self.c
+
+    def update_index(self, positions: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
+        """Store indexer keys ``(B, T, index_head_dim)`` at ``positions`` ``(B, T)``; return the
+        rows' keys ``(B, S, index_head_dim)`` over the same ``S`` slots :meth:`update` returns."""
+        kv_len = self._store(self.c, positions, index_k)
+        return self.c[: positions.shape[0], :kv_len]
+
+    def rows(self, lo: int, hi: int) -> IndexedMLACache:
+        view = super().rows(lo, hi)
+        view.c = self.c[lo:hi]
+        return view
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        super().copy_row(src, dst, length)
+        self.c[dst, :length] = self.c[src, :length]
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self.c.numel() * self.c.element_size()
+
+
 def cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> dict[str, int]:
-    """Cache bytes per token (all layers) for ``config``, and for a same-shape MHA model.
+    """Cache bytes per token (all layers) for ``config``, for V3's MLA cache of the same shape,
+    and for a same-shape MHA model.
 
     MLA caches ``kv_lora_rank + qk_rope_head_dim`` values per layer (DeepSeek-V2 §2.1.2, Table 1);
-    multi-head attention of the same shape would cache keys ``n_heads * qk_head_dim`` plus values
+    DeepSeek-V3.2 adds the indexer key, ``index_head_dim`` values (DeepSeek-V3.2 §2.1); multi-head
+    attention of the same shape would cache keys ``n_heads * qk_head_dim`` plus values
     ``n_heads * v_head_dim``. GQA models cache ``2 * n_kv_heads * head_dim``.
 
-    Returns ``{"cache": bytes, "mha": bytes}`` per token.
+    Returns ``{"cache": bytes, "mla": bytes, "mha": bytes}`` per token (``mla`` equals ``cache``
+    for V2/V3 and is absent for GQA models).
     """
     layers = config.num_hidden_layers
+    out = {}
     if config.is_mla:
-        ours = config.kv_lora_rank + config.qk_rope_head_dim
+        mla = config.kv_lora_rank + config.qk_rope_head_dim
+        ours = mla + (config.index_head_dim if config.is_sparse_attention else 0)
         mha = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+        out["mla"] = mla * layers * dtype_bytes
     else:
         ours = 2 * config.num_key_value_heads * config.head_dim
         mha = 2 * config.num_attention_heads * config.head_dim
-    return {"cache": ours * layers * dtype_bytes, "mha": mha * layers * dtype_bytes}
+    return {"cache": ours * layers * dtype_bytes, **out, "mha": mha * layers * dtype_bytes}
 
 
 def make_cache(
@@ -164,13 +221,25 @@ def make_cache(
     max_seq_len: int,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-) -> list[KVCache | MLACache]:
+) -> list[KVCache | MLACache | IndexedMLACache]:
     """Allocate one cache per decoder layer.
 
-    Memory per token and layer: ``2 * n_kv_heads * head_dim`` elements for GQA, and
-    ``kv_lora_rank + qk_rope_head_dim`` for MLA.
+    Memory per token and layer: ``2 * n_kv_heads * head_dim`` elements for GQA,
+    ``kv_lora_rank + qk_rope_head_dim`` for MLA, plus ``index_head_dim`` for DeepSeek-V3.2.
     """
     kw = {"dtype": dtype, "device": device}
+    if config.is_sparse_attention:
+        return [
+            IndexedMLACache(
+                batch,
+                max_seq_len,
+                config.kv_lora_rank,
+                config.qk_rope_head_dim,
+                config.index_head_dim,
+                **kw,
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
     if config.is_mla:
         return [
             MLACache(batch, max_seq_len, config.kv_lora_rank, config.qk_rope_head_dim, **kw)

@@ -1,15 +1,18 @@
 """Model configuration for the DeepSeek family, read from and written to HF ``config.json``.
 
-One :class:`ModelConfig` covers the four layouts deepwhale runs:
+One :class:`ModelConfig` covers the five layouts deepwhale runs:
 
 * ``llama``        DeepSeek LLM 7B/67B, DeepSeek-Coder 1.3B/6.7B/33B, DeepSeek-R1-Distill-Llama.
 * ``qwen2``        DeepSeek-R1-Distill-Qwen 1.5B/7B/14B/32B (q/k/v projections carry a bias).
 * ``deepseek_v2``  DeepSeek-V2, V2-Lite, Coder-V2: MLA attention + DeepSeekMoE.
 * ``deepseek_v3``  DeepSeek-V3, R1, V3.1: MLA + DeepSeekMoE with sigmoid ``noaux_tc`` routing.
+* ``deepseek_v32`` DeepSeek-V3.2: V3 plus DeepSeek Sparse Attention, a lightning indexer that keeps
+  the ``index_topk`` best cached tokens per query (DeepSeek-V3.2 tech report §2.1).
 
 Field names are the HF config keys, so ``from_hf(to_hf(c)) == c``. References: DeepSeek-V2 paper
 (arXiv:2405.04434) §2.1 (MLA), §2.2 (DeepSeekMoE); DeepSeek-V3 paper (arXiv:2412.19437) §2.1.2
-(auxiliary-loss-free balancing); YaRN (arXiv:2309.00071); Llama 3.1 RoPE scaling.
+(auxiliary-loss-free balancing); DeepSeek-V3.2 tech report (arXiv:2512.02556) §2.1 (DeepSeek Sparse
+Attention); YaRN (arXiv:2309.00071); Llama 3.1 RoPE scaling.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "deepseek_v2", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "deepseek_v2", "deepseek_v3", "deepseek_v32")
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SUPPORTED_SCORING = ("softmax", "sigmoid")
@@ -32,7 +36,11 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
 }
+#: DeepSeek-V3.2's defaults for the indexer keys (transformers' DeepseekV32Config, the release)
+_INDEX_DEFAULTS = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+_MLP_LAYER_TYPES = ("dense", "sparse")
 
 
 class ConfigError(ValueError):
@@ -47,7 +55,7 @@ class ModelConfig:
     unsupported value raises :class:`ConfigError` naming the key and what is supported.
 
     Attributes:
-        model_type: one of ``llama``, ``qwen2``, ``deepseek_v2``, ``deepseek_v3``.
+        model_type: one of ``llama``, ``qwen2``, ``deepseek_v2``, ``deepseek_v3``, ``deepseek_v32``.
         vocab_size: number of token ids (rows of the embedding), tokens.
         hidden_size: model width H.
         intermediate_size: width of the dense SwiGLU MLP.
@@ -60,13 +68,15 @@ class ModelConfig:
         rope_theta: RoPE base.
         rope_scaling: RoPE scaling dict (``rope_type``/``type`` + its parameters) or None.
         rope_interleave: rotate adjacent pairs (DeepSeek's layout) instead of the two halves.
-            Defaults to True for deepseek_v2/v3 (the reference implementation), False otherwise.
+            Defaults to True for deepseek_v2/v3 (the reference implementation), False otherwise;
+            deepseek_v32 always interleaves MLA's RoPE (its indexer always rotates halves).
         tie_word_embeddings: share ``lm_head.weight`` with ``model.embed_tokens.weight``.
         attention_bias: bias on q/k/v/o (llama) or on MLA's down projections (DeepSeek).
         qkv_bias: bias on q/k/v only (qwen2 always has it).
         mlp_bias: bias on the MLP projections (llama only).
         hidden_act: MLP activation; only ``silu`` (SwiGLU) is supported.
-        q_lora_rank: rank of MLA's query compression, or None for a full ``q_proj``.
+        q_lora_rank: rank of MLA's query compression, or None for a full ``q_proj`` (deepseek_v32
+            needs it: the indexer's queries are projected from that compressed query).
         kv_lora_rank: rank of MLA's joint key/value compression (the cached latent width).
         qk_nope_head_dim: per-head query/key width without RoPE.
         qk_rope_head_dim: per-head query/key width with RoPE (the key part is shared by heads).
@@ -76,7 +86,14 @@ class ModelConfig:
         num_experts_per_tok: routed experts chosen per token (top-k).
         moe_intermediate_size: width of one expert's SwiGLU MLP.
         first_k_dense_replace: the first k layers use a dense MLP.
-        moe_layer_freq: after those, every ``moe_layer_freq``-th layer is MoE.
+        moe_layer_freq: after those, every ``moe_layer_freq``-th layer is MoE (1 for deepseek_v32).
+        mlp_layer_types: deepseek_v32 only: ``"dense"`` or ``"sparse"`` (MoE) per layer; derived
+            from ``first_k_dense_replace`` when absent, as transformers does.
+        index_n_heads: deepseek_v32 lightning-indexer heads ``H_I`` (DeepSeek-V3.2 §2.1, eq. 1).
+        index_head_dim: width of each indexer query head and of the one shared indexer key, the
+            only extra per-token cache; its first ``qk_rope_head_dim`` dims carry RoPE.
+        index_topk: tokens each query attends to, chosen by the indexer's scores (2048 in the
+            release); a context up to that length attends densely.
         topk_method: ``greedy``, ``group_limited_greedy`` or ``noaux_tc``.
         scoring_func: ``softmax`` (V2) or ``sigmoid`` (V3).
         n_group, topk_group: group-limited routing: experts are split in ``n_group`` groups and
@@ -121,6 +138,7 @@ class ModelConfig:
     moe_intermediate_size: int | None = None
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
+    mlp_layer_types: list[str] | None = None
     topk_method: str | None = None
     scoring_func: str | None = None
     n_group: int | None = None
@@ -129,6 +147,10 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     aux_loss_alpha: float = 0.0
     seq_aux: bool = True
+    # DeepSeek Sparse Attention (DeepSeek-V3.2 §2.1)
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
     # tokens and storage
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -167,7 +189,16 @@ class ModelConfig:
             )
         if self.is_mla:
             self._validate_mla()
+        if self.model_type == "deepseek_v32":
+            self._validate_sparse_attention()
         else:
+            for key in (*_INDEX_DEFAULTS, "mlp_layer_types"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"{key} is a deepseek_v32 key (DeepSeek Sparse Attention); "
+                        f"model_type {self.model_type!r} does not use it"
+                    )
+        if not self.is_mla:
             if self.head_dim is None:
                 if self.hidden_size % self.num_attention_heads:
                     raise ConfigError(
@@ -201,6 +232,7 @@ class ModelConfig:
             "moe_intermediate_size",
             "n_group",
             "topk_group",
+            *_INDEX_DEFAULTS,
         ):
             if getattr(self, key) is not None:
                 _positive(key, getattr(self, key))
@@ -234,8 +266,13 @@ class ModelConfig:
 
     @property
     def is_mla(self) -> bool:
-        """True for deepseek_v2/v3 (multi-head latent attention)."""
-        return self.model_type in ("deepseek_v2", "deepseek_v3")
+        """True for deepseek_v2/v3/v32 (multi-head latent attention)."""
+        return self.model_type in MLA_MODEL_TYPES
+
+    @property
+    def is_sparse_attention(self) -> bool:
+        """True for deepseek_v32: MLA reads only the tokens its lightning indexer selects."""
+        return self.model_type == "deepseek_v32"
 
     @property
     def qk_head_dim(self) -> int:
@@ -257,7 +294,10 @@ class ModelConfig:
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """Whether decoder layer ``layer_idx`` uses DeepSeekMoE (DeepSeek-V2 reference rule)."""
+        """Whether decoder layer ``layer_idx`` uses DeepSeekMoE: ``mlp_layer_types`` where set
+        (deepseek_v32), else the DeepSeek-V2 reference rule."""
+        if self.mlp_layer_types is not None:
+            return bool(self.n_routed_experts) and self.mlp_layer_types[layer_idx] == "sparse"
         return (
             bool(self.n_routed_experts)
             and layer_idx >= self.first_k_dense_replace
@@ -273,18 +313,74 @@ class ModelConfig:
             raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         self.head_dim = self.qk_rope_head_dim
 
+    def _validate_sparse_attention(self) -> None:
+        """deepseek_v32: the indexer's keys, the MLP layer pattern, and the options transformers'
+        port (the reference we test against) fixes; anything else fails naming the key."""
+        for key, default in _INDEX_DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, default)
+        if self.q_lora_rank is None:
+            raise ConfigError(
+                "deepseek_v32 needs q_lora_rank: the lightning indexer projects its queries from "
+                "MLA's compressed query (DeepSeek-V3.2 §2.1); q_lora_rank=null is not supported"
+            )
+        if self.index_head_dim < self.qk_rope_head_dim:
+            raise ConfigError(
+                f"index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim "
+                f"({self.qk_rope_head_dim}): the indexer rotates its first qk_rope_head_dim dims"
+            )
+        if self.rope_interleave is False:
+            raise ConfigError(
+                "rope_interleave=false is not supported for deepseek_v32 (its MLA always rotates "
+                "interleaved pairs, its indexer the two halves)"
+            )
+        if self.moe_layer_freq != 1:
+            raise ConfigError(
+                f"moe_layer_freq={self.moe_layer_freq} is not supported for deepseek_v32; set "
+                "mlp_layer_types instead"
+            )
+        if self.mlp_layer_types is None:
+            dense = min(self.first_k_dense_replace, self.num_hidden_layers)
+            self.mlp_layer_types = ["dense"] * dense + ["sparse"] * (self.num_hidden_layers - dense)
+        types = self.mlp_layer_types
+        if not isinstance(types, list) or len(types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"mlp_layer_types must list one entry per layer ({self.num_hidden_layers}), "
+                f"got {types!r}"
+            )
+        bad = sorted({t for t in types if t not in _MLP_LAYER_TYPES}, key=str)
+        if bad:
+            raise ConfigError(
+                f"unsupported mlp_layer_types {bad!r}; supported: {', '.join(_MLP_LAYER_TYPES)}"
+            )
+        if "sparse" in types and not self.n_routed_experts:
+            raise ConfigError("mlp_layer_types has 'sparse' layers but n_routed_experts is not set")
+        layer_types = self.extra.get("layer_types")
+        if layer_types is not None and (
+            not isinstance(layer_types, list) or set(layer_types) - {"indexed_attention"}
+        ):
+            raise ConfigError(
+                f"unsupported layer_types {layer_types!r} for deepseek_v32; every layer must be "
+                "'indexed_attention'"
+            )
+        for key, only in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
+            if getattr(self, key) not in (None, only):
+                raise ConfigError(
+                    f"unsupported {key} {getattr(self, key)!r} for deepseek_v32; supported: {only}"
+                )
+
     def _validate_moe(self) -> None:
-        if self.model_type not in ("deepseek_v2", "deepseek_v3"):
+        if self.model_type not in MLA_MODEL_TYPES:
             raise ConfigError(
                 f"n_routed_experts is set but model_type {self.model_type!r} has no MoE; "
-                "DeepSeekMoE runs with deepseek_v2 and deepseek_v3"
+                f"DeepSeekMoE runs with {', '.join(MLA_MODEL_TYPES)}"
             )
         for key in ("num_experts_per_tok", "moe_intermediate_size"):
             _positive(key, getattr(self, key))
         _positive("moe_layer_freq", self.moe_layer_freq)
         if self.n_shared_experts is None:
             self.n_shared_experts = 0
-        v3 = self.model_type == "deepseek_v3"
+        v3 = self.model_type in ("deepseek_v3", "deepseek_v32")
         if self.topk_method is None:
             self.topk_method = "noaux_tc" if v3 else "greedy"
         if self.scoring_func is None:
@@ -417,7 +513,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in hf.items() if k in names}
         extra = {k: v for k, v in hf.items() if k not in names}
-        if model_type in ("deepseek_v2", "deepseek_v3") and not hf.get("n_routed_experts"):
+        if model_type in MLA_MODEL_TYPES and not hf.get("n_routed_experts"):
             known["n_routed_experts"] = None
         try:
             cfg = cls(**known, extra=extra)
@@ -446,8 +542,8 @@ class ModelConfig:
             out.pop("rope_interleave", None)
         if self.model_type == "llama" and self.qkv_bias != self.attention_bias:
             raise ConfigError("llama has one attention_bias flag for q/k/v/o; qkv_bias must match")
-        if self.model_type == "deepseek_v2":
-            out.pop("rope_interleave", None)  # V2 always rotates interleaved pairs
+        if self.model_type in ("deepseek_v2", "deepseek_v32"):
+            out.pop("rope_interleave", None)  # V2 and V3.2 always rotate interleaved pairs
         if self.rope_scaling:
             out["rope_scaling"] = dict(self.rope_scaling)
         return out
@@ -489,6 +585,8 @@ _MLA_MOE_KEYS = {
     "aux_loss_alpha",
     "seq_aux",
     "num_nextn_predict_layers",
+    "mlp_layer_types",
+    *_INDEX_DEFAULTS,
 }
 
 

@@ -3,7 +3,9 @@
 ``debug-v3`` is a DeepSeek-V3-shaped model (MLA with ``q_lora_rank``, DeepSeekMoE with sigmoid
 ``noaux_tc`` routing, one dense layer first) small enough that a forward pass takes milliseconds on
 a laptop CPU. Its vocabulary (512) matches the bundled stories260K tokenizer, so a random debug
-model can be paired with a real tokenizer end to end.
+model can be paired with a real tokenizer end to end. ``debug-v32`` is the same model with
+DeepSeek-V3.2's lightning indexer; its ``index_topk`` (16) is below most test prompts, so the
+sparse selection really drops tokens.
 """
 
 from __future__ import annotations
@@ -45,6 +47,34 @@ FLAVOURS: dict[str, dict] = {
         n_group=4,
         topk_group=2,
         routed_scaling_factor=2.5,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    # bench-v3-134m with DeepSeek-V3.2's lightning indexer (DeepSeek Sparse Attention)
+    "bench-v32-134m": dict(
+        model_type="deepseek_v32",
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        max_position_embeddings=4096,
+        q_lora_rank=192,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=512,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        index_n_heads=8,
+        index_head_dim=64,
+        index_topk=256,
         bos_token_id=1,
         eos_token_id=2,
     ),
@@ -95,6 +125,33 @@ FLAVOURS: dict[str, dict] = {
         n_group=4,
         topk_group=2,
         routed_scaling_factor=2.5,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "debug-v32": dict(
+        model_type="deepseek_v32",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=32768,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        index_n_heads=8,
+        index_head_dim=16,
+        index_topk=16,
         bos_token_id=1,
         eos_token_id=2,
     ),

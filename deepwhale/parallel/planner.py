@@ -225,6 +225,13 @@ def _attention_groups(c: ModelConfig) -> list[ParamGroup]:
         "self_attn.kv_b_proj", nh * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, 0, False
     )
     groups += _linear("self_attn.o_proj", h, nh * c.v_head_dim, 1, c.attention_bias)
+    if c.is_sparse_attention:  # DeepSeek-V3.2's lightning indexer: small, replicated over TP
+        ni, di = c.index_n_heads, c.index_head_dim
+        groups += _linear("self_attn.indexer.wq_b", ni * di, c.q_lora_rank, None, False)
+        groups += _linear("self_attn.indexer.wk", di, h, None, False)
+        groups.append(ParamGroup("self_attn.indexer.k_norm.weight", (di,), matmul=False))
+        groups.append(ParamGroup("self_attn.indexer.k_norm.bias", (di,), matmul=False))
+        groups += _linear("self_attn.indexer.weights_proj", ni, h, None, False)
     return groups
 
 

@@ -88,6 +88,7 @@ def build_model(model_cfg, seed: int, data_vocab: int | None = None):
     elif path.is_dir():
         if model_cfg.vocab_size:
             raise TrainConfigError("model.vocab_size cannot change a checkpoint's vocabulary")
+        _check_trainable(ModelConfig.from_json_file(path / "config.json"))
         model = load_model(path, dtype=torch.float32, device="cpu")
         return model.train(), path
     elif path.is_file() and path.suffix == ".json":
@@ -100,9 +101,27 @@ def build_model(model_cfg, seed: int, data_vocab: int | None = None):
             f"model.name {name!r} is neither a flavour ({', '.join(sorted(FLAVOURS))}), a "
             "checkpoint folder nor a config.json file"
         )
+    _check_trainable(config)
     model = CausalLM(config)
     model.init_weights(std=model_cfg.init_std, generator=torch.Generator().manual_seed(seed))
     return model.train(), folder
+
+
+def _check_trainable(config) -> None:
+    """Refuse a layout the training loop cannot train faithfully yet.
+
+    Raises:
+        TrainConfigError: ``deepseek_v32``: its lightning indexer learns from a KL loss against
+            the dense attention distribution (DeepSeek-V3.2 §2.1.1, dense warm-up and sparse
+            training stages), which this trainer does not compute; the LM loss alone gives the
+            indexer no gradient (its top-k choice is not differentiable).
+    """
+    if config.is_sparse_attention:
+        raise TrainConfigError(
+            "training deepseek_v32 is not supported yet: its lightning indexer is trained with a "
+            "KL loss against dense attention (DeepSeek-V3.2 §2.1.1), which the trainer does not "
+            "compute; fine-tune a deepseek_v3 model, or run deepseek_v32 for inference"
+        )
 
 
 def check_context(row_len: int, max_positions: int | None, data_format: str) -> None:

@@ -59,6 +59,25 @@ def test_greedy_batched_equals_alone_mla_moe(tmp_path, stories):
     assert m.generate_batch(TEXTS, temperature=0, max_new_tokens=24) == alone
 
 
+def test_greedy_batched_equals_alone_sparse_attention(stories):
+    """DeepSeek-V3.2 (debug-v32: the indexer keeps 16 tokens of prompts up to 145): batched,
+    padded and chunk-prefilled decode equals each sequence alone, and a forked prompt too."""
+    model = CausalLM(flavour_config("debug-v32")).eval()
+    model.init_weights(std=0.08, generator=torch.Generator().manual_seed(1))
+    m = DeepSeekModel(model, stories.tokenizer)
+    prompts = [stories.tokenizer.encode(t) for t in TEXTS]
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    alone = [_alone(m, p, params) for p in prompts]
+    eng = Engine(model, stories.tokenizer, max_batch_size=2, max_seq_len=256, prefill_chunk=40)
+    assert [r.texts()[0] for r in eng.generate(prompts, params)] == alone
+    m.set_batch_size(3, max_seq_len=256)
+    assert m.generate_batch(TEXTS, temperature=0, max_new_tokens=24) == alone
+    req = eng.add_request(prompts[2], params, n=2)  # the prompt's cache rows are forked
+    while eng.has_work():
+        eng.step()
+    assert req.texts() == [alone[2], alone[2]]
+
+
 def test_n_samples_fork_the_prompt_and_match_seeded_single_runs(stories):
     ids = stories.tokenizer.encode("Once upon a time")
     eng = Engine(stories.module, stories.tokenizer, max_batch_size=4, max_seq_len=128)

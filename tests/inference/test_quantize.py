@@ -182,9 +182,11 @@ def test_weight_bytes_58m_shape_meets_goal():
     assert 0.67 < Q.weight_bytes(q) / Q.weight_bytes(fp) < 0.68  # embeddings + head are fp32
 
 
+@pytest.mark.parametrize("flavour", ["debug-v3", "debug-v32"])
 @pytest.mark.parametrize("mode", Q.MODES)
-def test_mla_moe_debug_v3(mode, tmp_path):
-    base = CausalLM(flavour_config("debug-v3")).eval()
+def test_mla_moe_debug_v3(mode, flavour, tmp_path):
+    """MLA + MoE; for DeepSeek-V3.2 its lightning indexer stays float, like the router."""
+    base = CausalLM(flavour_config(flavour)).eval()
     base.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
     for name, buf in base.named_buffers():
         if name.endswith("e_score_correction_bias"):
@@ -201,6 +203,10 @@ def test_mla_moe_debug_v3(mode, tmp_path):
     for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
         assert isinstance(getattr(attn, name), Q.Int8Linear), name
     assert sum(model.quantization["kernels"].values()) == 3 * 5 + 2 * 3 * 9 + 3
+    if flavour == "debug-v32":
+        indexer = attn.indexer
+        for name in ("wq_b", "wk", "weights_proj"):
+            assert type(getattr(indexer, name)) is torch.nn.Linear, name
     with torch.inference_mode():
         got = model(ids)
     # logits span +-0.7 here; measured max |diff| 0.006-0.06 over three seeds

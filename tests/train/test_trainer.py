@@ -344,3 +344,20 @@ def test_resume_of_a_finished_run_does_nothing(tmp_path, shakespeare, caplog):
     assert any("model.pt is 100 bytes" in r.getMessage() for r in caplog.records)
     fresh = make(tmp_path, shakespeare, **kw, **{"checkpoint.resume": "none"})
     assert fresh.step == 0 and fresh.resumed_from is None
+
+
+def test_deepseek_v32_training_is_refused_naming_the_indexer_loss(tmp_path):
+    """The lightning indexer's KL objective (DeepSeek-V3.2 §2.1.1) is not implemented: a flavour,
+    a checkpoint folder or a config.json of deepseek_v32 is refused before any weight is built."""
+    from types import SimpleNamespace
+
+    from deepwhale.checkpoint.io import save_model
+    from deepwhale.model.flavours import flavour_config
+    from deepwhale.model.transformer import CausalLM
+    from deepwhale.train.trainer import build_model
+
+    save_model(CausalLM(flavour_config("debug-v32")), tmp_path)
+    for name in ("debug-v32", str(tmp_path), str(tmp_path / "config.json")):
+        section = SimpleNamespace(name=name, vocab_size=None, init_std=0.02)
+        with pytest.raises(TrainConfigError, match="training deepseek_v32 is not supported"):
+            build_model(section, seed=0)
