@@ -271,6 +271,23 @@ def serve(
             "tokens) or last (its last token); a request's pooling field overrides it."
         ),
     ] = "mean",
+    reasoning_parser: Annotated[
+        str,
+        typer.Option(
+            help="Split <think>...</think> out of chat answers as reasoning_content: "
+            "deepseek_r1, none, or auto (on when the chat template is R1-style or the "
+            "vocabulary has <think> and </think>)."
+        ),
+    ] = "auto",
+    chat_template: Annotated[
+        Path | None,
+        typer.Option(
+            help="A Jinja chat template file used instead of the tokenizer's (e.g. one that "
+            "renders tools).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions (SSE
     streaming), /v1/embeddings, /v1/models, plus /generate, /metrics, /dashboard and /health.
@@ -311,6 +328,8 @@ def serve(
             audit=True,
             audit_prompts=audit_prompts,
             embedding_pooling=embedding_pooling,
+            reasoning_parser=reasoning_parser,
+            chat_template=None if chat_template is None else chat_template.read_text("utf-8"),
         )
     except _user_errors() as e:
         _fail(e)

@@ -36,6 +36,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -694,6 +695,34 @@ class Tokenizer:
         if tokenize:
             return self.encode(text, add_special_tokens=True)
         return text
+
+    def chat_template_source(self, chat_template: str | None = None, tools: Any = None) -> str:
+        """The Jinja source :meth:`apply_chat_template` would render with these arguments
+        (the "tool_use" template when ``tools`` is given and the model has one).
+
+        Raises:
+            TokenizerError: no chat template, or several and none named "default".
+        """
+        return self._select_template(chat_template, tools)
+
+    def chat_template_variables(
+        self, chat_template: str | None = None, tools: Any = None
+    ) -> frozenset[str]:
+        """Names the selected chat template reads from its context but does not set itself
+        (``jinja2.meta.find_undeclared_variables``), e.g. ``{"messages", "bos_token",
+        "add_generation_prompt", "tools"}``; a template without ``"tools"`` here ignores the
+        tool definitions passed to it.
+
+        Raises:
+            TokenizerError: as :meth:`chat_template_source`, or a template syntax error.
+        """
+        source = self._select_template(chat_template, tools)
+        try:
+            return frozenset(jinja2.meta.find_undeclared_variables(_jinja_env().parse(source)))
+        except jinja2.TemplateSyntaxError as exc:
+            raise TokenizerError(
+                f"invalid chat template (line {exc.lineno}): {exc.message}"
+            ) from exc
 
     def _select_template(self, chat_template: str | None, tools: Any) -> str:
         if chat_template is not None:

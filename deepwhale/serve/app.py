@@ -80,6 +80,8 @@ def create_app(
     audit: bool | None = None,
     audit_prompts: bool = False,
     embedding_pooling: str = "mean",
+    reasoning_parser: str = "auto",
+    chat_template: str | None = None,
 ) -> FastAPI:
     """Build the FastAPI app serving ``model`` under ``model_name``.
 
@@ -97,12 +99,19 @@ def create_app(
         embedding_pooling: ``/v1/embeddings``' default pooling of the final hidden states:
             ``"mean"`` over the input's tokens, or the ``"last"`` token's (a request's
             ``pooling`` field overrides it).
+        reasoning_parser: ``"auto"`` (on for R1-style chat templates or a vocabulary with
+            ``<think>``/``</think>``), ``"deepseek_r1"`` or ``"none"``: chat answers split
+            ``<think>...</think>`` into ``reasoning_content``
+            (:mod:`deepwhale.serve.reasoning`).
+        chat_template: a Jinja chat template source used instead of the tokenizer's, for chat
+            and responses (e.g. one that renders ``tools``).
 
     Returns:
         The :class:`fastapi.FastAPI` app (run it with uvicorn).
 
     Raises:
-        ValueError: the model has no tokenizer, or an unknown ``embedding_pooling``.
+        ValueError: the model has no tokenizer, or an unknown ``embedding_pooling`` or
+            ``reasoning_parser``.
         OSError: the data folder cannot be created.
     """
     if model.tokenizer is None:
@@ -113,7 +122,13 @@ def create_app(
         logger.warning(
             "!!! API key authentication is OFF: anyone who can reach this server can use it !!!"
         )
-    serving = Serving(model, model_name, embedding_pooling)
+    serving = Serving(
+        model,
+        model_name,
+        embedding_pooling,
+        reasoning_parser=reasoning_parser,
+        chat_template=chat_template,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -5,7 +5,7 @@ Field names, types and defaults follow the OpenAI API reference
 .../chat/create, .../responses/create); ``GenerateRequest`` follows the ``/generate`` body of DeepSeek's FastAPI
 serving example (``prompt``, ``max_length``, ``temperature``, ``top_p``). Unknown fields are
 ignored, as OpenAI-compatible servers do; known OpenAI fields this server cannot honour
-(``tools``, ``response_format`` other than text, ``logit_bias``, ``suffix``, ``best_of`` > 1...)
+(``functions``, ``response_format`` other than text, ``logit_bias``, ``suffix``, ``best_of`` > 1...)
 are refused rather than silently ignored.
 
 Types are strict where OpenAI's are: integers and booleans must be JSON integers and booleans
@@ -35,6 +35,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from deepwhale.serve.schemas_tools import ToolCall, ToolFields
 
 Float = Annotated[float, Strict()]  # a JSON number (ints too), never a string or a bool
 
@@ -225,11 +227,15 @@ class CompletionRequest(SamplingFields):
 class ChatMessage(_Body):
     """One message: ``role`` (system, user, assistant, tool or developer) and ``content`` (a
     string, or a list of ``{"type": "text", "text": ...}`` parts, which are joined). Content may
-    be missing or null only in an assistant message; non-text parts are refused."""
+    be missing or null only in an assistant message; non-text parts are refused. An assistant
+    message may carry ``tool_calls`` (:class:`ToolCall`), a ``tool`` message the
+    ``tool_call_id`` it answers."""
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: StrictStr | list[dict] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: StrictStr | None = None
 
     @field_validator("content")
     @classmethod
@@ -252,7 +258,7 @@ class ChatMessage(_Body):
         return self
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ToolFields):
     """``POST /v1/chat/completions`` body (OpenAI chat completions).
 
     Attributes:
@@ -260,7 +266,9 @@ class ChatCompletionRequest(SamplingFields):
         max_tokens / max_completion_tokens: new tokens at most; None fills the context.
         logprobs: return per-token log-probabilities.
         top_logprobs: alternatives per token (0-20); needs ``logprobs``.
-        tools, tool_choice, functions, function_call, response_format other than
+        tools, tool_choice, parallel_tool_calls: see
+            :class:`~deepwhale.serve.schemas_tools.ToolFields`.
+        functions, function_call (OpenAI's deprecated forms), response_format other than
             ``{"type": "text"}``: not supported (400).
     """
 
@@ -269,22 +277,20 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
-    tools: list | None = None
-    tool_choice: Any = None
     functions: list | None = None
     function_call: Any = None
     response_format: dict | None = None
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, v: list | None, info: ValidationInfo) -> list | None:
+    def _no_functions(cls, v: list | None, info: ValidationInfo) -> list | None:
         if v:
             raise _unsupported(info.field_name)
         return v
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_tool_choice(cls, v: Any, info: ValidationInfo) -> Any:
+    def _no_function_call(cls, v: Any, info: ValidationInfo) -> Any:
         if v is not None and v != "none":
             raise _unsupported(info.field_name)
         return v

@@ -30,6 +30,7 @@ from deepwhale.inference.sampling import SamplingParams
 from deepwhale.serve.bridge import EngineBridge
 from deepwhale.serve.errors import APIError
 from deepwhale.serve.metrics import Metrics
+from deepwhale.serve.reasoning import resolve_reasoning_parser
 from deepwhale.serve.schemas import GenerateRequest, SamplingFields
 from deepwhale.serve.stats import LiveStats
 
@@ -42,17 +43,29 @@ class Serving:
         model_name: the id clients pass as ``model``.
         embedding_pooling: ``/v1/embeddings``' default pooling of the final hidden states,
             ``"mean"`` (over the input's tokens) or ``"last"`` (its last token).
+        reasoning_parser: ``"auto"``, ``"deepseek_r1"`` or ``"none"``: whether chat answers
+            split ``<think>...</think>`` into ``reasoning_content``
+            (:func:`~deepwhale.serve.reasoning.resolve_reasoning_parser`).
+        chat_template: a Jinja chat template source used instead of the tokenizer's (None:
+            the tokenizer's own).
 
     Raises:
-        ValueError: an unknown ``embedding_pooling``.
+        ValueError: an unknown ``embedding_pooling`` or ``reasoning_parser``.
 
     Attributes:
         created: the server's start time, unix seconds (set here, and again when the app
             starts); ``created`` of the model object.
+        reasoning: chat answers carry ``reasoning_content`` (the resolved parser choice).
     """
 
     def __init__(
-        self, model: DeepSeekModel, model_name: str, embedding_pooling: str = "mean"
+        self,
+        model: DeepSeekModel,
+        model_name: str,
+        embedding_pooling: str = "mean",
+        *,
+        reasoning_parser: str = "auto",
+        chat_template: str | None = None,
     ) -> None:
         if embedding_pooling not in ("mean", "last"):
             raise ValueError(
@@ -61,6 +74,8 @@ class Serving:
         self.model = model
         self.model_name = model_name
         self.embedding_pooling = embedding_pooling
+        self.chat_template = chat_template
+        self.reasoning = resolve_reasoning_parser(reasoning_parser, model.tokenizer, chat_template)
         self.created = int(time.time())
         self.metrics = Metrics(lambda: model.engine)
         self.stats = LiveStats(lambda: (len(model.engine.running), len(model.engine.waiting)))
@@ -133,6 +148,27 @@ class Serving:
         """Token ids of a prompt, tokenized in a worker thread (a multi-megabyte prompt takes
         seconds); the count is noted for the audit log."""
         ids = await asyncio.to_thread(self.model.encode_prompt, prompt)
+        request.state.audit_prompt_tokens = len(ids)
+        return ids
+
+    async def encode_chat(
+        self, request: Request, messages: list[dict], tools: list[dict] | None = None
+    ) -> list[int]:
+        """Token ids of chat ``messages`` rendered with the chat template (the server's
+        ``chat_template`` if set, else the tokenizer's, with the generation prompt; ``tools``
+        passed to it as ``tools``), in a worker thread; the count is noted for the audit log.
+
+        Raises:
+            TokenizerError: no chat template, or it fails to render (a 400).
+        """
+        tok = self.model.tokenizer
+        ids = await asyncio.to_thread(
+            tok.apply_chat_template,
+            messages,
+            tokenize=True,
+            chat_template=self.chat_template,
+            tools=tools,
+        )
         request.state.audit_prompt_tokens = len(ids)
         return ids
 

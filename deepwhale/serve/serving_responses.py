@@ -40,7 +40,7 @@ async def create_response(serving: Serving, body: ResponseRequest, request: Requ
     serving.authorize(request, body.model, messages)
     serving.check_model(body.model)
     check_chat_template(serving, "input")
-    ids = await serving.encode(request, messages)
+    ids = await serving.encode_chat(request, messages)
     params = serving.sampling_params(
         body, serving.budget(ids, body.max_output_tokens, "max_output_tokens")
     )

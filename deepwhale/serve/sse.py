@@ -26,10 +26,11 @@ from sse_starlette import EventSourceResponse
 from deepwhale.inference.engine import Request as EngineRequest
 from deepwhale.inference.generate import GenerationChunk
 from deepwhale.serve.bridge import EngineBridge
+from deepwhale.serve.errors import APIError
 from deepwhale.serve.serving import usage
 
-#: builds one streamed choice from ``(sample index, chunk)``
-ChoiceFn = Callable[[int, GenerationChunk], dict]
+#: builds one streamed choice from ``(sample index, chunk)``; None: nothing to send for it
+ChoiceFn = Callable[[int, GenerationChunk], dict | None]
 
 
 def merge_chunks(batch: list[tuple[int, GenerationChunk]]) -> list[tuple[int, GenerationChunk]]:
@@ -65,15 +66,19 @@ def stream_response(
     first_choices: Sequence[dict] = (),
     include_usage: bool = False,
     logprobs: bool = False,
+    usage_fn: Callable[[EngineRequest], dict] = usage,
 ) -> EventSourceResponse:
     """SSE response of ``obj`` chunks (``text_completion`` or ``chat.completion.chunk``) for
     ``req``, ending with ``data: [DONE]``.
 
     Args:
-        choice: formats one choice of a chunk; called once per chunk sent, in order.
+        choice: formats one choice of a chunk; called once per chunk worth sending, in order;
+            None skips it (e.g. text held back by a parser). An :class:`APIError` it raises
+            is sent as that error's ``{"error": ...}`` event and ends the stream.
         first_choices: choices sent one per event before any token (chat's role deltas).
         include_usage: add ``usage`` (null, then the request's totals in a last chunk).
         logprobs: chunks carry logprobs, so they are sent one token each (not merged).
+        usage_fn: the last chunk's ``usage`` of the finished request.
 
     A client disconnect makes sse-starlette cancel the generator; the ``CancelledError``
     unwinds through :meth:`EngineBridge.events`, whose ``finally`` cancels the engine request,
@@ -102,13 +107,19 @@ def stream_response(
                 async for batch in events:
                     for i, chunk in batch if logprobs else merge_chunks(batch):
                         if _worth_sending(chunk, logprobs):
-                            yield event([choice(i, chunk)])
+                            c = choice(i, chunk)
+                            if c is not None:
+                                yield event([c])
+            except APIError as e:  # the answer broke a request rule (e.g. tool_call_missing)
+                err = {"message": e.message, "type": e.type, "param": e.param, "code": e.code}
+                yield {"data": json.dumps({"error": err}, ensure_ascii=False)}
+                return
             except Exception as e:  # the engine failed mid-stream: tell the client, then stop
                 err = {"message": f"{type(e).__name__}: {e}", "type": "server_error"}
                 yield {"data": json.dumps({"error": {**err, "param": None, "code": None}})}
                 return
         if include_usage:
-            yield event([], usage(req))
+            yield event([], usage_fn(req))
         yield {"data": "[DONE]"}
 
     return _event_source(request, body())

@@ -12,20 +12,26 @@ SERVE = Path(deepwhale.serve.__file__).parent
 OPERATIONS = {"serve.auth", "serve.audit", "serve.metrics", "serve.stats", "atomic"}
 SERVING = {"serve.serving", "serve.serving_completions", "serve.serving_chat"}
 SERVING |= {"serve.serving_tokenizer", "serve.serving_embeddings", "serve.sse"}
-SERVING |= {"serve.serving_responses"}
+SERVING |= {"serve.serving_responses", "serve.chat_features"}
+# text parsers of model output (reasoning, tool calls): the inference layer's stop hold-back only
+PARSERS = {"serve.reasoning", "serve.tool_calls"}
 # module (relative to deepwhale/serve) -> what of deepwhale it may import
 ALLOWED = {
-    "schemas.py": set(),
+    "schemas.py": {"serve.schemas_tools"},
+    "schemas_tools.py": set(),
+    "reasoning.py": {"inference.generate"},
+    "tool_calls.py": {"inference.generate"},
     "errors.py": {"inference.generate", "serve.schemas"},
     "bridge.py": {"inference.engine", "inference.generate", "serve.errors"} | OPERATIONS,
     "middleware.py": {"serve.errors"} | OPERATIONS,
     "routes/": {"serve", "serve.routes", "serve.schemas"} | SERVING,
 }
 SERVING_FILES = ("serving.py", "serving_completions.py", "serving_chat.py", "serving_responses.py")
+SERVING_FILES += ("chat_features.py",)
 for name in (*SERVING_FILES, "serving_tokenizer.py", "serving_embeddings.py"):
     ALLOWED[name] = {"api", "tokenizer", "serve.schemas", "serve.bridge", "serve.errors"}
     ALLOWED[name] |= {"inference.engine", "inference.generate", "inference.sampling"}
-    ALLOWED[name] |= {"inference.prompt_logprobs"} | OPERATIONS | SERVING
+    ALLOWED[name] |= {"inference.prompt_logprobs"} | OPERATIONS | SERVING | PARSERS
 ALLOWED["sse.py"] = ALLOWED["serving.py"]
 
 

@@ -563,13 +563,19 @@ BAD_PARAMS = [  # (path, body, param, words in the message)
     (
         "/v1/chat/completions",
         {"messages": MSG, "tools": [{"type": "function"}]},
-        "tools",
-        "not supported",
+        "tools.0.function",
+        "Field required",
     ),
     (
         "/v1/chat/completions",
         {"messages": MSG, "tool_choice": "auto"},
         "tool_choice",
+        "needs tools",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": MSG, "functions": [{"name": "f"}]},
+        "functions",
         "not supported",
     ),
     (
