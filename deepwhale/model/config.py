@@ -13,6 +13,10 @@ Field names are the HF config keys, so ``from_hf(to_hf(c)) == c``. References: D
 (arXiv:2405.04434) §2.1 (MLA), §2.2 (DeepSeekMoE); DeepSeek-V3 paper (arXiv:2412.19437) §2.1.2
 (auxiliary-loss-free balancing); DeepSeek-V3.2 tech report (arXiv:2512.02556) §2.1 (DeepSeek Sparse
 Attention); YaRN (arXiv:2309.00071); Llama 3.1 RoPE scaling.
+
+The module stays whole: one dataclass owns every family's keys, and its reader, writer and
+validation (which reject an option of one family set on another) read the same field table, so
+splitting it by family would scatter one table over several files.
 """
 
 from __future__ import annotations
