@@ -84,7 +84,7 @@ def prepare(corpus: Path, work: Path) -> tuple[Path, int, int]:
 QUALITY = {"min_chars": 50, "min_words": 10}  # same thresholds given to datatrove's Gopher
 
 
-def run_deepwhale(jsonl: Path, out: Path, workers: int) -> dict:
+def run_deepwhale(jsonl: Path, out: Path, workers: int, dask_address: str | None = None) -> dict:
     from deepwhale.data.config import parse_config
     from deepwhale.data.pipeline import run
 
@@ -103,6 +103,8 @@ def run_deepwhale(jsonl: Path, out: Path, workers: int) -> dict:
     extra = [f"--direct_num_workers={workers}"] if workers > 1 else []
     if workers > 1:
         extra.append("--direct_running_mode=multi_processing")
+    if dask_address is not None:
+        extra = ["--runner=DaskRunner", f"--dask_client_address={dask_address}"]
     t0 = time.perf_counter()
     report = run(cfg, extra_args=extra)
     wall = time.perf_counter() - t0
@@ -237,6 +239,31 @@ def run_datatrove(jsonl: Path, work: Path) -> dict:
     return {"wall_s": wall, "docs_out": kept}
 
 
+def run_scaling(jsonl: Path, work: Path, n_docs: int, one: dict, quiet: bool) -> dict:
+    """docs/s on 2 local Beam workers and on a Dask cluster of 2 worker processes, each with
+    the ratio to the 1-process run ``one``; the shards' digests must match (same output)."""
+    from deepwhale.data.dask_cluster import local_dask_cluster
+
+    out: dict = {}
+    log("running deepwhale on 2 local workers (multi_processing)", quiet)
+    two = run_deepwhale(jsonl, work / "dw-2", 2)
+    out["beam_2_local_workers"] = two
+    log("starting a Dask scheduler + 2 worker processes on 127.0.0.1", quiet)
+    root = Path(__file__).resolve().parents[1]
+    try:
+        with local_dask_cluster(2, pythonpath=root) as addr:
+            out["dask_2_workers"] = run_deepwhale(jsonl, work / "dw-dask", 1, dask_address=addr)
+    except RuntimeError as e:
+        out["dask_2_workers"] = {"error": str(e)}
+    for r in out.values():
+        if "error" not in r:
+            r.pop("stages", None)
+            r["docs_per_s"] = n_docs / r["wall_s"]
+            r["vs_1_process"] = r["docs_per_s"] / one["docs_per_s"]
+            r["same_docs_out"] = r["docs_out"] == one["docs_out"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -244,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="shared corpus folder")
     ap.add_argument("--workers", type=int, default=1, help="Beam direct_num_workers")
     ap.add_argument("--skip-datatrove", action="store_true")
+    ap.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also run 2 local Beam workers and a Dask cluster of 2 worker processes",
+    )
     args = ap.parse_args(argv)
     if args.quiet:
         logging.getLogger().setLevel(logging.ERROR)
@@ -257,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         ours = run_deepwhale(jsonl, work / "deepwhale", args.workers)
         ours.update(docs_per_s=n_docs / ours["wall_s"], mb_per_s=mb / ours["wall_s"])
         log(f"deepwhale: {ours['wall_s']:.1f} s, {ours['docs_out']} docs kept", args.quiet)
+        scaling = {}
+        if args.scaling:
+            scaling = run_scaling(jsonl, work, n_docs, ours, args.quiet)
         if args.skip_datatrove:
             theirs = {"error": "skipped (--skip-datatrove)"}
         else:
@@ -281,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             "datatrove": theirs,
             "ratio": (ours["docs_per_s"] / theirs["docs_per_s"]) if "error" not in theirs else None,
         }
+        if scaling:
+            result["scaling"] = scaling
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -296,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
             if result["ratio"] is not None:
                 print(f"ratio (deepwhale / datatrove docs/s): {result['ratio']:.2f}")
+            for name, r in scaling.items():
+                if "error" in r:
+                    print(f"{name:28s} {r['error']}")
+                else:
+                    print(f"{name:28s}{r['docs_per_s']:10.0f} docs/s  x{r['vs_1_process']:.2f}")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

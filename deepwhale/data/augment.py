@@ -59,10 +59,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-import apache_beam as beam
-
 from deepwhale.data.config import AugmentParams, PipelineConfigError
-from deepwhale.data.metrics import StageCounters
+from deepwhale.data.metrics import CountingDoFn, StageCounters
 from deepwhale.plugins import PluginError, Registry
 
 __all__ = [
@@ -976,7 +974,7 @@ def seed_for(base: int, doc_id: str, strategy: str) -> int:
     return (base * 1_000_003 + zlib.crc32(f"{doc_id}|{strategy}".encode())) & 0x7FFFFFFF
 
 
-class Augment(beam.DoFn):
+class Augment(CountingDoFn):
     """Beam DoFn: emit each document, then one augmented copy per strategy (id suffix
     ``~<strategy>``, field ``augmented``). Strategies are built once in ``setup`` through
     :func:`build` ``(name, **params)``.

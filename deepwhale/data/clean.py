@@ -11,10 +11,8 @@ import re
 import unicodedata
 from collections.abc import Iterator
 
-import apache_beam as beam
-
 from deepwhale.data.config import CleanParams, LangIdParams, PipelineConfigError
-from deepwhale.data.metrics import StageCounters
+from deepwhale.data.metrics import CountingDoFn, StageCounters
 
 # C0/C1 controls except \t and \n, plus BOM / zero-width space / word joiner / soft hyphen and
 # bidi overrides (format characters that carry no text).
@@ -50,7 +48,7 @@ def clean_text(text: str, fix_unicode: bool = True, nfkc: bool = True, converter
     return text.strip()
 
 
-class Clean(beam.DoFn):
+class Clean(CountingDoFn):
     """Beam DoFn: :func:`clean_text` each document; drop the ones that end up shorter than
     ``min_chars`` (reason ``empty``). Counters under ``deepwhale.data.clean``.
     """
@@ -95,7 +93,7 @@ def build_detector(codes: list[str]):
     return lingua.LanguageDetectorBuilder.from_iso_codes_639_1(*langs).build()
 
 
-class LangId(beam.DoFn):
+class LangId(CountingDoFn):
     """Beam DoFn: tag ``doc["lang"]`` (ISO 639-1, ``"unknown"`` when undecided) with lingua and,
     if ``keep`` is set, drop other languages (reason ``lang_<code>``).
     """

@@ -35,7 +35,7 @@ import apache_beam as beam
 import numpy as np
 
 from deepwhale.data.config import ExactDedupParams, MinHashParams
-from deepwhale.data.metrics import StageCounters
+from deepwhale.data.metrics import CountingDoFn, StageCounters
 from deepwhale.data.quality import cjk_fraction
 
 _NON_WORD = re.compile(r"[\W_]+")
@@ -53,7 +53,7 @@ def text_key(text: str, normalize: bool = True) -> str:
     return hashlib.sha1(body.encode("utf-8")).hexdigest()
 
 
-class _KeepSmallest(beam.DoFn):
+class _KeepSmallest(CountingDoFn):
     def __init__(self, stage: str):
         self.counters = StageCounters(stage)
 
@@ -113,7 +113,7 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-class _Signature(beam.DoFn):
+class _Signature(CountingDoFn):
     """doc -> ``(band key, (id, signature bytes))`` for each band, plus the doc on a tag."""
 
     def __init__(self, p: MinHashParams, bands: int, rows: int):
@@ -185,7 +185,7 @@ def connected_components(edges: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {x: find(x) for x in list(parent) if find(x) != x}
 
 
-class _DropMarked(beam.DoFn):
+class _DropMarked(CountingDoFn):
     def __init__(self, stage: str):
         self.counters = StageCounters(stage)
 

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import apache_beam as beam
 
 from deepwhale.data.config import PerplexityParams, PipelineConfigError
-from deepwhale.data.metrics import StageCounters
+from deepwhale.data.metrics import CountingDoFn, StageCounters
 
 
-class ScorePerplexity(beam.DoFn):
+class ScorePerplexity(CountingDoFn):
     """Beam DoFn: add ``doc["ppl"]`` (perplexity of the first ``max_tokens`` tokens; ``inf`` if
     the document has fewer than two tokens).
 
@@ -66,7 +66,7 @@ class ScorePerplexity(beam.DoFn):
         yield {**doc, "ppl": self.score(doc["text"])}
 
 
-class _KeepFluent(beam.DoFn):
+class _KeepFluent(CountingDoFn):
     def __init__(self, max_ppl: float | None, stage: str):
         self.max_ppl = max_ppl
         self.counters = StageCounters(stage)

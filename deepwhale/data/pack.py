@@ -21,7 +21,7 @@ import apache_beam as beam
 
 from deepwhale.data import shards
 from deepwhale.data.config import PipelineConfigError, TokenizeParams
-from deepwhale.data.metrics import StageCounters
+from deepwhale.data.metrics import CountingDoFn, StageCounters
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def tokenizer_info(path: str | None) -> tuple[int, int]:
     return tok.vocab_size, tok.eos_token_id
 
 
-class _Tokenize(beam.DoFn):
+class _Tokenize(CountingDoFn):
     """doc -> ``(shard, (id, token ids))``; documents of complete shards are not tokenized."""
 
     def __init__(self, p: TokenizeParams, out_dir: str, stage: str):
@@ -93,7 +93,7 @@ class _Tokenize(beam.DoFn):
         yield k, (doc["id"], ids)
 
 
-class _WriteShard(beam.DoFn):
+class _WriteShard(CountingDoFn):
     """``(shard, [(id, ids)])`` -> ``(shard, record)``, writing the shard unless complete."""
 
     def __init__(self, p: TokenizeParams, out_dir: str, vocab_size: int, eos_id: int):

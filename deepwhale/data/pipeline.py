@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -38,15 +40,67 @@ from deepwhale.atomic import atomic_write, write_json
 from deepwhale.data import stages
 from deepwhale.data.augment import Augment, seed_for  # noqa: F401 (re-export)
 from deepwhale.data.config import PipelineConfig, PipelineConfigError
-from deepwhale.data.metrics import StageCounters, collect
+from deepwhale.data.metrics import CountingDoFn, StageCounters, collect, set_sink
 
 log = logging.getLogger(__name__)
+
+
+DASK_RUNNER = "deepwhale.data.dask_runner.DaskRunner"
+_BEAM_DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+
+
+def runner_name(runner: str) -> str:
+    """The ``--runner`` value Beam takes for ``runner``: ``DaskRunner`` (which Beam 2.78 knows
+    only by its full name) and Beam's own class become :data:`DASK_RUNNER`
+    (:mod:`deepwhale.data.dask_runner`, Beam's runner computing every branch), whose module is
+    imported so that its flags (``--dask_client_address``...) are known; other names pass
+    through.
+
+    Raises:
+        PipelineConfigError: the Dask runner without ``dask`` and ``distributed`` installed.
+    """
+    if runner in ("DaskRunner", DASK_RUNNER, _BEAM_DASK_RUNNER):
+        try:
+            import apache_beam.runners.dask.dask_runner  # noqa: F401 (registers DaskOptions)
+        except ImportError as e:
+            raise PipelineConfigError(
+                f"runner DaskRunner needs dask and distributed ({e}); "
+                "install them with: pip install 'deepwhale[dask]'"
+            ) from None
+        return DASK_RUNNER
+    return runner
+
+
+def _counters_note(cfg: PipelineConfig, args: Sequence[str]) -> str | None:
+    """Why the counters of this run may exceed the documents, or None where they are exact.
+
+    Beam 2.78's Dask runner computes a side input (``minhash_dedup``'s dropped ids,
+    ``perplexity``'s ``keep_percentile`` cutoff) in a nested ``compute`` that runs the stages
+    before it again and feeds their GroupByKeys the documents more than once. The output is
+    the same (the stages before a side input are exact or near-duplicate removal, which drop
+    the copies), but the ``in`` / ``kept`` / ``dropped`` counters of those stages count the
+    extra passes.
+    """
+    if f"--runner={DASK_RUNNER}" not in args:
+        return None
+    side = [
+        s.name
+        for s in cfg.stages
+        if s.name == "minhash_dedup"
+        or (s.name == "perplexity" and s.params.keep_percentile is not None)
+    ]
+    if not side:
+        return None
+    return (
+        f"DaskRunner: the counters of the stages before {', '.join(side)} (a side input) "
+        "count documents re-read by Beam's Dask runner; shards and documents are exact"
+    )
 
 
 def beam_args(cfg: PipelineConfig, extra_args: Sequence[str] = ()) -> list[str]:
     """Beam command-line flags: ``--runner`` and ``options`` from the config, then
     ``extra_args`` (which win, as Beam takes the last occurrence of a flag)."""
-    args = [f"--runner={cfg.runner}"]
+    args = [f"--runner={runner_name(cfg.runner)}"]
     for key, value in cfg.options.items():
         if isinstance(value, bool):
             if value:
@@ -60,7 +114,7 @@ def _doc_shard(doc_id: str, n: int) -> int:
     return zlib.crc32(doc_id.encode("utf-8")) % n
 
 
-class _WriteDocsShard(beam.DoFn):
+class _WriteDocsShard(CountingDoFn):
     """``(shard, docs)`` -> ``docs/docs-<shard>.jsonl`` (sorted by id, written atomically)."""
 
     def __init__(self, out_dir: str):
@@ -93,7 +147,7 @@ class WriteDocs(beam.PTransform):
         )
 
 
-class _WriteWindowParts(beam.DoFn):
+class _WriteWindowParts(CountingDoFn):
     """Streaming sink: buffer the documents of a bundle by window, and at the end of the bundle
     write each window's documents as ``window-<start>-<end>/part-<hash>.jsonl`` (atomically;
     epoch seconds; the hash is of the sorted ids, so a retried bundle rewrites the same file).
@@ -109,9 +163,12 @@ class _WriteWindowParts(beam.DoFn):
         self._buf: dict = {}
 
     def start_bundle(self):
+        super().start_bundle()
         self._buf = {}
 
-    def process(self, doc: dict, window=beam.DoFn.WindowParam) -> None:
+    # no ``-> None``: Beam 2.78 reads a process return hint as the output type, and None is
+    # not iterable (it then refuses the DoFn); this DoFn only buffers, and emits nothing
+    def process(self, doc: dict, window=beam.DoFn.WindowParam):
         self._buf.setdefault(window, []).append(doc)
 
     def finish_bundle(self) -> None:
@@ -128,9 +185,10 @@ class _WriteWindowParts(beam.DoFn):
             )
             self.counters.count("parts")
         self._buf = {}
+        super().finish_bundle()
 
 
-class CountOutput(beam.DoFn):
+class CountOutput(CountingDoFn):
     """Pass every document on, counting it as the pipeline's output (``output``: ``in`` and
     ``kept``, the report's ``docs_out``)."""
 
@@ -210,7 +268,7 @@ def _read_streaming(p, cfg: PipelineConfig):
     return streams
 
 
-class _FirstSighting(beam.DoFn):
+class _FirstSighting(CountingDoFn):
     """Stateful DoFn keyed by file path: pass a file's metadata on the first poll that sees it."""
 
     SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
@@ -381,6 +439,14 @@ def run(
     say = progress or (lambda _msg: None)
     out_dir = Path(cfg.output)
     args = beam_args(cfg, extra_args)
+    if cfg.mode == "streaming" and f"--runner={DASK_RUNNER}" in args:
+        # Beam's Dask runner runs DoFns without user state (user_state_context=None), which
+        # the streaming reader's _FirstSighting needs; refuse rather than misbehave
+        raise PipelineConfigError(
+            "mode streaming is not supported on DaskRunner: the streaming reader "
+            "(_FirstSighting) needs per-key DoFn state, which Beam's Dask runner lacks; "
+            "use mode batch, or FnApiRunner / FlinkRunner for streaming"
+        )
     unknown = unknown_beam_flags(args)
     if unknown:
         (warn or log.warning)(
@@ -391,20 +457,31 @@ def run(
     options = PipelineOptions(args)
     t0 = time.perf_counter()
     _materialize_fnapi_metrics()
-    p = beam.Pipeline(options=options)
-    # Building validates inputs, stages and the tokenizer; only then is the folder claimed,
-    # so a config error never leaves a fingerprint behind.
-    build(p, cfg, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    specs = [(stage, stages.get(stage.name)) for stage in cfg.stages]
-    for _, spec in specs:
-        if spec.sink is not None:
-            _claim_shard_folder(cfg, out_dir / spec.sink)
-    say(f"running {len(cfg.stages)} stage(s) in {cfg.mode} mode with {' '.join(args)}")
-    result = p.run()
-    result.wait_until_finish()
-    wall = time.perf_counter() - t0
-    counters = collect(result)
+    # counter files for runners without metrics (DaskRunner); set before the DoFns are built
+    sink = out_dir.resolve() / ".counters" / uuid.uuid4().hex
+    set_sink(sink)
+    try:
+        p = beam.Pipeline(options=options)
+        # Building validates inputs, stages and the tokenizer; only then is the folder claimed,
+        # so a config error never leaves a fingerprint behind.
+        build(p, cfg, out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        specs = [(stage, stages.get(stage.name)) for stage in cfg.stages]
+        for _, spec in specs:
+            if spec.sink is not None:
+                _claim_shard_folder(cfg, out_dir / spec.sink)
+        say(f"running {len(cfg.stages)} stage(s) in {cfg.mode} mode with {' '.join(args)}")
+        result = p.run()
+        result.wait_until_finish()
+        wall = time.perf_counter() - t0
+        counters = collect(result, sink)
+    finally:
+        set_sink(None)
+        shutil.rmtree(sink, ignore_errors=True)
+        try:
+            sink.parent.rmdir()  # .counters, unless another run is using it
+        except OSError:
+            pass
     extra = {
         "mode": cfg.mode,
         "beam_args": args,
@@ -415,6 +492,9 @@ def run(
         "docs_in": counters.get("read", {}).get("docs", 0),
         "docs_out": counters.get("output", {}).get("kept", 0),
     }
+    note = _counters_note(cfg, args)
+    if note:
+        extra["counters_note"] = note
     for stage, spec in specs:
         if spec.report is not None:
             extra.update(spec.report(stage.params, out_dir))

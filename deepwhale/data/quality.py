@@ -15,10 +15,8 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 
-import apache_beam as beam
-
 from deepwhale.data.config import QualityParams
-from deepwhale.data.metrics import StageCounters
+from deepwhale.data.metrics import CountingDoFn, StageCounters
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 _DIGIT = re.compile(r"\d")
@@ -144,7 +142,7 @@ def quality_reason(text: str, p: QualityParams) -> str | None:
     return None
 
 
-class QualityFilter(beam.DoFn):
+class QualityFilter(CountingDoFn):
     """Beam DoFn: keep documents that pass :func:`quality_reason`; count drops by reason under
     ``deepwhale.data.quality``.
     """

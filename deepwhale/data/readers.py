@@ -19,9 +19,9 @@ import re
 from collections.abc import Iterator
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
 from deepwhale.data.config import InputSpec, PipelineConfigError
+from deepwhale.data.metrics import CountingDoFn, counter
 
 log = logging.getLogger(__name__)
 NS = "deepwhale.data.read"
@@ -179,7 +179,7 @@ def make_doc(path: str, index: int, text: str) -> dict:
     return {"id": f"{path}#{index:07d}", "text": text, "source": path}
 
 
-class ParseFile(beam.DoFn):
+class ParseFile(CountingDoFn):
     """``ReadableFile`` -> documents, in the format of one :class:`InputSpec`.
 
     Counters (namespace ``deepwhale.data.read``): ``files``, ``docs``, ``corrupt_lines``,
@@ -192,12 +192,12 @@ class ParseFile(beam.DoFn):
 
     def __init__(self, spec: InputSpec):
         self.spec = spec
-        self.files = Metrics.counter(NS, "files")
-        self.docs = Metrics.counter(NS, "docs")
-        self.corrupt = Metrics.counter(NS, "corrupt_lines")
-        self.missing = Metrics.counter(NS, "missing_field")
-        self.malformed = Metrics.counter(NS, "malformed_pair")
-        self.bad_bytes = Metrics.counter(NS, "decode_error")
+        self.files = counter(NS, "files")
+        self.docs = counter(NS, "docs")
+        self.corrupt = counter(NS, "corrupt_lines")
+        self.missing = counter(NS, "missing_field")
+        self.malformed = counter(NS, "malformed_pair")
+        self.bad_bytes = counter(NS, "decode_error")
 
     def process(self, readable) -> Iterator[dict]:
         path = readable.metadata.path
@@ -237,11 +237,11 @@ def file_pattern(path: str) -> str:
     return os.path.join(path, "*") if os.path.isdir(path) else path
 
 
-class _ParquetRows(beam.DoFn):
+class _ParquetRows(CountingDoFn):
     def __init__(self, field: str):
         self.field = field
-        self.docs = Metrics.counter(NS, "docs")
-        self.missing = Metrics.counter(NS, "missing_field")
+        self.docs = counter(NS, "docs")
+        self.missing = counter(NS, "missing_field")
 
     def process(self, item) -> Iterator[dict]:
         import hashlib
