@@ -107,7 +107,11 @@ def beam_args(cfg: PipelineConfig, extra_args: Sequence[str] = ()) -> list[str]:
                 args.append(f"--{key}")
         else:
             args.append(f"--{key}={value}")
-    return args + list(extra_args)
+    extra = [
+        f"--runner={runner_name(a.split('=', 1)[1])}" if a.startswith("--runner=") else a
+        for a in extra_args
+    ]
+    return args + extra
 
 
 def _doc_shard(doc_id: str, n: int) -> int:

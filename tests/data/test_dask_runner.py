@@ -13,7 +13,7 @@ pytest.importorskip("distributed")
 
 from deepwhale.data.config import PipelineConfigError, parse_config  # noqa: E402
 from deepwhale.data.dask_cluster import local_dask_cluster  # noqa: E402
-from deepwhale.data.pipeline import DASK_RUNNER, run, runner_name  # noqa: E402
+from deepwhale.data.pipeline import DASK_RUNNER, beam_args, run, runner_name  # noqa: E402
 
 from .conftest import head_lines  # noqa: E402
 
@@ -92,6 +92,8 @@ def test_runner_names_and_streaming_refused(tmp_path, stories):
     assert runner_name("DaskRunner") == DASK_RUNNER
     assert runner_name("apache_beam.runners.dask.dask_runner.DaskRunner") == DASK_RUNNER
     assert runner_name("FnApiRunner") == "FnApiRunner"
+    cfg = _config(tmp_path, stories, STAGES, "x", "FnApiRunner")
+    assert beam_args(cfg, ["--runner=DaskRunner"])[-1] == f"--runner={DASK_RUNNER}"
     cfg = parse_config(
         {
             "input": [{"path": str(stories.parent), "format": "text"}],
