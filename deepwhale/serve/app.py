@@ -20,7 +20,8 @@ Endpoints (shapes from the OpenAI API reference, https://platform.openai.com/doc
 With ``auth=True`` every route but ``/health`` (and the OpenAPI docs) needs an API key from
 :class:`~deepwhale.serve.auth.KeyStore` (``Authorization: Bearer <key>``): 401 for a missing, bad
 or revoked key, 403 for the wrong role or a model the key may not use, 429 with ``Retry-After``
-(RFC 6585) past the key's per-minute limit. With a data folder (or ``audit=True``) every request
+(RFC 6585) past the key's per-minute limit (counted in ``limits.sqlite``, so every worker process
+on one data folder shares it). With a data folder (or ``audit=True``) every request
 appends one hash-chained row to :class:`~deepwhale.serve.audit.AuditLog`.
 
 The app is composed in layers (docs/ARCHITECTURE.md, "The server"): routes
@@ -62,6 +63,7 @@ from deepwhale.serve.middleware import (
     CountMiddleware,
     InternalErrorMiddleware,
 )
+from deepwhale.serve.ratelimit import RATE_FILE, RateLimiter
 from deepwhale.serve.routes import admin, generate, openai, tokenizer
 from deepwhale.serve.serving import Serving
 
@@ -90,7 +92,7 @@ def create_app(
             the batch size set by ``model.set_batch_size``) is started when the app starts and
             shut down when it stops.
         model_name: the id clients pass as ``model`` and ``/v1/models`` lists.
-        data_dir: folder of ``keys.sqlite`` and ``audit.sqlite`` (default: ``$DEEPWHALE_HOME``,
+        data_dir: folder of ``keys.sqlite``, ``limits.sqlite`` and ``audit.sqlite`` (default: ``$DEEPWHALE_HOME``,
             else ``~/.deepwhale``; see :func:`~deepwhale.serve.auth.data_home`).
         auth: require API keys (off by default for library use; ``deepwhale serve`` turns it
             on unless ``--no-auth``). Off logs a WARNING.
@@ -149,7 +151,8 @@ def create_app(
     app.add_middleware(InternalErrorMiddleware)  # an escaping exception -> a 500 JSON body
     app.add_middleware(BodyLimitMiddleware, limit=MAX_BODY_BYTES)  # inside auth: keys first
     if auth:
-        app.add_middleware(AuthMiddleware, keys=KeyStore(home / KEYS_FILE))
+        limiter = RateLimiter(home / RATE_FILE)  # shared by every process on this data folder
+        app.add_middleware(AuthMiddleware, keys=KeyStore(home / KEYS_FILE), limiter=limiter)
     paths = frozenset(route.path for router in ROUTERS for route in router.routes)
     app.add_middleware(CountMiddleware, metrics=serving.metrics, routes=paths)
     if audit:  # outermost: it records the final status and the time to the last byte

@@ -13,19 +13,16 @@ Roles and what they may call (checked by :func:`route_roles`):
 ``/health``, the ``/dashboard`` page shell (it holds no data) and the OpenAPI docs need no key. Errors follow OpenAI's codes: 401
 ``invalid_api_key`` for a missing, unknown or revoked key, 403 for a role or model the key is not
 granted, 429 ``rate_limit_exceeded`` with ``Retry-After`` (seconds, RFC 6585 section 4 and
-RFC 9110 section 10.2.3) when the key's requests-per-minute limit is used up.
+RFC 9110 section 10.2.3) when the key's requests-per-minute limit is used up (counted in SQLite
+by :class:`deepwhale.serve.ratelimit.RateLimiter`, so every worker process shares one window).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import secrets
 import sqlite3
-import threading
-import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -229,28 +226,3 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
-
-
-class RateLimiter:
-    """Per-key sliding one-minute window kept in memory (reset when the server restarts)."""
-
-    def __init__(self, window_s: float = 60.0, clock=time.monotonic) -> None:
-        self.window_s = window_s
-        self.clock = clock
-        self._hits: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def check(self, key_id: str, limit: int | None) -> int | None:
-        """Record one request for ``key_id``; None if allowed, else the whole seconds to wait
-        until the oldest request in the window expires (the ``Retry-After`` value, >= 1)."""
-        if limit is None:
-            return None
-        now = self.clock()
-        with self._lock:
-            hits = self._hits.setdefault(key_id, deque())
-            while hits and hits[0] <= now - self.window_s:
-                hits.popleft()
-            if len(hits) >= limit:
-                return max(1, math.ceil(hits[0] + self.window_s - now))
-            hits.append(now)
-        return None

@@ -19,9 +19,10 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
 from deepwhale.serve.audit import AuditLog
-from deepwhale.serve.auth import KeyStore, RateLimiter, bearer_token, route_roles
+from deepwhale.serve.auth import KeyStore, bearer_token, route_roles
 from deepwhale.serve.errors import error_response
 from deepwhale.serve.metrics import Metrics
+from deepwhale.serve.ratelimit import RateLimiter
 
 logger = logging.getLogger("deepwhale.serve")
 
@@ -108,11 +109,12 @@ class AuthMiddleware:
     401 ``invalid_api_key`` (with ``WWW-Authenticate: Bearer``, RFC 6750) for a missing, unknown
     or revoked key; 403 ``insufficient_permissions`` for a role not allowed on the route; 429
     ``rate_limit_exceeded`` with ``Retry-After`` in seconds (RFC 6585 section 4) past the key's
-    requests per minute. The key is left in ``request.state.api_key`` for the routes and audit.
+    requests per minute, counted by ``limiter`` (SQLite, shared by every worker process). The
+    key is left in ``request.state.api_key`` for the routes and audit.
     """
 
-    def __init__(self, app, keys: KeyStore) -> None:
-        self.app, self.keys, self.limiter = app, keys, RateLimiter()
+    def __init__(self, app, keys: KeyStore, limiter: RateLimiter) -> None:
+        self.app, self.keys, self.limiter = app, keys, limiter
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
