@@ -10,7 +10,7 @@ import deepwhale.serve
 
 SERVE = Path(deepwhale.serve.__file__).parent
 OPERATIONS = {"serve.auth", "serve.audit", "serve.metrics", "serve.stats", "atomic"}
-OPERATIONS |= {"serve.ratelimit"}
+OPERATIONS |= {"serve.ratelimit", "serve.bodypeek"}
 SERVING = {"serve.serving", "serve.serving_completions", "serve.serving_chat"}
 SERVING |= {"serve.serving_tokenizer", "serve.serving_embeddings", "serve.sse"}
 SERVING |= {"serve.serving_responses", "serve.chat_features"}
