@@ -420,3 +420,55 @@ def export(path: str | os.PathLike, out_jsonl: str | os.PathLike) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return n
+
+
+def usage_by_day(
+    path: str | os.PathLike,
+    key_id: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+) -> list[dict]:
+    """Requests and tokens per API key and UTC day, summed over the audit log at ``path``.
+
+    Args:
+        key_id: only this key (default: every key; rows without a key are never counted).
+        since, until: first and last UTC day included, ``YYYY-MM-DD`` (default: unbounded).
+
+    Returns:
+        ``[{"key_id", "date", "requests", "ok", "prompt_tokens", "completion_tokens"}]`` by date,
+        then key: ``requests`` counts every audited request of the key (refused ones too),
+        ``ok`` those answered with a status under 400; token counts are those the rows hold.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist. ValueError: ``since`` or ``until`` is not a
+        ``YYYY-MM-DD`` date.
+    """
+    from datetime import date, timedelta
+
+    where, args = ["key_id IS NOT NULL"], []
+    if key_id is not None:
+        where.append("key_id = ?")
+        args.append(key_id)
+    for name, day, op, shift in (("since", since, ">=", 0), ("until", until, "<", 1)):
+        if day is None:
+            continue
+        try:
+            bound = date.fromisoformat(day) + timedelta(days=shift)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be a YYYY-MM-DD date, got {day!r}") from e
+        where.append(f"time {op} ?")
+        args.append(bound.isoformat())
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no audit log")
+    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT key_id, substr(time, 1, 10) AS day, COUNT(*), SUM(status < 400),"
+            " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)"
+            f" FROM audit WHERE {' AND '.join(where)} GROUP BY key_id, day ORDER BY day, key_id",
+            args,
+        ).fetchall()
+    finally:
+        db.close()
+    names = ("key_id", "date", "requests", "ok", "prompt_tokens", "completion_tokens")
+    return [dict(zip(names, r, strict=True)) for r in rows]

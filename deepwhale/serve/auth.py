@@ -6,7 +6,7 @@ send it as ``Authorization: Bearer <key>`` (RFC 6750).
 
 Roles and what they may call (checked by :func:`route_roles`):
 
-* ``admin``: everything;
+* ``admin``: everything, and alone the admin API (``/admin/*``: keys, usage, the audit log);
 * ``user``: ``/generate`` and ``/v1/*``;
 * ``viewer``: ``/metrics`` and ``/dashboard/stats`` (the data behind ``/dashboard``).
 
@@ -209,6 +209,8 @@ def route_roles(path: str) -> frozenset[str] | None:
     """Roles allowed on ``path``; None for open routes. Unlisted paths need any valid key."""
     if path in OPEN_ROUTES:
         return None
+    if path == "/admin" or path.startswith("/admin/"):
+        return frozenset({"admin"})
     if path in ("/metrics", "/dashboard/stats"):
         return frozenset({"viewer", "admin"})
     if path in ("/generate", "/tokenize", "/detokenize", "/tokenizer_info") or path.startswith(
