@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 
 from fastapi.responses import JSONResponse
@@ -120,7 +121,8 @@ class AuthMiddleware:
     401 ``invalid_api_key`` (with ``WWW-Authenticate: Bearer``, RFC 6750) for a missing, unknown
     or revoked key; 403 ``insufficient_permissions`` for a role not allowed on the route; 429
     ``rate_limit_exceeded`` with ``Retry-After`` in seconds (RFC 6585 section 4) past the key's
-    requests per minute, counted by ``limiter`` (SQLite, shared by every worker process). The
+    requests per minute, counted by ``limiter`` (SQLite, shared by every worker process; 503
+    ``rate_limiter_unavailable`` with ``Retry-After: 1`` if its database cannot be written). The
     key is left in ``request.state.api_key`` for the routes and audit.
     """
 
@@ -164,7 +166,18 @@ class AuthMiddleware:
                 type="permission_error",
                 code="insufficient_permissions",
             )
-        retry = self.limiter.check(key.id, key.rate_limit)
+        try:
+            retry = self.limiter.check(key.id, key.rate_limit)
+        except sqlite3.Error:  # fail closed: an uncounted request must not slip past the limit
+            logger.exception("rate limiter %s unavailable", self.limiter.path)
+            response = error_response(
+                503,
+                "the rate limiter is unavailable; retry shortly",
+                type="server_error",
+                code="rate_limiter_unavailable",
+            )
+            response.headers["Retry-After"] = "1"
+            return response
         if retry is not None:
             response = error_response(
                 429,

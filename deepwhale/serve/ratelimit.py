@@ -19,7 +19,10 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 RATE_FILE = "limits.sqlite"
@@ -33,32 +36,57 @@ CREATE INDEX IF NOT EXISTS rate_events_key_t ON rate_events (key_id, t);
 class RateLimiter:
     """Sliding-window request limits in the SQLite file ``path`` (created if missing).
 
-    Safe to share across threads and processes: each :meth:`check` opens its own short
-    connection and runs in one ``BEGIN IMMEDIATE`` transaction.
+    Safe to share across threads and processes: each :meth:`check` is one ``BEGIN IMMEDIATE``
+    transaction on this process's connection (kept open, under a lock: opening and closing a
+    WAL database per check costs about 1.2 ms, mostly the checkpoint at the last close, against
+    about 0.1 ms on an open connection).
 
     Args:
         path: the database file (the server uses ``<data dir>/limits.sqlite``).
+        timeout_s: how long a check waits for another process's write lock before raising.
         window_s: window length in seconds (60: limits are requests per minute).
         clock: seconds as a float; must be the same clock in every process sharing ``path``
             (default ``time.time``).
     """
 
-    def __init__(self, path: str | os.PathLike, window_s: float = 60.0, clock=time.time) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        window_s: float = 60.0,
+        clock=time.time,
+        timeout_s: float = 30.0,
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.window_s = window_s
-        self.clock = clock
-        db = self._connect()
-        try:
+        self.window_s, self.clock, self.timeout_s = window_s, clock, timeout_s
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._pid = -1
+        with self._connection() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
-        finally:
-            db.close()
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA synchronous=NORMAL")
-        return db
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """This process's connection, under the lock (a forked child opens its own)."""
+        with self._lock:
+            if self._db is None or self._pid != os.getpid():
+                self._db = sqlite3.connect(
+                    self.path,
+                    timeout=self.timeout_s,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._pid = os.getpid()
+            yield self._db
+
+    def close(self) -> None:
+        """Close this process's connection (the next check opens a new one)."""
+        with self._lock:
+            if self._db is not None and self._pid == os.getpid():
+                self._db.close()
+            self._db = None
 
     def check(self, key_id: str, limit: int | None) -> int | None:
         """Record one request for ``key_id`` if its window has room.
@@ -72,13 +100,12 @@ class RateLimiter:
             the oldest request in the window expires: the ``Retry-After`` value.
 
         Raises:
-            sqlite3.Error: the database cannot be written (after waiting up to 30 s for the
+            sqlite3.Error: the database cannot be written (after waiting ``timeout_s`` for the
                 lock); nothing is counted.
         """
         if limit is None:
             return None
-        db = self._connect()
-        try:
+        with self._connection() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 now = self.clock()
@@ -96,20 +123,16 @@ class RateLimiter:
                     retry = None
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-        finally:
-            db.close()
         return retry
 
     def used(self, key_id: str) -> int:
         """Requests of ``key_id`` counted in the current window (read only)."""
-        db = self._connect()
-        try:
+        with self._connection() as db:
             (n,) = db.execute(
                 "SELECT COUNT(*) FROM rate_events WHERE key_id = ? AND t > ?",
                 (key_id, self.clock() - self.window_s),
             ).fetchone()
-        finally:
-            db.close()
         return n

@@ -112,3 +112,33 @@ def test_two_server_processes_share_one_limit(tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+def test_a_locked_limiter_database_is_a_503_not_a_crash(tmp_path):
+    """Another process holding the write lock past the limiter's timeout: the request is
+    refused with a JSON 503 and Retry-After (fail closed), never let through uncounted."""
+    import sqlite3
+
+    pytest.importorskip("fastapi")
+    from deepwhale.serve.middleware import AuthMiddleware
+
+    store = KeyStore(tmp_path / "keys.sqlite")
+    key, _ = store.create("k", "user", rate_limit=5)
+    limiter = RateLimiter(tmp_path / "limits.sqlite", timeout_s=0.05)
+    auth = AuthMiddleware(None, store, limiter)
+    scope = {
+        "type": "http",
+        "path": "/v1/models",
+        "headers": [(b"authorization", b"Bearer " + key.encode())],
+    }
+    assert auth.check(scope) is None  # counted
+    holder = sqlite3.connect(tmp_path / "limits.sqlite", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        response = auth.check(dict(scope))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert b"rate_limiter_unavailable" in response.body
+    assert auth.check(dict(scope)) is None and limiter.used(store.list()[0].id) == 2
