@@ -61,6 +61,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve(tmp_path, port: int, *extra: str) -> subprocess.Popen:
+    """`deepwhale serve` on ``port`` over the data folder ``tmp_path`` (output to a log file)."""
+    cmd = [sys.executable, "-m", "deepwhale.cli", "serve", "--port", str(port)]
+    cmd += ["--data-dir", str(tmp_path), "--batch-size", "1", "--threads", "1", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(tmp_path / f"serve-{port}.log", "wb") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop(procs) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _burst(httpx, bases: list[str], key: str, n: int) -> list:
+    """``n`` concurrent ``GET /v1/models`` with ``key``, round-robin over ``bases``."""
+    headers = {"Authorization": f"Bearer {key}"}
+    with ThreadPoolExecutor(6) as pool:
+        return list(
+            pool.map(
+                lambda i: httpx.get(f"{bases[i % len(bases)]}/v1/models", headers=headers),
+                range(n),
+            )
+        )
+
+
+def _assert_limited(answers: list, limit: int, key_id: str) -> None:
+    codes = [r.status_code for r in answers]
+    assert codes.count(200) == limit and codes.count(429) == len(answers) - limit, codes
+    for r in answers:
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            assert key_id in r.json()["error"]["message"]
+            assert 1 <= int(r.headers["Retry-After"]) <= 60
+
+
 def test_two_server_processes_share_one_limit(tmp_path):
     """Two `deepwhale serve` processes on one --data-dir: a key limited to N requests per minute
     gets exactly N successes through both together; the rest are 429 with a JSON body and
@@ -69,49 +111,40 @@ def test_two_server_processes_share_one_limit(tmp_path):
     pytest.importorskip("fastapi")
     limit = 5
     key, record = KeyStore(tmp_path / "keys.sqlite").create("shared", "user", rate_limit=limit)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs, bases = [], []
+    ports = [_free_port(), _free_port()]
+    procs = [_serve(tmp_path, port) for port in ports]
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
     try:
-        for _ in range(2):
-            port = _free_port()
-            cmd = [sys.executable, "-m", "deepwhale.cli", "serve", "--port", str(port)]
-            cmd += ["--data-dir", str(tmp_path), "--batch-size", "1", "--threads", "1"]
-            log = open(tmp_path / f"serve-{port}.log", "wb")  # noqa: SIM115 (closed with the test)
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-            bases.append(f"http://127.0.0.1:{port}")
         for proc, base in zip(procs, bases, strict=True):
             wait_for_health(base, timeout=90, alive=lambda p=proc: p.poll() is None)
-        headers = {"Authorization": f"Bearer {key}"}
-
-        def call(i: int):
-            return httpx.get(f"{bases[i % 2]}/v1/models", headers=headers, timeout=30)
-
-        with ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(call, range(14)))
-        ok = [r for r in answers if r.status_code == 200]
-        refused = [r for r in answers if r.status_code == 429]
-        assert len(ok) == limit and len(refused) == 14 - limit, [r.status_code for r in answers]
-        assert {r.url.port for r in ok} | {r.url.port for r in refused} == {
-            int(b.rsplit(":", 1)[1]) for b in bases
-        }
-        for r in refused:
-            assert r.json()["error"]["code"] == "rate_limit_exceeded"
-            assert record.id in r.json()["error"]["message"]
-            assert 1 <= int(r.headers["Retry-After"]) <= 60
+        answers = _burst(httpx, bases, key, 14)
+        _assert_limited(answers, limit, record.id)
+        assert {r.url.port for r in answers} == set(ports)
         # another key is not affected by this one's window, on either server
         other, _ = KeyStore(tmp_path / "keys.sqlite").create("other", "user", rate_limit=1)
         for base, want in zip(bases, (200, 429), strict=True):
             r = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {other}"})
             assert r.status_code == want
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        _stop(procs)
+
+
+def test_serve_workers_share_one_limit(tmp_path):
+    """`deepwhale serve --workers 2`: uvicorn's worker processes on one port share the limit."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    limit = 4
+    key, record = KeyStore(tmp_path / "keys.sqlite").create("shared", "user", rate_limit=limit)
+    port = _free_port()
+    proc = _serve(tmp_path, port, "--workers", "2")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(base, timeout=120, alive=lambda: proc.poll() is None)
+        _assert_limited(_burst(httpx, [base], key, 12), limit, record.id)
+    finally:
+        _stop([proc])
+    log = (tmp_path / f"serve-{port}.log").read_text(errors="replace")
+    assert log.count("Started server process") == 2, log  # two workers did serve
 
 
 def test_a_locked_limiter_database_is_a_503_not_a_crash(tmp_path):
