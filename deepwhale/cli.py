@@ -6,6 +6,7 @@ fit) print one red line and exit with status 2 instead of a traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
@@ -258,6 +259,14 @@ def serve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     data_dir: DataDirOpt = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="HTTP worker processes (uvicorn --workers); each loads its own copy of the "
+            "model, and all share the keys, rate limits and audit log in the data folder.",
+            min=1,
+        ),
+    ] = 1,
     no_auth: Annotated[
         bool, typer.Option("--no-auth", help="Serve without API keys (anyone can call it).")
     ] = False,
@@ -294,20 +303,32 @@ def serve(
     Every route needs an API key (`deepwhale keys create`) unless --no-auth, except /health, the
     /dashboard page shell (its data at /dashboard/stats needs a viewer or admin key) and the
     OpenAPI docs (/docs, /redoc, /openapi.json). Every request is appended to the audit log in
-    the data folder. Needs the serve extra (fastapi, uvicorn, sse-starlette)."""
+    the data folder. With --workers N, N processes serve one port and share the keys, the rate
+    limits and the audit log. Needs the serve extra (fastapi, uvicorn, sse-starlette)."""
     try:
         import uvicorn
 
-        from deepwhale.serve import create_app
         from deepwhale.serve.auth import KEYS_FILE, KeyStore, data_home
 
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
-        m = _load(model, device, dtype)
-        m.set_batch_size(batch_size, max_seq_len)
         home = data_home(data_dir)
+        local = model is not None and Path(model).exists()
+        config = {
+            "model": model,
+            "device": device,
+            "dtype": dtype,
+            "batch_size": batch_size,
+            "max_seq_len": max_seq_len,
+            "threads": threads,
+            "name": name or (Path(model).name if local else model or "stories260K"),
+            "data_dir": str(home),
+            "auth": not no_auth,
+            "audit_prompts": audit_prompts,
+            "embedding_pooling": embedding_pooling,
+            "reasoning_parser": reasoning_parser,
+            "chat_template": None if chat_template is None else chat_template.read_text("utf-8"),
+        }
+        if workers == 1:
+            app_ = _serve_app(config)  # loads the model: a bad one is the first error
         if no_auth:
             err.print(
                 "[bold yellow]WARNING: --no-auth: this server accepts requests without a key.[/]"
@@ -318,22 +339,57 @@ def serve(
                 f"`deepwhale keys create --name NAME --role user --data-dir {home}`, "
                 "or serve with --no-auth"
             )
-        local = model is not None and Path(model).exists()
-        served = name or (Path(model).name if local else model or "stories260K")
-        app_ = create_app(
-            m,
-            served,
-            data_dir=home,
-            auth=not no_auth,
-            audit=True,
-            audit_prompts=audit_prompts,
-            embedding_pooling=embedding_pooling,
-            reasoning_parser=reasoning_parser,
-            chat_template=None if chat_template is None else chat_template.read_text("utf-8"),
-        )
     except _user_errors() as e:
         _fail(e)
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    if workers == 1:
+        uvicorn.run(app_, host=host, port=port, log_level="info")
+    else:  # each worker process loads its own model and engine; keys, limits, audit are shared
+        os.environ[_SERVE_CONFIG_ENV] = json.dumps(config)
+        uvicorn.run(
+            "deepwhale.cli:serve_worker_app",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level="info",
+        )
+
+
+#: environment variable carrying `serve`'s settings (JSON) to its uvicorn worker processes
+_SERVE_CONFIG_ENV = "DEEPWHALE_SERVE_CONFIG"
+
+
+def _serve_app(config: dict):
+    """The app `serve` runs, from its settings (see :func:`serve`): loads the model."""
+    from deepwhale.serve import create_app
+
+    if config["threads"] is not None:
+        import torch
+
+        torch.set_num_threads(config["threads"])
+    m = _load(config["model"], config["device"], config["dtype"])
+    m.set_batch_size(config["batch_size"], config["max_seq_len"])
+    return create_app(
+        m,
+        config["name"],
+        data_dir=config["data_dir"],
+        auth=config["auth"],
+        audit=True,
+        audit_prompts=config["audit_prompts"],
+        embedding_pooling=config["embedding_pooling"],
+        reasoning_parser=config["reasoning_parser"],
+        chat_template=config["chat_template"],
+    )
+
+
+def serve_worker_app():
+    """uvicorn's app factory for `serve --workers N`: builds one worker's app from the
+    settings in ``$DEEPWHALE_SERVE_CONFIG``.
+
+    Raises:
+        KeyError: the variable is not set (the factory is only for `serve`'s workers).
+    """
+    return _serve_app(json.loads(os.environ[_SERVE_CONFIG_ENV]))
 
 
 def _keys(data_dir: Path | None):

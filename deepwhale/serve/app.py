@@ -13,6 +13,9 @@ Endpoints (shapes from the OpenAI API reference, https://platform.openai.com/doc
   strings or token ids, as floats or base64 float32 (:mod:`deepwhale.serve.serving_embeddings`).
 * ``POST /generate``: ``{prompt, max_length, temperature, top_p}`` -> ``{output, usage}``, the
   shape of DeepSeek's FastAPI serving example.
+* the admin API (``admin`` keys, :mod:`deepwhale.serve.routes.admin_api`): ``/admin/keys``
+  (create, list, revoke), ``/admin/usage`` (per key and day, from the audit log),
+  ``/admin/audit/export`` and ``/admin/audit/verify``; every call is audited with its action.
 * ``GET /v1/models`` (``created``: the server's start time), ``GET /v1/models/{model}``,
   ``GET /health``; vLLM's ``GET /tokenizer_info``, ``POST /tokenize``,
   ``POST /detokenize``.
@@ -20,7 +23,8 @@ Endpoints (shapes from the OpenAI API reference, https://platform.openai.com/doc
 With ``auth=True`` every route but ``/health`` (and the OpenAPI docs) needs an API key from
 :class:`~deepwhale.serve.auth.KeyStore` (``Authorization: Bearer <key>``): 401 for a missing, bad
 or revoked key, 403 for the wrong role or a model the key may not use, 429 with ``Retry-After``
-(RFC 6585) past the key's per-minute limit. With a data folder (or ``audit=True``) every request
+(RFC 6585) past the key's per-minute limit (counted in ``limits.sqlite``, so every worker process
+on one data folder shares it). With a data folder (or ``audit=True``) every request
 appends one hash-chained row to :class:`~deepwhale.serve.audit.AuditLog`.
 
 The app is composed in layers (docs/ARCHITECTURE.md, "The server"): routes
@@ -62,13 +66,15 @@ from deepwhale.serve.middleware import (
     CountMiddleware,
     InternalErrorMiddleware,
 )
-from deepwhale.serve.routes import admin, generate, openai, tokenizer
+from deepwhale.serve.ratelimit import RATE_FILE, RateLimiter
+from deepwhale.serve.routes import admin, admin_api, generate, openai, tokenizer
 from deepwhale.serve.serving import Serving
+from deepwhale.serve.serving_admin import Admin
 
 __all__ = ["MAX_BODY_BYTES", "APIError", "create_app", "error_response"]
 
 logger = logging.getLogger("deepwhale.serve")
-ROUTERS = (admin.router, openai.router, tokenizer.router, generate.router)
+ROUTERS = (admin.router, admin_api.router, openai.router, tokenizer.router, generate.router)
 
 
 def create_app(
@@ -90,7 +96,7 @@ def create_app(
             the batch size set by ``model.set_batch_size``) is started when the app starts and
             shut down when it stops.
         model_name: the id clients pass as ``model`` and ``/v1/models`` lists.
-        data_dir: folder of ``keys.sqlite`` and ``audit.sqlite`` (default: ``$DEEPWHALE_HOME``,
+        data_dir: folder of ``keys.sqlite``, ``limits.sqlite`` and ``audit.sqlite`` (default: ``$DEEPWHALE_HOME``,
             else ``~/.deepwhale``; see :func:`~deepwhale.serve.auth.data_home`).
         auth: require API keys (off by default for library use; ``deepwhale serve`` turns it
             on unless ``--no-auth``). Off logs a WARNING.
@@ -148,8 +154,12 @@ def create_app(
     # middlewares, innermost first (each add_middleware wraps the ones before it)
     app.add_middleware(InternalErrorMiddleware)  # an escaping exception -> a 500 JSON body
     app.add_middleware(BodyLimitMiddleware, limit=MAX_BODY_BYTES)  # inside auth: keys first
+    app.state.admin = None  # the admin API is off without keys: anyone could mint one
     if auth:
-        app.add_middleware(AuthMiddleware, keys=KeyStore(home / KEYS_FILE))
+        keys = KeyStore(home / KEYS_FILE)
+        app.state.admin = Admin(keys, home / AUDIT_FILE if audit else None)
+        limiter = RateLimiter(home / RATE_FILE)  # shared by every process on this data folder
+        app.add_middleware(AuthMiddleware, keys=keys, limiter=limiter)
     paths = frozenset(route.path for router in ROUTERS for route in router.routes)
     app.add_middleware(CountMiddleware, metrics=serving.metrics, routes=paths)
     if audit:  # outermost: it records the final status and the time to the last byte

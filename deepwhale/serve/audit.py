@@ -1,10 +1,20 @@
 """A tamper-evident audit log of served requests: an append-only, hash-chained SQLite table.
 
 Each row stores ``prev_hash`` (the previous row's ``hash``; 64 zeros for row 1) and
-``hash = sha256(prev_hash + canonical JSON of the row's fields)``, where the fields are every
-column but ``hash`` itself (``id`` included), serialised with sorted keys and no spaces. Ids run
-1, 2, 3... without gaps, so :func:`verify` can name the first row that was edited (its hash no
-longer matches) or deleted (a gap, or a broken link to the next row).
+``hash = sha256(prev_hash + canonical JSON of the row's fields)``, where the fields are those of
+the row's chain format, serialised with sorted keys and no spaces. Ids run 1, 2, 3... without
+gaps, so :func:`verify` can name the first row that was edited (its hash no longer matches) or
+deleted (a gap, or a broken link to the next row).
+
+Chain formats (the ``chain_version`` column; NULL is format 1):
+
+* 1 (:data:`FIELDS_V1`): every column of the first schema but ``hash`` (``id`` included);
+* 2 (:data:`FIELDS`, written now): format 1 plus ``action`` (the admin API action, e.g.
+  ``keys.create key_... role=user``) and ``chain_version`` itself, so a row cannot be passed off
+  as format 1 without its hash failing.
+
+A log written before format 2 gets the two columns added (``ALTER TABLE``, once) when a server
+opens it; its old rows keep verifying under format 1, and the chain runs on through new rows.
 
 Each :meth:`AuditLog.append` is its own committed transaction on a WAL database with
 ``synchronous=FULL``: a server killed mid-request loses only the rows not yet appended.
@@ -47,7 +57,10 @@ from deepwhale.serve.auth import now_iso
 logger = logging.getLogger("deepwhale.serve.audit")
 
 GENESIS = "0" * 64
-FIELDS = (
+#: the chain format :meth:`AuditLog.append` writes
+CHAIN_VERSION = 2
+#: the fields hashed by chain format 1 (rows whose ``chain_version`` is NULL)
+FIELDS_V1 = (
     "id",
     "time",
     "key_id",
@@ -60,6 +73,9 @@ FIELDS = (
     "prompt",
     "prev_hash",
 )
+#: the fields hashed by chain format 2
+FIELDS = (*FIELDS_V1, "action", "chain_version")
+_FORMATS = {1: FIELDS_V1, 2: FIELDS}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -74,15 +90,30 @@ CREATE TABLE IF NOT EXISTS audit (
     latency_ms REAL NOT NULL,
     prompt TEXT,
     prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
+    hash TEXT NOT NULL,
+    action TEXT,
+    chain_version INTEGER
 )
 """
+#: columns added by chain format 2 (to a table made by format 1)
+_ADDED = {"action": "TEXT", "chain_version": "INTEGER"}
 
 
 def row_hash(fields: dict) -> str:
-    """``sha256(prev_hash + canonical JSON of fields)`` as hex; ``fields`` holds :data:`FIELDS`."""
+    """``sha256(prev_hash + canonical JSON of the fields of the row's chain format)`` as hex.
+
+    ``fields`` holds :data:`FIELDS` (format 2) or :data:`FIELDS_V1` with ``chain_version``
+    None or absent (format 1).
+
+    Raises:
+        ValueError: an unknown ``chain_version``.
+    """
+    version = fields.get("chain_version") or 1
+    names = _FORMATS.get(version)
+    if names is None:
+        raise ValueError(f"unknown audit chain format {version!r}")
     body = json.dumps(
-        {k: fields[k] for k in FIELDS}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        {k: fields[k] for k in names}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
     return hashlib.sha256((fields["prev_hash"] + body).encode()).hexdigest()
 
@@ -146,6 +177,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._db = _connect(self.path)
         self._db.execute(_SCHEMA)
+        self._migrate()
         #: (id, hash) of the newest row this writer knows of: the head file, else the DB tail
         try:
             self._last = _read_head(self.path)
@@ -156,6 +188,21 @@ class AuditLog:
             self._last = self._db.execute(
                 "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"
             ).fetchone()
+
+    def _migrate(self) -> None:
+        """Add the chain format 2 columns to a format 1 table (in a write transaction, so two
+        servers opening the same old log at once do not both add them)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            have = {r[1] for r in db.execute("PRAGMA table_info(audit)")}
+            for name, kind in _ADDED.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE audit ADD COLUMN {name} {kind}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _anchor(self, db: sqlite3.Connection) -> tuple[int, str]:
         """``(id, prev_hash)`` for the next row, inside the write transaction.
@@ -193,6 +240,7 @@ class AuditLog:
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         prompt: str | None = None,
+        action: str | None = None,
     ) -> dict:
         """Append and commit one row; returns its fields with ``hash``.
 
@@ -201,7 +249,9 @@ class AuditLog:
             request start to the last byte, in milliseconds; key_id: the API key's id (None when
             auth is off or the key was refused); model: the model id; prompt_tokens,
             completion_tokens: token counts when known; prompt: the prompt text (only when the
-            server opted in). Lone surrogates in strings are stored escaped.
+            server opted in); action: the admin action, for ``/admin/*`` calls. Lone surrogates
+            in strings are stored escaped. Rows are written in chain format
+            :data:`CHAIN_VERSION`.
 
         Raises:
             sqlite3.Error: the database cannot be written (the row is rolled back).
@@ -223,6 +273,8 @@ class AuditLog:
                     "latency_ms": round(float(latency_ms), 3),
                     "prompt": _clean(prompt),
                     "prev_hash": prev,
+                    "action": _clean(action),
+                    "chain_version": CHAIN_VERSION,
                 }
                 row["hash"] = row_hash(row)
                 cols = (*FIELDS, "hash")
@@ -256,13 +308,24 @@ class VerifyResult:
     reason: str = ""
 
 
-def _rows(path: Path):
+def iter_rows(path: str | os.PathLike, since: int = 0):
+    """Yield the rows of the log at ``path`` with ``id > since``, oldest first, as dicts of
+    :data:`FIELDS` and ``hash`` (``action`` and ``chain_version`` None for a format 1 log not
+    yet migrated). Opens the file read-only; the generator may be advanced from any thread.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no audit log")
-    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, check_same_thread=False)
     db.row_factory = sqlite3.Row
     try:
-        yield from db.execute(f"SELECT {', '.join(FIELDS)}, hash FROM audit ORDER BY id")
+        have = {r[1] for r in db.execute("PRAGMA table_info(audit)")}
+        cols = [c if c in have else f"NULL AS {c}" for c in (*FIELDS, "hash")]
+        query = f"SELECT {', '.join(cols)} FROM audit WHERE id > ? ORDER BY id"
+        for r in db.execute(query, (since,)):
+            yield dict(r)
     finally:
         db.close()
 
@@ -272,7 +335,8 @@ def verify(path: str | os.PathLike) -> VerifyResult:
 
     A row is *edited* when its stored hash differs from the recomputed one, and *deleted* when
     ids skip (the first missing id is named) or a row's ``prev_hash`` differs from the hash of
-    the row before it (the row before was deleted or replaced). Then the head anchor
+    the row before it (the row before was deleted or replaced). Rows of chain formats 1 and 2
+    may both be present (a log written before format 2, then continued). Then the head anchor
     (``<path>.head``, see the module docstring) must name a row that exists with that hash;
     if not, rows were cut from the end (or the last row replaced). No head file is accepted
     (logs written before anchors existed).
@@ -288,7 +352,7 @@ def verify(path: str | os.PathLike) -> VerifyResult:
         head_error = None
     head_found: str | None = None  # the hash of the row the head names, once walked
     prev, expected, n = GENESIS, 1, 0
-    for r in _rows(Path(path)):
+    for r in iter_rows(path):
         fields = dict(r)
         if fields["id"] != expected:
             return VerifyResult(
@@ -298,7 +362,11 @@ def verify(path: str | os.PathLike) -> VerifyResult:
             return VerifyResult(
                 False, n, expected, f"row {expected}: prev_hash does not match the row before it"
             )
-        if row_hash(fields) != fields["hash"]:
+        try:
+            edited = row_hash(fields) != fields["hash"]
+        except ValueError as e:  # an unknown chain_version: edited too
+            return VerifyResult(False, n, expected, f"row {expected}: {e}")
+        if edited:
             return VerifyResult(False, n, expected, f"row {expected} was edited (hash mismatch)")
         prev, expected, n = fields["hash"], expected + 1, n + 1
         if head is not None and fields["id"] == head[0]:
@@ -342,7 +410,7 @@ def export(path: str | os.PathLike, out_jsonl: str | os.PathLike) -> int:
     n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in _rows(Path(path)):
+            for r in iter_rows(path):
                 f.write(json.dumps(dict(r), ensure_ascii=False) + "\n")
                 n += 1
             f.flush()
@@ -352,3 +420,55 @@ def export(path: str | os.PathLike, out_jsonl: str | os.PathLike) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return n
+
+
+def usage_by_day(
+    path: str | os.PathLike,
+    key_id: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+) -> list[dict]:
+    """Requests and tokens per API key and UTC day, summed over the audit log at ``path``.
+
+    Args:
+        key_id: only this key (default: every key; rows without a key are never counted).
+        since, until: first and last UTC day included, ``YYYY-MM-DD`` (default: unbounded).
+
+    Returns:
+        ``[{"key_id", "date", "requests", "ok", "prompt_tokens", "completion_tokens"}]`` by date,
+        then key: ``requests`` counts every audited request of the key (refused ones too),
+        ``ok`` those answered with a status under 400; token counts are those the rows hold.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist. ValueError: ``since`` or ``until`` is not a
+        ``YYYY-MM-DD`` date.
+    """
+    from datetime import date, timedelta
+
+    where, args = ["key_id IS NOT NULL"], []
+    if key_id is not None:
+        where.append("key_id = ?")
+        args.append(key_id)
+    for name, day, op, shift in (("since", since, ">=", 0), ("until", until, "<", 1)):
+        if day is None:
+            continue
+        try:
+            bound = date.fromisoformat(day) + timedelta(days=shift)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be a YYYY-MM-DD date, got {day!r}") from e
+        where.append(f"time {op} ?")
+        args.append(bound.isoformat())
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no audit log")
+    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT key_id, substr(time, 1, 10) AS day, COUNT(*), SUM(status < 400),"
+            " COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0)"
+            f" FROM audit WHERE {' AND '.join(where)} GROUP BY key_id, day ORDER BY day, key_id",
+            args,
+        ).fetchall()
+    finally:
+        db.close()
+    names = ("key_id", "date", "requests", "ok", "prompt_tokens", "completion_tokens")
+    return [dict(zip(names, r, strict=True)) for r in rows]

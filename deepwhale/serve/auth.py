@@ -6,26 +6,23 @@ send it as ``Authorization: Bearer <key>`` (RFC 6750).
 
 Roles and what they may call (checked by :func:`route_roles`):
 
-* ``admin``: everything;
+* ``admin``: everything, and alone the admin API (``/admin/*``: keys, usage, the audit log);
 * ``user``: ``/generate`` and ``/v1/*``;
 * ``viewer``: ``/metrics`` and ``/dashboard/stats`` (the data behind ``/dashboard``).
 
 ``/health``, the ``/dashboard`` page shell (it holds no data) and the OpenAPI docs need no key. Errors follow OpenAI's codes: 401
 ``invalid_api_key`` for a missing, unknown or revoked key, 403 for a role or model the key is not
 granted, 429 ``rate_limit_exceeded`` with ``Retry-After`` (seconds, RFC 6585 section 4 and
-RFC 9110 section 10.2.3) when the key's requests-per-minute limit is used up.
+RFC 9110 section 10.2.3) when the key's requests-per-minute limit is used up (counted in SQLite
+by :class:`deepwhale.serve.ratelimit.RateLimiter`, so every worker process shares one window).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import secrets
 import sqlite3
-import threading
-import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -212,6 +209,8 @@ def route_roles(path: str) -> frozenset[str] | None:
     """Roles allowed on ``path``; None for open routes. Unlisted paths need any valid key."""
     if path in OPEN_ROUTES:
         return None
+    if path == "/admin" or path.startswith("/admin/"):
+        return frozenset({"admin"})
     if path in ("/metrics", "/dashboard/stats"):
         return frozenset({"viewer", "admin"})
     if path in ("/generate", "/tokenize", "/detokenize", "/tokenizer_info") or path.startswith(
@@ -229,28 +228,3 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
-
-
-class RateLimiter:
-    """Per-key sliding one-minute window kept in memory (reset when the server restarts)."""
-
-    def __init__(self, window_s: float = 60.0, clock=time.monotonic) -> None:
-        self.window_s = window_s
-        self.clock = clock
-        self._hits: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def check(self, key_id: str, limit: int | None) -> int | None:
-        """Record one request for ``key_id``; None if allowed, else the whole seconds to wait
-        until the oldest request in the window expires (the ``Retry-After`` value, >= 1)."""
-        if limit is None:
-            return None
-        now = self.clock()
-        with self._lock:
-            hits = self._hits.setdefault(key_id, deque())
-            while hits and hits[0] <= now - self.window_s:
-                hits.popleft()
-            if len(hits) >= limit:
-                return max(1, math.ceil(hits[0] + self.window_s - now))
-            hits.append(now)
-        return None

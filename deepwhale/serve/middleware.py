@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
 from deepwhale.serve.audit import AuditLog
-from deepwhale.serve.auth import KeyStore, RateLimiter, bearer_token, route_roles
+from deepwhale.serve.auth import KeyStore, bearer_token, route_roles
+from deepwhale.serve.bodypeek import PEEK_BYTES, has_body, model_from_prefix, peek_model
 from deepwhale.serve.errors import error_response
 from deepwhale.serve.metrics import Metrics
+from deepwhale.serve.ratelimit import RateLimiter
 
 logger = logging.getLogger("deepwhale.serve")
 
@@ -102,17 +105,29 @@ class CountMiddleware:
             self.metrics.requests.labels(route, str(status)).inc()
 
 
+async def _note_model(scope, receive) -> None:
+    """Before refusing a request whose body no route will read: the model its body names
+    (from the first 64 KiB, :func:`~deepwhale.serve.bodypeek.peek_model`) into
+    ``scope["state"]["audit_model"]`` for the audit row."""
+    if has_body(scope):
+        model = await peek_model(receive)
+        if model is not None:
+            scope.setdefault("state", {})["audit_model"] = model
+
+
 class AuthMiddleware:
     """API keys, roles and rate limits (see :mod:`deepwhale.serve.auth`).
 
     401 ``invalid_api_key`` (with ``WWW-Authenticate: Bearer``, RFC 6750) for a missing, unknown
     or revoked key; 403 ``insufficient_permissions`` for a role not allowed on the route; 429
     ``rate_limit_exceeded`` with ``Retry-After`` in seconds (RFC 6585 section 4) past the key's
-    requests per minute. The key is left in ``request.state.api_key`` for the routes and audit.
+    requests per minute, counted by ``limiter`` (SQLite, shared by every worker process; 503
+    ``rate_limiter_unavailable`` with ``Retry-After: 1`` if its database cannot be written). The
+    key is left in ``request.state.api_key`` for the routes and audit.
     """
 
-    def __init__(self, app, keys: KeyStore) -> None:
-        self.app, self.keys, self.limiter = app, keys, RateLimiter()
+    def __init__(self, app, keys: KeyStore, limiter: RateLimiter) -> None:
+        self.app, self.keys, self.limiter = app, keys, limiter
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -122,6 +137,7 @@ class AuthMiddleware:
         if response is None:
             await self.app(scope, receive, send)
         else:
+            await _note_model(scope, receive)
             await response(scope, receive, send)
 
     def check(self, scope) -> JSONResponse | None:
@@ -150,7 +166,18 @@ class AuthMiddleware:
                 type="permission_error",
                 code="insufficient_permissions",
             )
-        retry = self.limiter.check(key.id, key.rate_limit)
+        try:
+            retry = self.limiter.check(key.id, key.rate_limit)
+        except sqlite3.Error:  # fail closed: an uncounted request must not slip past the limit
+            logger.exception("rate limiter %s unavailable", self.limiter.path)
+            response = error_response(
+                503,
+                "the rate limiter is unavailable; retry shortly",
+                type="server_error",
+                code="rate_limiter_unavailable",
+            )
+            response.headers["Retry-After"] = "1"
+            return response
         if retry is not None:
             response = error_response(
                 429,
@@ -164,12 +191,21 @@ class AuthMiddleware:
         return None
 
 
+def _admin_action(scope) -> str | None:
+    """``"METHOD /admin/..."`` for an admin API call (the routes name the action in more
+    detail when they run), else None."""
+    path = scope["path"]
+    return f"{scope.get('method', '')} {path}" if path.startswith("/admin/") else None
+
+
 class AuditMiddleware:
     """Pure ASGI middleware appending one audit row per HTTP request once its last byte is
     sent (streams included), with the status sent and the latency in milliseconds. Routes leave
     the model, prompt, prompt token count and engine request in ``request.state`` (``audit_*``);
-    ``audit_status`` overrides the status sent (499 for a stream the client closed). Requests
-    refused before a route runs (401, 403, 429, 413) have no model."""
+    ``audit_status`` overrides the status sent (499 for a stream the client closed);
+    ``audit_action`` names an admin action. Requests refused before a route runs (401, 403, 429,
+    413) carry the model their body names (auth and the body limit read it from the first
+    64 KiB); a refused ``/admin/*`` call records its method and path as the action."""
 
     def __init__(self, app, log: AuditLog, prompts: bool) -> None:
         self.app, self.log, self.prompts = app, log, prompts
@@ -192,6 +228,7 @@ class AuditMiddleware:
                 latency_ms=(time.perf_counter() - start) * 1000,
                 key_id=None if key is None else key.id,
                 model=state.get("audit_model"),
+                action=state.get("audit_action") or _admin_action(scope),
                 prompt_tokens=len(req.prompt_ids)
                 if req is not None
                 else state.get("audit_prompt_tokens"),
@@ -226,6 +263,7 @@ class BodyLimitMiddleware:
         )
         length = dict(scope.get("headers", ())).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
+            await _note_model(scope, receive)
             await too_big(scope, receive, send)
             return
         chunks, size, more = [], 0, True
@@ -239,6 +277,9 @@ class BodyLimitMiddleware:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.limit:
+                model = model_from_prefix(b"".join(chunks)[:PEEK_BYTES])
+                if model is not None:
+                    scope.setdefault("state", {})["audit_model"] = model
                 await too_big(scope, receive, send)
                 return
         pending = (

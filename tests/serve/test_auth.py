@@ -20,7 +20,8 @@ from typer.testing import CliRunner  # noqa: E402
 from deepwhale.api import DeepSeekModel  # noqa: E402
 from deepwhale.cli import app as cli  # noqa: E402
 from deepwhale.serve import create_app  # noqa: E402
-from deepwhale.serve.auth import KeyStore, RateLimiter, bearer_token  # noqa: E402
+from deepwhale.serve.auth import KeyStore, bearer_token  # noqa: E402
+from deepwhale.serve.ratelimit import RateLimiter  # noqa: E402
 
 NAME = "stories260K"
 BODY = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 2, "temperature": 0}
@@ -149,9 +150,9 @@ def test_keys_are_stored_hashed(tmp_path):
         store.create("x", "user", rate_limit=0)
 
 
-def test_rate_limiter_window_and_bearer_parsing():
+def test_rate_limiter_window_and_bearer_parsing(tmp_path):
     now = [100.0]
-    limiter = RateLimiter(clock=lambda: now[0])
+    limiter = RateLimiter(tmp_path / "limits.sqlite", clock=lambda: now[0])
     assert limiter.check("k", None) is None
     assert limiter.check("k", 2) is None and limiter.check("k", 2) is None
     assert limiter.check("k", 2) == 60

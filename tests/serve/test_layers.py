@@ -10,9 +10,10 @@ import deepwhale.serve
 
 SERVE = Path(deepwhale.serve.__file__).parent
 OPERATIONS = {"serve.auth", "serve.audit", "serve.metrics", "serve.stats", "atomic"}
+OPERATIONS |= {"serve.ratelimit", "serve.bodypeek"}
 SERVING = {"serve.serving", "serve.serving_completions", "serve.serving_chat"}
 SERVING |= {"serve.serving_tokenizer", "serve.serving_embeddings", "serve.sse"}
-SERVING |= {"serve.serving_responses", "serve.chat_features"}
+SERVING |= {"serve.serving_responses", "serve.chat_features", "serve.serving_admin"}
 # text parsers of model output (reasoning, tool calls): the inference layer's stop hold-back only
 PARSERS = {"serve.reasoning", "serve.tool_calls"}
 # module (relative to deepwhale/serve) -> what of deepwhale it may import
@@ -25,6 +26,8 @@ ALLOWED = {
     "bridge.py": {"inference.engine", "inference.generate", "serve.errors"} | OPERATIONS,
     "middleware.py": {"serve.errors"} | OPERATIONS,
     "routes/": {"serve", "serve.routes", "serve.schemas"} | SERVING,
+    # the admin API: the key store and audit log, no engine
+    "serving_admin.py": {"serve.errors"} | OPERATIONS,
 }
 SERVING_FILES = ("serving.py", "serving_completions.py", "serving_chat.py", "serving_responses.py")
 SERVING_FILES += ("chat_features.py",)

@@ -2,6 +2,8 @@
 hands it to the serving layer (:mod:`deepwhale.serve.serving` and its endpoint modules).
 
 * :mod:`.admin`: ``/health``, ``/metrics``, ``/dashboard``, ``/dashboard/stats``;
+* :mod:`.admin_api`: the admin API, ``/admin/keys``, ``/admin/usage``, ``/admin/audit/*``
+  (through :mod:`deepwhale.serve.serving_admin`, in ``app.state.admin``);
 * :mod:`.openai`: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``,
   ``/v1/responses``, ``/v1/embeddings``;
 * :mod:`.tokenizer`: vLLM's ``/tokenizer_info``, ``/tokenize``, ``/detokenize``;
