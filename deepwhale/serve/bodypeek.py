@@ -19,7 +19,7 @@ PEEK_BYTES = 64 * 1024
 #: longest string taken as a model name (longer ones are not recorded)
 MAX_MODEL_CHARS = 256
 #: seconds a refusal waits for the body prefix before answering without a model
-PEEK_TIMEOUT_S = 2.0
+PEEK_TIMEOUT_S = 5.0
 
 _DECODER = json.JSONDecoder()
 _WS = " \t\n\r"

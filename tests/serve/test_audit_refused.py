@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("sse_starlette")
 httpx = pytest.importorskip("httpx")
+TIMEOUT = 30  # s; generous, other work shares these cores
 
 from typer.testing import CliRunner  # noqa: E402
 
@@ -138,26 +139,28 @@ def test_refused_rows_carry_the_model(server):
     body = {"model": NAME, "prompt": "Once", "max_tokens": 1}
     url = f"{base}/v1/completions"
 
-    r = httpx.post(url, json=body)  # no key
+    r = httpx.post(url, json=body, timeout=TIMEOUT)  # no key
     assert r.status_code == 401
     row = _last_row(home, "/v1/completions")
     assert (row["status"], row["model"], row["key_id"]) == (401, NAME, None)
 
-    r = httpx.post(url, json={**body, "model": "other-model"}, headers=_h(keys["viewer"]))
+    r = httpx.post(
+        url, json={**body, "model": "other-model"}, headers=_h(keys["viewer"]), timeout=TIMEOUT
+    )
     assert r.status_code == 403  # the viewer role may not call /v1/*
     row = _last_row(home, "/v1/completions")
     assert (row["status"], row["model"]) == (403, "other-model")
 
-    assert httpx.post(url, json=body, headers=_h(keys["slow"])).status_code == 200
+    assert httpx.post(url, json=body, headers=_h(keys["slow"]), timeout=TIMEOUT).status_code == 200
     assert _last_row(home, "/v1/completions")["status"] == 200
-    r = httpx.post(url, json={**body, "model": "third"}, headers=_h(keys["slow"]))
+    r = httpx.post(url, json={**body, "model": "third"}, headers=_h(keys["slow"]), timeout=TIMEOUT)
     assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
     row = _last_row(home, "/v1/completions")
     assert (row["status"], row["model"]) == (429, "third")
 
     # 413 by Content-Length: the model is in the first 64 KiB
     big = json.dumps({"model": NAME, "prompt": "x" * (MAX_BODY_BYTES + 10)}).encode()
-    r = httpx.post(url, content=big, headers=_h(keys["user"]))
+    r = httpx.post(url, content=big, headers=_h(keys["user"]), timeout=TIMEOUT)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     row = _last_row(home, "/v1/completions")
     assert (row["status"], row["model"]) == (413, NAME)
@@ -169,20 +172,22 @@ def test_refused_rows_carry_the_model(server):
             yield b"y" * PEEK_BYTES
         yield b'"}'
 
-    r = httpx.post(url, content=chunks(), headers=_h(keys["user"]))
+    r = httpx.post(url, content=chunks(), headers=_h(keys["user"]), timeout=TIMEOUT)
     assert r.status_code == 413
     row = _last_row(home, "/v1/completions")
     assert (row["status"], row["model"]) == (413, "chunked-model")
 
     # a body that is not JSON: no model, and still a JSON 401
-    r = httpx.post(url, content=b"\x00\xff not json", headers={"Content-Type": "text/plain"})
+    r = httpx.post(
+        url, content=b"\x00\xff not json", headers={"Content-Type": "text/plain"}, timeout=TIMEOUT
+    )
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     row = _last_row(home, "/v1/completions")
     assert (row["status"], row["model"]) == (401, None)
 
     # a model the key may not use is refused by the route, which names the model too
     other = KeyStore(home / "keys.sqlite").create("narrow", "user", models=["x"])[0]
-    assert httpx.post(url, json=body, headers=_h(other)).status_code == 403
+    assert httpx.post(url, json=body, headers=_h(other), timeout=TIMEOUT).status_code == 403
     row = _last_row(home, "/v1/completions")
     assert (row["status"], row["model"]) == (403, NAME)
     assert verify(home / "audit.sqlite").ok

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from deepwhale.serve.audit import iter_rows, verify
 from deepwhale.serve.auth import KeyStore
 from deepwhale.serve.ratelimit import RateLimiter
 from tests.serve.conftest import wait_for_health
@@ -87,7 +88,9 @@ def _burst(httpx, bases: list[str], key: str, n: int) -> list:
     with ThreadPoolExecutor(6) as pool:
         return list(
             pool.map(
-                lambda i: httpx.get(f"{bases[i % len(bases)]}/v1/models", headers=headers),
+                lambda i: httpx.get(
+                    f"{bases[i % len(bases)]}/v1/models", headers=headers, timeout=30
+                ),
                 range(n),
             )
         )
@@ -101,6 +104,14 @@ def _assert_limited(answers: list, limit: int, key_id: str) -> None:
             assert r.json()["error"]["code"] == "rate_limit_exceeded"
             assert key_id in r.json()["error"]["message"]
             assert 1 <= int(r.headers["Retry-After"]) <= 60
+
+
+def _assert_one_chain(home, n_models: int) -> None:
+    """The processes wrote one intact audit chain, a row for each ``/v1/models`` call."""
+    result = verify(home / "audit.sqlite")
+    assert result.ok, result
+    rows = [r for r in iter_rows(home / "audit.sqlite") if r["route"] == "/v1/models"]
+    assert len(rows) == n_models
 
 
 def test_two_server_processes_share_one_limit(tmp_path):
@@ -123,10 +134,13 @@ def test_two_server_processes_share_one_limit(tmp_path):
         # another key is not affected by this one's window, on either server
         other, _ = KeyStore(tmp_path / "keys.sqlite").create("other", "user", rate_limit=1)
         for base, want in zip(bases, (200, 429), strict=True):
-            r = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {other}"})
+            r = httpx.get(
+                f"{base}/v1/models", headers={"Authorization": f"Bearer {other}"}, timeout=30
+            )
             assert r.status_code == want
     finally:
         _stop(procs)
+    _assert_one_chain(tmp_path, 14 + 2)
 
 
 def test_serve_workers_share_one_limit(tmp_path):
@@ -145,6 +159,7 @@ def test_serve_workers_share_one_limit(tmp_path):
         _stop([proc])
     log = (tmp_path / f"serve-{port}.log").read_text(errors="replace")
     assert log.count("Started server process") == 2, log  # two workers did serve
+    _assert_one_chain(tmp_path, 12)
 
 
 def test_a_locked_limiter_database_is_a_503_not_a_crash(tmp_path):
