@@ -149,3 +149,39 @@ def test_config_errors(tmp_path):
     cfg = parse_config({**base, "stages": ["normalize_terms"]})
     with pytest.raises(PipelineConfigError, match="normalize_terms: no dictionary"):
         run(cfg)
+
+
+def test_data_run_dictionary_flag(tmp_path):
+    from typer.testing import CliRunner
+
+    from deepwhale.cli import app
+
+    src = tmp_path / "in.txt"
+    src.write_text("这家公司的本益比很高。PE ratio up.\n", encoding="utf-8")
+    out = tmp_path / "o"
+    res = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "run",
+            "-i",
+            str(src),
+            "-o",
+            str(out),
+            "--stages",
+            "normalize_terms",
+            "--dictionary",
+            str(FINANCE),
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["normalize_terms"]["rewrites"] == 2
+    (doc,) = [
+        json.loads(x)
+        for f in (out / "docs").glob("*.jsonl")
+        for x in f.read_text().split("\n")
+        if x
+    ]
+    assert doc["text"] == "这家公司的市盈率很高。市盈率 up."
