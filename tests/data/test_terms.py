@@ -185,3 +185,37 @@ def test_data_run_dictionary_flag(tmp_path):
         if x
     ]
     assert doc["text"] == "这家公司的市盈率很高。市盈率 up."
+
+
+def test_benchmark_agrees_with_its_regex_baseline():
+    """benchmarks/normalize_terms.py: ours and the regex alternation rewrite real lines the
+    same way (the timings are the benchmark's to report, not asserted here)."""
+    import subprocess
+    import sys
+
+    from tests.data.conftest import CORPUS
+
+    if not (CORPUS / "zh/novels/hongloumeng.txt").exists():
+        pytest.skip("shared corpus not found")
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks/normalize_terms.py"),
+            "--json",
+            "--quiet",
+            "--terms",
+            "50",
+            "500",
+            "--docs",
+            "3000",
+            "--seconds",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    result = json.loads(out.stdout)
+    assert [r["terms"] for r in result["rows"]] == [50, 500]
+    assert all(r["agree"] and r["agree_docs"] > 0 and r["rewrites"] > 0 for r in result["rows"])
