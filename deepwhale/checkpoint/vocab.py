@@ -100,7 +100,8 @@ def extend_tokenizer(tokenizer, terms: list[str], style: str) -> tuple[dict, dic
         style: ``byte_level``, ``prepend`` or ``other`` (how the tokenizer treats spaces).
 
     Returns:
-        ``(added {content: id}, sub-tokens {content: old ids}, skipped terms)``.
+        ``(added {content: id}, sub-tokens {content: old ids}, skipped terms)``; a term is
+        skipped when it already is one token of the vocabulary or an added token.
     """
     from tokenizers import AddedToken
 
@@ -109,12 +110,18 @@ def extend_tokenizer(tokenizer, terms: list[str], style: str) -> tuple[dict, dic
     for term in dict.fromkeys(t.strip() for t in terms if t.strip()):
         latin = bool(_LATIN_START.match(term))
         forms = [term, " " + term] if style == "byte_level" and latin else [term]
-        single = [f for f in forms if len(tokenizer.encode(f, add_special_tokens=False).ids) == 1]
+        # a form that already is one token (in the vocabulary or added) needs no new one
+        single = [
+            f
+            for f in forms
+            if tokenizer.token_to_id(f) is not None
+            or len(tokenizer.encode(f, add_special_tokens=False).ids) == 1
+        ]
         if term in single or forms == single:
             skipped.append(term)
             continue
         for f in forms:
-            if f not in single and tokenizer.token_to_id(f) is None:
+            if f not in single:
                 ids = tokenizer.encode(f, add_special_tokens=False).ids
                 plan.append((f, ids, latin and style == "byte_level" and f == term))
     tokenizer.add_tokens([AddedToken(f, normalized=True, single_word=sw) for f, _, sw in plan])

@@ -163,3 +163,24 @@ def test_cli_and_errors(tmp_path):
     assert bad.exit_code == 2 and "no config.json" in bad.output
     with pytest.raises(CheckpointError, match="new folder"):
         extend_vocabulary(tmp_path / "o", ["x"], tmp_path / "o")
+
+
+def test_sharded_checkpoint_rewrites_only_the_embedding_shard(tmp_path):
+    from deepwhale.api import DeepSeekModel
+
+    src = tmp_path / "sharded"
+    DeepSeekModel.from_pretrained(bundled("stories260K"), device="cpu").save_pretrained(
+        src, max_shard_size=200_000
+    )
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    embed_file = index["weight_map"]["model.embed_tokens.weight"]
+    assert len(set(index["weight_map"].values())) > 2
+    res = extend_vocabulary(src, ["little girl", "市盈率"], tmp_path / "ext")
+    out = tmp_path / "ext"
+    new_index = json.loads((out / "model.safetensors.index.json").read_text())
+    grown = 2 * 64 * 4  # two rows of hidden size 64, fp32
+    assert new_index["metadata"]["total_size"] == index["metadata"]["total_size"] + grown
+    for name in set(index["weight_map"].values()) - {embed_file}:
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    ids = torch.tensor([[1, res.added["little girl"], 300, res.added["市盈率"]]])
+    _logits_match(out, ids)
