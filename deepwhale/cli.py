@@ -36,6 +36,8 @@ keys_app = typer.Typer(help="Create, list and revoke API keys for `serve`.", no_
 app.add_typer(keys_app, name="keys")
 audit_app = typer.Typer(help="Check and export the serving audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+dict_app = typer.Typer(help="Check domain dictionaries (YAML or CSV).", no_args_is_help=True)
+app.add_typer(dict_app, name="dict")
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.command("train")(train)
@@ -230,6 +232,51 @@ def export_gguf(
     except _user_errors() as e:
         _fail(e)
     Console().print(f"wrote {path}")
+
+
+@dict_app.command("check")
+def dict_check(
+    file: Annotated[Path, typer.Argument(help="Dictionary file: .yaml, .yml or .csv.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the problems as one JSON object.")
+    ] = False,
+) -> None:
+    """Check a domain dictionary (deepwhale/dictionary.py): duplicate terms, a synonym that is
+    another entry's term or preferred form, a synonym under two entries, empty fields. Prints
+    FILE:LINE for each problem; exit status 1 when there is an error, 2 when the file cannot be
+    read."""
+    import json
+
+    from deepwhale.dictionary import DictionaryError, check_dictionary
+
+    try:
+        d, problems = check_dictionary(file)
+    except (DictionaryError, ImportError) as e:
+        _fail(e)
+    errors = sum(p.level == "error" for p in problems)
+    if as_json:
+        rows = [vars(p) for p in problems]
+        print(
+            json.dumps(
+                {
+                    "file": str(file),
+                    "entries": len(d.entries),
+                    "errors": errors,
+                    "warnings": len(problems) - errors,
+                    "problems": rows,
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        for p in problems:
+            print(p)
+        print(
+            f"{file}: {len(d.entries)} entries, {errors} error(s), "
+            f"{len(problems) - errors} warning(s)"
+        )
+    if errors:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -16,6 +16,7 @@ LAYER = {
     "": 0,
     "atomic": 0,
     "device": 0,
+    "dictionary": 0,
     "extras": 0,
     "plugins": 0,
     "typed_config": 0,

@@ -977,12 +977,14 @@ def seed_for(base: int, doc_id: str, strategy: str) -> int:
 class Augment(CountingDoFn):
     """Beam DoFn: emit each document, then one augmented copy per strategy (id suffix
     ``~<strategy>``, field ``augmented``). Strategies are built once in ``setup`` through
-    :func:`build` ``(name, **params)``.
+    :func:`build` ``(name, **params)``; with ``dictionary`` (a domain dictionary file) each is
+    wrapped by :func:`deepwhale.data.terms.guard`, so no strategy touches a term.
     """
 
-    def __init__(self, params: AugmentParams, stage: str = "augment"):
+    def __init__(self, params: AugmentParams, stage: str = "augment", dictionary=None):
         self.params = params
         self.counters = StageCounters(stage)
+        self.dictionary = dictionary
         self._augs: list = []
 
     def setup(self):
@@ -990,6 +992,10 @@ class Augment(CountingDoFn):
             (s["name"], build(s["name"], **{k: v for k, v in s.items() if k != "name"}))
             for s in self.params.strategies
         ]
+        if self.dictionary:
+            from deepwhale.data.terms import guard_all
+
+            self._augs = guard_all(self._augs, self.dictionary)
 
     def process(self, doc: dict) -> Iterator[dict]:
         self.counters.seen.inc()

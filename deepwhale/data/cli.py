@@ -86,6 +86,7 @@ def build_config(
     sets: list[str] | None,
     mode: str | None,
     runner: str | None,
+    dictionary: str | None = None,
 ):
     """Merge the YAML file (if any) with the flags into a ``PipelineConfig``; flags win.
 
@@ -118,6 +119,8 @@ def build_config(
         raw["mode"] = mode
     if runner is not None:
         raw["runner"] = runner
+    if dictionary is not None:
+        raw["dictionary"] = dictionary
     for assignment in sets or []:
         _set_value(raw, assignment)
     return parse_config(raw, source=str(config) if config else "flags")
@@ -181,6 +184,13 @@ def run(
         str | None,
         typer.Option(help="Beam runner (default FnApiRunner, in-process, no network)."),
     ] = None,
+    dictionary: Annotated[
+        str | None,
+        typer.Option(
+            help="Domain dictionary (.yaml/.csv): quality's jieba user words, augment's "
+            "protected terms, normalize_terms' synonyms."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
     """Run the data pipeline: read, then apply the configured stages in order.
@@ -199,7 +209,9 @@ def run(
     from deepwhale.data.config import PipelineConfigError
 
     try:
-        cfg = build_config(config, input, format, split, field, output, stages, set, mode, runner)
+        cfg = build_config(
+            config, input, format, split, field, output, stages, set, mode, runner, dictionary
+        )
         from deepwhale.data.pipeline import run as run_pipeline
 
         report = run_pipeline(

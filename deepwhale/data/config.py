@@ -16,9 +16,12 @@ Schema (every key optional except ``input``; see ``examples/data/pipeline.yaml``
     runner: FnApiRunner          # any Beam runner name; default is the in-process one
     options: {direct_num_workers: 2, direct_running_mode: multi_processing}
     write_docs: false            # also write the final documents as docs/*.jsonl with tokenize
+    dictionary: examples/dicts/finance.yaml  # domain dictionary (deepwhale/dictionary.py): quality's
+                                 # jieba user words, augment's protected terms, normalize_terms
     stages:                      # applied in order; each a one-key mapping {name: params}
       - clean: {t2s: true}
       - langid: {keep: [zh, en]}
+      - normalize_terms: {}      # synonyms -> preferred form (the dictionary above)
       - exact_dedup: {}
       - minhash_dedup: {threshold: 0.8}
       - quality: {min_chars: 50}
@@ -133,6 +136,45 @@ class LangIdParams:
 
     def __post_init__(self):
         LOADER.check_range("langid.max_chars", self.max_chars, 1)
+
+
+@dataclass
+class NormalizeTermsParams:
+    """Rewrite a domain dictionary's synonyms to their preferred form
+    (:mod:`deepwhale.data.terms`: Aho-Corasick, leftmost-longest, Latin word boundaries).
+    Counts ``rewrites`` and ``docs_rewritten`` in the report.
+
+    Attributes:
+        dictionary: the dictionary file (default: the config's top-level ``dictionary``).
+        categories: only rewrite entries of these categories (default: all).
+        ignore_case: ASCII letters match case-insensitively (``pe ratio`` -> the preferred form).
+    """
+
+    dictionary: str | None = None
+    categories: list | None = None
+    ignore_case: bool = True
+
+    def __post_init__(self):
+        if self.dictionary is not None:
+            check_dictionary_path(self.dictionary, "normalize_terms.dictionary")
+
+
+def check_dictionary_path(path: Any, where: str) -> str:
+    """Load the dictionary at ``path`` once to check it; returns the path as a string.
+
+    Raises:
+        PipelineConfigError: not a string, or the dictionary is unreadable or has errors (the
+            message names ``where`` and the first ``file:line`` problems).
+    """
+    from deepwhale.dictionary import DictionaryError, load_dictionary
+
+    if not isinstance(path, str | Path):
+        raise PipelineConfigError(f"{where} must be a file path, got {path!r}")
+    try:
+        load_dictionary(path)
+    except (DictionaryError, ImportError) as e:
+        raise PipelineConfigError(f"{where}: {e}") from None
+    return str(path)
 
 
 @dataclass
@@ -383,6 +425,7 @@ class PipelineConfig:
     runner: str = DEFAULT_RUNNER
     options: dict = field(default_factory=dict)
     write_docs: bool = False
+    dictionary: str | None = None
 
     def stage(self, name: str) -> Stage | None:
         """The first stage called ``name``, or None."""
@@ -438,7 +481,17 @@ def parse_stages(raw: Any) -> list[Stage]:
     return stages
 
 
-_TOP_KEYS = ("input", "output", "stages", "mode", "streaming", "runner", "options", "write_docs")
+_TOP_KEYS = (
+    "input",
+    "output",
+    "stages",
+    "mode",
+    "streaming",
+    "runner",
+    "options",
+    "write_docs",
+    "dictionary",
+)
 
 
 def parse_config(raw: Any, source: str = "config") -> PipelineConfig:
@@ -484,6 +537,9 @@ def parse_config(raw: Any, source: str = "config") -> PipelineConfig:
     output = raw.get("output", "out")
     if not isinstance(output, str | Path):
         raise PipelineConfigError(f"{source}: 'output' must be a folder path")
+    dictionary = raw.get("dictionary")
+    if dictionary is not None:
+        dictionary = check_dictionary_path(dictionary, f"{source}.dictionary")
     return PipelineConfig(
         inputs=inputs,
         output=str(output),
@@ -493,6 +549,7 @@ def parse_config(raw: Any, source: str = "config") -> PipelineConfig:
         runner=str(raw.get("runner") or DEFAULT_RUNNER),
         options=dict(options),
         write_docs=LOADER.coerce(raw.get("write_docs", False), bool, f"{source}.write_docs"),
+        dictionary=dictionary,
     )
 
 

@@ -329,8 +329,9 @@ def build(p, cfg: PipelineConfig, out_dir: Path) -> dict:
 
 
 def fingerprint(cfg: PipelineConfig) -> str:
-    """SHA-1 of what determines the shards' content: the inputs and the stages with their
-    parameters (not the runner, its options or the output folder)."""
+    """SHA-1 of what determines the shards' content: the inputs, the stages with their
+    parameters and the content of the domain dictionaries they read (not the runner, its
+    options or the output folder)."""
     import dataclasses
     import hashlib
 
@@ -338,6 +339,12 @@ def fingerprint(cfg: PipelineConfig) -> str:
         "inputs": [dataclasses.asdict(s) for s in cfg.inputs],
         "stages": [[s.name, dataclasses.asdict(s.params)] for s in cfg.stages],
     }
+    dictionaries = [cfg.dictionary] if cfg.dictionary else []
+    dictionaries += [getattr(s.params, "dictionary", None) for s in cfg.stages]
+    for path in filter(None, dictionaries):  # the dictionaries' content, not only their paths
+        body.setdefault("dictionaries", {})[str(path)] = hashlib.sha1(
+            Path(path).read_bytes()
+        ).hexdigest()
     return hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -47,12 +47,18 @@ def cjk_fraction(text: str) -> float:
     return len(_CJK.findall(text)) / chars if chars else 0.0
 
 
-def words_of(text: str, cjk: bool) -> list[str]:
-    """Words: jieba segments without punctuation-only tokens (CJK), else whitespace splits."""
-    if cjk:
-        import jieba
+def words_of(text: str, cjk: bool, segmenter=None) -> list[str]:
+    """Words: jieba segments without punctuation-only tokens (CJK), else whitespace splits.
 
-        return [w for w in jieba.lcut(text, HMM=False) if w.strip() and not _PUNCT_ONLY.match(w)]
+    ``segmenter``: a ``jieba.Tokenizer`` (e.g. :func:`deepwhale.data.terms.jieba_tokenizer`,
+    whose user dictionary keeps domain terms whole); default: jieba's global one."""
+    if cjk:
+        if segmenter is None:
+            import jieba as segmenter
+
+        return [
+            w for w in segmenter.lcut(text, HMM=False) if w.strip() and not _PUNCT_ONLY.match(w)
+        ]
     return text.split()
 
 
@@ -74,8 +80,9 @@ def _ngram_stats(words: list[str], n: int) -> tuple[float, float]:
     return top_frac, dup_frac
 
 
-def quality_reason(text: str, p: QualityParams) -> str | None:
-    """The first heuristic ``text`` fails, or None when it passes them all.
+def quality_reason(text: str, p: QualityParams, segmenter=None) -> str | None:
+    """The first heuristic ``text`` fails, or None when it passes them all (``segmenter``: see
+    :func:`words_of`).
 
     Reasons (in the order checked): ``too_short``, ``too_long``, ``lorem_ipsum``,
     ``symbol_ratio``, ``digit_ratio``, ``dup_lines``, ``dup_line_chars``, ``ellipsis_lines``,
@@ -118,7 +125,7 @@ def quality_reason(text: str, p: QualityParams) -> str | None:
     ):
         return "ellipsis_lines"
     cjk = cjk_fraction(text) > 0.3
-    words = words_of(text, cjk)
+    words = words_of(text, cjk, segmenter)
     if len(words) < p.min_words:
         return "too_few_words"
     if len(words) > p.max_words:
@@ -144,12 +151,17 @@ def quality_reason(text: str, p: QualityParams) -> str | None:
 
 class QualityFilter(CountingDoFn):
     """Beam DoFn: keep documents that pass :func:`quality_reason`; count drops by reason under
-    ``deepwhale.data.quality``.
+    ``deepwhale.data.quality``. With ``dictionary`` (a file for :mod:`deepwhale.dictionary`),
+    jieba segments with the dictionary's forms as user words, so no term is split.
     """
 
-    def __init__(self, params: QualityParams, stage: str = "quality"):
+    def __init__(
+        self, params: QualityParams, stage: str = "quality", dictionary: str | None = None
+    ):
         self.params = params
         self.counters = StageCounters(stage)
+        self.dictionary = dictionary
+        self._segmenter = None
 
     def setup(self):
         import logging
@@ -158,10 +170,15 @@ class QualityFilter(CountingDoFn):
 
         jieba.setLogLevel(logging.WARNING)
         jieba.initialize()
+        if self.dictionary:
+            from deepwhale.data.terms import jieba_tokenizer
+            from deepwhale.dictionary import load_dictionary
+
+            self._segmenter = jieba_tokenizer(load_dictionary(self.dictionary).forms())
 
     def process(self, doc: dict) -> Iterator[dict]:
         self.counters.seen.inc()
-        reason = quality_reason(doc["text"], self.params)
+        reason = quality_reason(doc["text"], self.params, self._segmenter)
         if reason is not None:
             self.counters.drop(reason)
             return

@@ -54,6 +54,7 @@ from deepwhale.data.config import (
     ExactDedupParams,
     LangIdParams,
     MinHashParams,
+    NormalizeTermsParams,
     PerplexityParams,
     PipelineConfigError,
     QualityParams,
@@ -234,6 +235,27 @@ def _langid(docs, params: LangIdParams, ctx: StageContext):
     return docs | ctx.label >> beam.ParDo(LangId(params))
 
 
+def _dictionary_of(params_path: str | None, ctx: StageContext) -> str | None:
+    """The stage's own dictionary file, else the config's top-level ``dictionary``."""
+    return params_path or getattr(ctx.cfg, "dictionary", None)
+
+
+@register("normalize_terms", params=NormalizeTermsParams)
+def _normalize_terms(docs, params: NormalizeTermsParams, ctx: StageContext):
+    import apache_beam as beam
+
+    from deepwhale.data.terms import NormalizeTerms
+
+    path = _dictionary_of(params.dictionary, ctx)
+    if path is None:
+        raise PipelineConfigError(
+            f"{ctx.name}: no dictionary: set normalize_terms.dictionary or the config's "
+            "top-level 'dictionary'"
+        )
+    fn = NormalizeTerms(path, params.categories, params.ignore_case, stage=ctx.name)
+    return docs | ctx.label >> beam.ParDo(fn)
+
+
 @register("exact_dedup", params=ExactDedupParams)
 def _exact_dedup(docs, params: ExactDedupParams, ctx: StageContext):
     from deepwhale.data.dedup import ExactDedup
@@ -254,7 +276,8 @@ def _quality(docs, params: QualityParams, ctx: StageContext):
 
     from deepwhale.data.quality import QualityFilter
 
-    return docs | ctx.label >> beam.ParDo(QualityFilter(params))
+    fn = QualityFilter(params, dictionary=_dictionary_of(None, ctx))
+    return docs | ctx.label >> beam.ParDo(fn)
 
 
 def _report_perplexity(params: PerplexityParams, out_dir: Path) -> dict:
@@ -310,7 +333,7 @@ def _augment(docs, params: AugmentParams, ctx: StageContext):
 
     from deepwhale.data.augment import Augment
 
-    return docs | ctx.label >> beam.ParDo(Augment(params))
+    return docs | ctx.label >> beam.ParDo(Augment(params, dictionary=_dictionary_of(None, ctx)))
 
 
 @register(

@@ -1,4 +1,6 @@
-"""``deepwhale tokenizer train``: train a DeepSeek-style byte-level BPE and report compression.
+"""``deepwhale tokenizer train``: train a DeepSeek-style byte-level BPE and report compression;
+``deepwhale tokenizer extend``: add a domain dictionary's terms to a model's vocabulary
+(:mod:`deepwhale.checkpoint.vocab`).
 
 Wired into ``deepwhale/cli.py`` as ``app.add_typer(tokenizer_app, name="tokenizer")``. Only
 typer and the standard library are imported at module level; the work is in
@@ -13,7 +15,7 @@ from typing import Annotated
 import typer
 
 tokenizer_app = typer.Typer(
-    help="Train byte-level BPE tokenizers and measure their compression.",
+    help="Train byte-level BPE tokenizers, measure their compression, extend a vocabulary.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -22,7 +24,7 @@ tokenizer_app = typer.Typer(
 
 @tokenizer_app.callback()
 def _group() -> None:
-    """Train byte-level BPE tokenizers and measure their compression."""
+    """Train byte-level BPE tokenizers, measure their compression, extend a vocabulary."""
 
 
 def _fail(message: str) -> None:
@@ -108,3 +110,45 @@ def train(
             print(bpe.format_table(table))
         else:
             print("no held-out text (holdout=0): compression not measured")
+
+
+@tokenizer_app.command("extend")
+def extend(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="HF model folder (or a bundled model's name).")
+    ],
+    dictionary: Annotated[
+        Path, typer.Option("--dict", help="Domain dictionary (.yaml/.csv, `deepwhale dict`).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (a new HF folder).")],
+    all_forms: Annotated[
+        bool,
+        typer.Option(
+            "--all-forms", help="Add the synonyms too, not only the terms and preferred forms."
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+) -> None:
+    """Add the dictionary's terms (and preferred forms) to the model's tokenizer as tokens and
+    grow embed_tokens / lm_head: each new row is the mean of the rows of the sub-tokens the old
+    tokenizer splits the term into. Writes an HF folder that deepwhale and transformers load;
+    text without the terms encodes exactly as before."""
+    from deepwhale.checkpoint.hub import CheckpointError, resolve_checkpoint
+    from deepwhale.checkpoint.vocab import extend_vocabulary
+    from deepwhale.dictionary import DictionaryError, load_dictionary
+
+    try:
+        d = load_dictionary(dictionary)
+        folder = resolve_checkpoint(model) if not Path(model).is_dir() else Path(model)
+        terms = d.forms() if all_forms else d.tokens()
+        result = extend_vocabulary(folder, terms, out)
+    except (DictionaryError, CheckpointError, OSError, ImportError) as exc:
+        _fail(str(exc))
+        return
+    if not quiet:
+        print(
+            f"wrote {result.out}: {len(result.added)} token(s) added, "
+            f"{len(result.skipped)} already single tokens, vocab_size "
+            f"{result.old_vocab_size} -> {result.new_vocab_size}"
+            f" ({'tied' if result.tied else 'untied'} lm_head)"
+        )

@@ -74,6 +74,7 @@ def test_builtin_stages_are_registered_in_pipeline_order():
     assert list(C.STAGES) == [
         "clean",
         "langid",
+        "normalize_terms",
         "exact_dedup",
         "minhash_dedup",
         "quality",
