@@ -22,9 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-import apache_beam as beam
-
-from deepwhale.data.metrics import StageCounters
+from deepwhale.data.metrics import CountingDoFn, StageCounters
 from deepwhale.dictionary import Dictionary, load_dictionary
 
 __all__ = [
@@ -200,7 +198,7 @@ def guard_all(augs: list[tuple[str, Callable]], path: str) -> list[tuple[str, Ca
     return [(n, a if n in UNGUARDED else guard(a, matcher)) for n, a in augs]
 
 
-class NormalizeTerms(beam.DoFn):
+class NormalizeTerms(CountingDoFn):
     """Beam DoFn of the ``normalize_terms`` stage: rewrite synonyms to the preferred form.
 
     Counters (``deepwhale.data.<stage>``): ``in``, ``kept``, ``rewrites`` (forms replaced) and
