@@ -84,3 +84,25 @@ def test_stage_counters_pickle_keeps_sink(tmp_path):
     assert sc2.sink == str(tmp_path.resolve()) and sc2.seen.sink == sc2.sink
     sc2.drop("bad")
     assert sc2._extra["dropped.bad"].sink == sc2.sink
+
+
+def test_every_data_dofn_counts_on_every_runner():
+    """A DoFn of the pipeline that is a plain beam.DoFn would lose its counters on DaskRunner."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import deepwhale.data
+
+    plain = []
+    for mod in pkgutil.iter_modules(deepwhale.data.__path__):
+        m = importlib.import_module(f"deepwhale.data.{mod.name}")
+        for name, obj in vars(m).items():
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, beam.DoFn)
+                and obj.__module__ == m.__name__
+                and not issubclass(obj, CountingDoFn)
+            ):
+                plain.append(f"{m.__name__}.{name}")
+    assert not plain, plain
