@@ -50,8 +50,9 @@ def cjk_fraction(text: str) -> float:
 def words_of(text: str, cjk: bool, segmenter=None) -> list[str]:
     """Words: jieba segments without punctuation-only tokens (CJK), else whitespace splits.
 
-    ``segmenter``: a ``jieba.Tokenizer`` (e.g. :func:`deepwhale.data.terms.jieba_tokenizer`,
-    whose user dictionary keeps domain terms whole); default: jieba's global one."""
+    ``segmenter``: anything with jieba's ``lcut(text, HMM=False)`` (a
+    :class:`deepwhale.data.segment.Segmenter`, rjieba or jieba, with a domain dictionary's
+    terms as user words; or a ``jieba.Tokenizer``); default: jieba's global one."""
     if cjk:
         if segmenter is None:
             import jieba as segmenter
@@ -152,7 +153,8 @@ def quality_reason(text: str, p: QualityParams, segmenter=None) -> str | None:
 class QualityFilter(CountingDoFn):
     """Beam DoFn: keep documents that pass :func:`quality_reason`; count drops by reason under
     ``deepwhale.data.quality``. With ``dictionary`` (a file for :mod:`deepwhale.dictionary`),
-    jieba segments with the dictionary's forms as user words, so no term is split.
+    the segmenter (:class:`deepwhale.data.segment.Segmenter`: rjieba where installed, else
+    jieba; the same words) has the dictionary's forms as user words, so no term is split.
     """
 
     def __init__(
@@ -164,17 +166,14 @@ class QualityFilter(CountingDoFn):
         self._segmenter = None
 
     def setup(self):
-        import logging
+        from deepwhale.data.segment import Segmenter
 
-        import jieba
-
-        jieba.setLogLevel(logging.WARNING)
-        jieba.initialize()
+        forms = ()
         if self.dictionary:
-            from deepwhale.data.terms import jieba_tokenizer
             from deepwhale.dictionary import load_dictionary
 
-            self._segmenter = jieba_tokenizer(load_dictionary(self.dictionary).forms())
+            forms = load_dictionary(self.dictionary).forms()
+        self._segmenter = Segmenter(forms)
 
     def process(self, doc: dict) -> Iterator[dict]:
         self.counters.seen.inc()
