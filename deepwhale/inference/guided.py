@@ -139,12 +139,56 @@ def llg_tokenizer(tokenizer, vocab_size: int):
     with _TOKENIZERS_LOCK:
         per = _TOKENIZERS.setdefault(tokenizer, {})
         if vocab_size not in per:
-            backend = tokenizer.backend
             eos = sorted(tokenizer.eos_token_ids) or None
             per[vocab_size] = llguidance.LLTokenizer(
-                backend.to_str(), n_vocab=vocab_size, eos_token=eos
+                continuation_tokenizer_json(tokenizer.backend.to_str()),
+                n_vocab=vocab_size,
+                eos_token=eos,
             )
         return per[vocab_size]
+
+
+def continuation_tokenizer_json(tokenizer_json: str) -> str:
+    """The tokenizer as llguidance must see it: one that tokenizes text in the middle of a
+    sequence, with no whitespace stripped or prepended.
+
+    SentencePiece-style tokenizers (LLaMA 2, DeepSeek LLM: a normalizer that strips and collapses
+    spaces and prepends ``▁``, or a ``Metaspace`` pre-tokenizer that prepends it) encode ``" 2"``
+    as ``"2"``; llguidance tokenizes forced bytes with the tokenizer, so with the original one its
+    mask drops the forced ``"▁"`` token and allows tokens the grammar then rejects. This copy keeps
+    only the string replacements (``" "`` -> ``"▁"``) and never prepends. Byte-level BPE tokenizers
+    (DeepSeek-V3, Qwen2) have no such steps and come back unchanged.
+
+    Args:
+        tokenizer_json: a ``tokenizers`` JSON (``Tokenizer.to_str()``).
+
+    Returns the adjusted JSON string.
+    """
+    spec = _json.loads(tokenizer_json)
+
+    def keep(step: dict) -> bool:
+        kind = step.get("type")
+        if kind == "Prepend" or kind == "Strip":
+            return False
+        return not (kind == "Replace" and "Regex" in (step.get("pattern") or {}))
+
+    norm = spec.get("normalizer")
+    if norm is not None:
+        steps = norm["normalizers"] if norm.get("type") == "Sequence" else [norm]
+        steps = [s for s in steps if keep(s)]
+        spec["normalizer"] = {"type": "Sequence", "normalizers": steps} if steps else None
+
+    def no_prepend(pre: dict | None) -> None:
+        if pre is None:
+            return
+        if pre.get("type") == "Metaspace":
+            pre["prepend_scheme"] = "never"
+            pre.pop("add_prefix_space", None)
+        for sub in pre.get("pretokenizers", []):
+            no_prepend(sub)
+
+    no_prepend(spec.get("pre_tokenizer"))
+    return _json.dumps(spec)
 
 
 def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
