@@ -110,3 +110,44 @@ def test_bad_constraint_raises(stories, guided, reason):
 def test_exactly_one_valid_field(kwargs):
     with pytest.raises(GuidedDecodingError):
         GuidedDecoding(**kwargs)
+
+
+def _sentencepiece_style(metaspace: bool):
+    """A tiny LLaMA-2 / DeepSeek-LLM-style tokenizer: strip, collapse spaces, prepend ``▁``
+    (in the normalizer, or in a Metaspace pre-tokenizer)."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {"▁": 0, "2": 1, "▁2": 2, "a": 3, "▁a": 4}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "2"), ("▁", "a")]))
+    steps = [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+    if metaspace:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    else:
+        steps += [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    tok.normalizer = normalizers.Sequence(steps)
+    return tok
+
+
+@pytest.mark.parametrize("metaspace", [False, True])
+def test_continuation_tokenizer_keeps_spaces_and_never_prepends(metaspace):
+    from tokenizers import Tokenizer
+
+    from deepwhale.inference.guided import continuation_tokenizer_json
+
+    original = _sentencepiece_style(metaspace)
+    assert original.encode("2").tokens == ["▁2"]  # prepended: wrong mid-sequence
+    assert original.encode("  2").tokens in (["▁2"], ["2"])  # stripped either way
+    cont = Tokenizer.from_str(continuation_tokenizer_json(original.to_str()))
+    assert cont.encode("2").tokens == ["2"]
+    assert cont.encode(" 2").tokens == ["▁2"]
+    assert cont.encode("  2").tokens == ["▁", "▁2"]
+
+
+def test_continuation_tokenizer_leaves_byte_level_bpe_alone():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from deepwhale.inference.guided import continuation_tokenizer_json
+
+    tok = Tokenizer(models.BPE(vocab={"a": 0, "Ġ": 1, "Ġa": 2}, merges=[("Ġ", "a")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert json.loads(continuation_tokenizer_json(tok.to_str())) == json.loads(tok.to_str())
