@@ -34,6 +34,12 @@ from deepwhale.inference.generate import (  # noqa: F401  (TokenLogprob re-expor
     TextStream,
     TokenLogprob,
 )
+from deepwhale.inference.guided import (
+    GuidedDecodingError,
+    GuidedMatcher,
+    llg_tokenizer,
+    mask_logits,
+)
 from deepwhale.inference.sampling import (
     NonFiniteLogitsError,
     SamplingParams,
@@ -59,6 +65,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     next_logits: torch.Tensor | None = None  # (V,) logits for the next token to sample
+    guide: GuidedMatcher | None = None  # grammar state when ``params.guided`` is set
 
 
 class SamplingError(ValueError):
@@ -220,6 +227,7 @@ class Engine:
         Raises:
             PromptTooLongError: empty prompt, or it leaves no room in a ``max_seq_len`` slot.
             ValueError: ``n`` outside ``1..max_batch_size`` or ``logprobs`` outside 0..20.
+            GuidedDecodingError: ``params.guided`` has an invalid schema, regex or grammar.
         """
         params = params or SamplingParams()
         if not prompt_ids:
@@ -242,6 +250,11 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         rid = request_id or f"req-{next(self._ids)}"
         req = Request(rid, prompt_ids, params, self.tokenizer, n, logprobs, self.device)
+        if params.guided is not None:  # one grammar state per sample
+            llg = llg_tokenizer(self.tokenizer, self.model.config.vocab_size)
+            first = GuidedMatcher(params.guided, llg)
+            for seq in req.sequences:
+                seq.guide = first if seq.index == 0 else first.copy()
         with self._lock:
             self.waiting.append(req)
             self._lock.notify()
@@ -326,6 +339,7 @@ class Engine:
     def _decode(self, events) -> None:
         # 1. sample the next token of every running sequence from its pending logits; plain
         #    greedy rows (no penalties, no logprobs) share one batched argmax
+        self._mask_guided()
         running = list(self.running)
         plain = [
             i
@@ -366,6 +380,19 @@ class Engine:
             self.lengths[seq.slot] += 1
             seq.next_logits = logits[seq.slot]
 
+    def _mask_guided(self) -> None:
+        """Structured output: ``-inf`` on the tokens each guided sequence's grammar forbids
+        (unguided sequences are untouched and cost nothing)."""
+        guided = [(r, s) for r, s in self.running if s.guide is not None and r.error is None]
+        if not guided:
+            return
+        rows = mask_logits([s.guide for _, s in guided], [s.next_logits for _, s in guided])
+        for (req, seq), row in zip(guided, rows, strict=True):
+            if isinstance(row, GuidedDecodingError):
+                self._fail_request(req, row)
+            else:
+                seq.next_logits = row
+
     def _sample(self, req: Request, seq: Sequence) -> int:
         p = seq.params
         logits = seq.next_logits
@@ -388,12 +415,21 @@ class Engine:
         if token in eos:
             self._finish(req, seq, "stop", events, token, seq.stream.eos())
             return
+        done = False
+        if seq.guide is not None:
+            try:
+                done = seq.guide.consume(token)  # True: the grammar allows nothing more
+            except GuidedDecodingError as e:
+                self._fail_request(req, e)
+                return
         seq.output_ids.append(token)
         self.stats["generated_tokens"] += 1
         room = self.lengths[seq.slot] + 1 < self.max_seq_len
         text, finish = seq.stream.add(
-            token, last=len(seq.output_ids) >= p.max_new_tokens or not room
+            token, last=done or len(seq.output_ids) >= p.max_new_tokens or not room
         )
+        if done and finish is not None:
+            finish = "stop"
         if finish is not None:
             self._finish(req, seq, finish, events, token, text)
             return

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from deepwhale.inference.guided import GuidedDecoding
 
 #: temperatures below this sample greedily
 GREEDY_TEMPERATURE = 1e-5
@@ -37,6 +41,8 @@ class SamplingParams:
         stop: strings that end generation; they are not part of the output.
         seed: makes sampling reproducible (a per-request ``torch.Generator``).
         ignore_eos: keep generating past the end-of-sequence token.
+        guided: a structured-output constraint enforced while decoding
+            (:class:`deepwhale.inference.guided.GuidedDecoding`), or None.
 
     Raises:
         ValueError: a value outside its range (message names it).
@@ -53,6 +59,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
         if self.stop is None:

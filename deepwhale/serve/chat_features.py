@@ -46,7 +46,8 @@ class ChatFeatures:
     Args:
         body: the validated request body.
         tok: the served model's tokenizer.
-        reasoning: the server's reasoning parser is on (:attr:`Serving.reasoning`).
+        reasoning: the server's reasoning parser is on (:attr:`Serving.reasoning`); off for a
+            request with structured output (its whole output is the constrained content).
         chat_template: the server's chat template override, or None.
 
     Attributes:
@@ -64,7 +65,11 @@ class ChatFeatures:
         reasoning: bool,
         chat_template: str | None = None,
     ) -> None:
-        self.tok, self.reasoning, self.chat_template = tok, reasoning, chat_template
+        # a structured-output grammar constrains the output from its first token: no
+        # reasoning block, the constrained text is the content
+        guided = body.guided_spec() is not None
+        self.tok, self.reasoning = tok, reasoning and not guided
+        self.chat_template = chat_template
         self.mode = body.tool_mode()
         self.must_call = None
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []]

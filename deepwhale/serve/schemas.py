@@ -5,8 +5,9 @@ Field names, types and defaults follow the OpenAI API reference
 .../chat/create, .../responses/create); ``GenerateRequest`` follows the ``/generate`` body of DeepSeek's FastAPI
 serving example (``prompt``, ``max_length``, ``temperature``, ``top_p``). Unknown fields are
 ignored, as OpenAI-compatible servers do; known OpenAI fields this server cannot honour
-(``functions``, ``response_format`` other than text, ``logit_bias``, ``suffix``, ``best_of`` > 1...)
-are refused rather than silently ignored.
+(``functions``, ``logit_bias``, ``suffix``, ``best_of`` > 1...) are refused rather than silently
+ignored. Structured output (``response_format``, vLLM's ``guided_*``) comes from
+:mod:`deepwhale.serve.schemas_guided`.
 
 Types are strict where OpenAI's are: integers and booleans must be JSON integers and booleans
 (``"5"`` or ``true`` is not a ``max_tokens``); floats accept integers. Range checks live in
@@ -36,6 +37,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from deepwhale.serve.schemas_guided import GuidedFields, text_format_spec
 from deepwhale.serve.schemas_tools import ToolCall, ToolFields
 
 Float = Annotated[float, Strict()]  # a JSON number (ints too), never a string or a bool
@@ -162,7 +164,7 @@ class SamplingFields(_Root):
         return v
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, GuidedFields):
     """``POST /v1/completions`` body (OpenAI legacy completions).
 
     Attributes:
@@ -176,6 +178,8 @@ class CompletionRequest(SamplingFields):
             tokens' log-probabilities too (the first one ``null``, as OpenAI did); used by
             lm-evaluation-harness's ``local-completions`` to score log-likelihoods. Not with
             ``stream``.
+        response_format, guided_json, guided_regex, guided_choice, guided_grammar: structured
+            output (:class:`~deepwhale.serve.schemas_guided.GuidedFields`).
         suffix, best_of > 1: not supported (400).
     """
 
@@ -258,7 +262,7 @@ class ChatMessage(_Body):
         return self
 
 
-class ChatCompletionRequest(SamplingFields, ToolFields):
+class ChatCompletionRequest(SamplingFields, ToolFields, GuidedFields):
     """``POST /v1/chat/completions`` body (OpenAI chat completions).
 
     Attributes:
@@ -268,8 +272,9 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
         top_logprobs: alternatives per token (0-20); needs ``logprobs``.
         tools, tool_choice, parallel_tool_calls: see
             :class:`~deepwhale.serve.schemas_tools.ToolFields`.
-        functions, function_call (OpenAI's deprecated forms), response_format other than
-            ``{"type": "text"}``: not supported (400).
+        response_format, guided_json, guided_regex, guided_choice, guided_grammar: structured
+            output (:class:`~deepwhale.serve.schemas_guided.GuidedFields`).
+        functions, function_call (OpenAI's deprecated forms): not supported (400).
     """
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -279,7 +284,6 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
     top_logprobs: StrictInt | None = None
     functions: list | None = None
     function_call: Any = None
-    response_format: dict | None = None
 
     @field_validator("functions")
     @classmethod
@@ -293,13 +297,6 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
     def _no_function_call(cls, v: Any, info: ValidationInfo) -> Any:
         if v is not None and v != "none":
             raise _unsupported(info.field_name)
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict | None) -> dict | None:
-        if v is not None and v.get("type") != "text":
-            raise _fail("response_format other than type 'text' is not supported by this server")
         return v
 
 
@@ -354,11 +351,12 @@ class ResponseRequest(SamplingFields):
             as the list either way.
         instructions: a system message put before ``input``.
         max_output_tokens: new tokens at most; None fills the context.
+        text: ``format`` ``json_object`` or ``json_schema`` constrains the output
+            (structured output, as ``response_format`` does on chat).
         store: accepted, but nothing is stored (the response says ``"store": false``).
         user, metadata, parallel_tool_calls, truncation ``"disabled"``: accepted, echoed.
         previous_response_id, conversation (stateful), background, prompt, non-empty
-            ``tools``, ``tool_choice`` other than none/auto, ``reasoning``, ``text.format``
-            other than text, non-empty ``include``, ``top_logprobs`` > 0, ``truncation``
+            ``tools``, ``tool_choice`` other than none/auto, ``reasoning``, non-empty ``include``, ``top_logprobs`` > 0, ``truncation``
             ``"auto"``, ``n`` other than 1: not supported (400 naming the field).
     """
 
@@ -428,10 +426,13 @@ class ResponseRequest(SamplingFields):
     @field_validator("text")
     @classmethod
     def _text_format(cls, v: dict | None) -> dict | None:
-        fmt = (v or {}).get("format")
-        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-            raise _fail("text.format other than type 'text' is not supported by this server")
+        text_format_spec((v or {}).get("format"))  # raises for a malformed format
         return v
+
+    def guided_spec(self) -> dict[str, Any] | None:
+        """``text.format`` as keyword arguments of ``GuidedDecoding`` (json_object or
+        json_schema; see :func:`~deepwhale.serve.schemas_guided.text_format_spec`), or None."""
+        return text_format_spec((self.text or {}).get("format"))
 
     @field_validator("top_logprobs")
     @classmethod

@@ -26,6 +26,7 @@ from fastapi import Request
 from deepwhale.api import DeepSeekModel
 from deepwhale.inference.engine import Request as EngineRequest
 from deepwhale.inference.generate import PromptTooLongError
+from deepwhale.inference.guided import GuidedDecoding
 from deepwhale.inference.sampling import SamplingParams
 from deepwhale.serve.bridge import EngineBridge
 from deepwhale.serve.errors import APIError
@@ -214,9 +215,14 @@ class Serving:
     ) -> SamplingParams:
         """The one :class:`SamplingParams` of a request body (validated here, once).
 
+        Structured output (``response_format``, ``guided_*``, ``text.format``) becomes
+        ``guided``, a :class:`~deepwhale.inference.guided.GuidedDecoding`.
+
         Raises:
-            ValueError: a value out of range (answered 400 with SamplingParams' message).
+            ValueError: a value out of range (answered 400 with SamplingParams' message);
+                GuidedDecodingError (a ValueError): a malformed constraint.
         """
+        spec = body.guided_spec() if hasattr(body, "guided_spec") else None
         return SamplingParams(
             temperature=body.temperature,
             top_p=body.top_p,
@@ -229,6 +235,7 @@ class Serving:
             stop=body.stop,
             seed=body.seed,
             ignore_eos=getattr(body, "ignore_eos", False),
+            guided=GuidedDecoding(**spec) if spec is not None else None,
         )
 
     def submit(

@@ -18,7 +18,8 @@ SERVING |= {"serve.serving_responses", "serve.chat_features", "serve.serving_adm
 PARSERS = {"serve.reasoning", "serve.tool_calls"}
 # module (relative to deepwhale/serve) -> what of deepwhale it may import
 ALLOWED = {
-    "schemas.py": {"serve.schemas_tools"},
+    "schemas.py": {"serve.schemas_tools", "serve.schemas_guided"},
+    "schemas_guided.py": set(),
     "schemas_tools.py": set(),
     "reasoning.py": {"inference.generate"},
     "tool_calls.py": {"inference.generate"},
@@ -34,7 +35,9 @@ SERVING_FILES += ("chat_features.py",)
 for name in (*SERVING_FILES, "serving_tokenizer.py", "serving_embeddings.py"):
     ALLOWED[name] = {"api", "tokenizer", "serve.schemas", "serve.bridge", "serve.errors"}
     ALLOWED[name] |= {"inference.engine", "inference.generate", "inference.sampling"}
-    ALLOWED[name] |= {"inference.prompt_logprobs"} | OPERATIONS | SERVING | PARSERS
+    ALLOWED[name] |= (
+        {"inference.prompt_logprobs", "inference.guided"} | OPERATIONS | SERVING | PARSERS
+    )
 ALLOWED["sse.py"] = ALLOWED["serving.py"]
 
 

@@ -311,3 +311,24 @@ def test_langchain_bind_tools(base):
         ]
     )
     assert answer.content == AFTER_TOOL and not answer.tool_calls
+
+
+def test_structured_output_is_content_even_when_the_prompt_opens_think(folder):
+    """With a grammar the whole output is the constrained content: no reasoning split, even
+    where the template leaves the model inside <think>."""
+    template = DeepSeekModel.from_pretrained(folder).tokenizer.chat_template
+    template = template.replace(
+        "{{'<｜Assistant｜>'}}{% endif %}", "{{'" + OPENS_THINK + "'}}{% endif %}"
+    )
+    for base in _serve(folder, chat_template=template):
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        r = c.chat.completions.create(
+            model="r1-scripted",
+            messages=ASK,
+            temperature=0,
+            max_tokens=20,
+            extra_body={"guided_choice": ["sunny", "rainy"]},
+        )
+        msg = r.choices[0].message
+        assert msg.content in ("sunny", "rainy") and r.choices[0].finish_reason == "stop"
+        assert getattr(msg, "reasoning_content", None) is None

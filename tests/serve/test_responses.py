@@ -215,7 +215,7 @@ def test_disconnect_aborts_the_engine_request(served):
         ({"tools": [{"type": "function", "name": "f"}]}, "tools", "not supported"),
         ({"tool_choice": "required"}, "tool_choice", "not supported"),
         ({"reasoning": {"effort": "high"}}, "reasoning", "not supported"),
-        ({"text": {"format": {"type": "json_object"}}}, "text", "text.format"),
+        ({"text": {"format": {"type": "yaml"}}}, "text", "text.format must have type"),
         ({"include": ["message.output_text.logprobs"]}, "include", "not supported"),
         ({"background": True}, "background", "not supported"),
         ({"truncation": "auto"}, "truncation", "truncation"),

@@ -580,9 +580,9 @@ BAD_PARAMS = [  # (path, body, param, words in the message)
     ),
     (
         "/v1/chat/completions",
-        {"messages": MSG, "response_format": {"type": "json_object"}},
+        {"messages": MSG, "response_format": {"type": "json_schema"}},
         "response_format",
-        "not supported",
+        "needs a 'json_schema' object",
     ),
     ("/v1/chat/completions", {"messages": MSG, "logprobs": 5}, "logprobs", "valid boolean"),
     (
