@@ -361,7 +361,7 @@ def _claim_shard_folder(cfg: PipelineConfig, folder: Path) -> None:
     """
     stamp = folder / "pipeline.json"
     want = fingerprint(cfg)
-    has_shards = any(folder.glob("shard-*.json"))
+    has_shards = any(folder.glob("**/shard-*.json"))  # streaming: in window folders
     if stamp.exists() and has_shards:
         try:
             have = json.loads(stamp.read_text()).get("fingerprint")
