@@ -347,7 +347,8 @@ def _perplexity(docs, params: PerplexityParams, ctx: StageContext):
             "streaming mode; set max_ppl instead"
         )
 
-    docs, ppls = docs | ctx.label >> PerplexityFilter(params)
+    streaming = ctx.cfg.mode == "streaming"
+    docs, ppls = docs | ctx.label >> PerplexityFilter(params, histogram=streaming)
     return docs, {"ppls": ppls}
 
 
