@@ -110,6 +110,7 @@ class LangId(CountingDoFn):
         self.counters.seen.inc()
         lang = self._det.detect_language_of(doc["text"][: self.params.max_chars])
         code = lang.iso_code_639_1.name.lower() if lang is not None else "unknown"
+        self.counters.count(f"lang.{code}")  # the language mix (report, live monitor)
         if self.params.keep is not None and code not in self.params.keep:
             self.counters.drop(f"lang_{code}")
             return

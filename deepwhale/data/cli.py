@@ -226,3 +226,33 @@ def run(
         _fail(describe_import_error(e).split("\n")[0])
     if not quiet:
         _print_summary(report)
+
+
+@data_app.command()
+def monitor(
+    out_dir: Annotated[Path, typer.Argument(help="The output folder of a streaming run.")],
+    once: Annotated[bool, typer.Option(help="Print the screen once and exit.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between redraws.")] = 2.0,
+    fail_on_alert: Annotated[
+        bool, typer.Option(help="With --once: exit 1 when the last window has alerts.")
+    ] = False,
+) -> None:
+    """Show a streaming run's live quality monitor: documents in and out per window, drop
+    reasons, the perplexity distribution and alerts (from OUT_DIR/monitor/live.json)."""
+    from rich.console import Console
+
+    from deepwhale.data.monitor_view import MonitorError, read_live, render, watch
+
+    if interval <= 0:
+        _fail(f"--interval must be > 0, got {interval}")
+    try:
+        if not once:
+            watch(out_dir, interval, Console())
+            return
+        live = read_live(out_dir)
+    except MonitorError as e:
+        _fail(str(e))
+    Console(width=120).print(render(live))
+    windows = live["windows"]
+    if fail_on_alert and windows and windows[-1]["alerts"]:
+        raise typer.Exit(1)

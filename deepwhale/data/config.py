@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepwhale.data.alerts import validate_alerts
 from deepwhale.typed_config import ConfigError, Loader
 
 FORMATS = ("text", "jsonl", "parquet", "novel", "poetry", "pairs")
@@ -391,18 +392,27 @@ class StreamingParams:
     Attributes:
         interval_s: seconds between polls of the input patterns.
         duration_s: stop watching after this many seconds (None = run until killed).
-        window_s: fixed window length in seconds; one output file per window.
+        window_s: window length in seconds; one output file and one monitor report per window.
+        metrics_port: serve the live figures as Prometheus metrics on 127.0.0.1 (None: off).
+        alerts: per-window band rules, ``{"ppl_median" | "drop_rate": [lo, hi]}`` (alerts.py).
     """
 
     interval_s: float = 1.0
     duration_s: float | None = 60.0
     window_s: float = 10.0
+    metrics_port: int | None = None
+    alerts: dict | None = None
 
     def __post_init__(self):
         for name in ("interval_s", "duration_s", "window_s"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise PipelineConfigError(f"streaming.{name} must be > 0, got {value}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise PipelineConfigError(
+                f"streaming.metrics_port must be in 0..65535, got {self.metrics_port}"
+            )
+        validate_alerts(self.alerts)
 
 
 @dataclass

@@ -113,20 +113,21 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-class _Signature(CountingDoFn):
-    """doc -> ``(band key, (id, signature bytes))`` for each band, plus the doc on a tag."""
+class MinHasher:
+    """MinHash signatures of texts, built once per worker (datasketch's permutations are the
+    costly part).
 
-    def __init__(self, p: MinHashParams, bands: int, rows: int):
-        self.p, self.bands, self.rows = p, bands, rows
-        self._perms = self._scheme = None
+    ``hasher(text)`` is the ``(num_perm,)`` uint64 signature of :func:`shingles` of ``text``.
+    """
 
-    def setup(self):
+    def __init__(self, p: MinHashParams):
         from datasketch import MinHash
 
-        proto = MinHash(num_perm=self.p.num_perm, seed=self.p.seed)
+        self.p = p
+        proto = MinHash(num_perm=p.num_perm, seed=p.seed)
         self._perms, self._scheme = proto.permutations, proto.scheme
 
-    def process(self, doc: dict):
+    def __call__(self, text: str) -> np.ndarray:
         from datasketch import MinHash
 
         m = MinHash(
@@ -135,12 +136,32 @@ class _Signature(CountingDoFn):
             permutations=self._perms,
             scheme=self._scheme,
         )
-        m.update_batch(shingles(doc["text"], self.p.char_ngram, self.p.word_ngram))
-        hv = m.hashvalues.astype(np.uint64)  # (num_perm,)
+        m.update_batch(shingles(text, self.p.char_ngram, self.p.word_ngram))
+        return m.hashvalues.astype(np.uint64)  # (num_perm,)
+
+
+def band_keys(hv: np.ndarray, bands: int, rows: int) -> list[str]:
+    """The LSH bucket key of each band of signature ``hv``: ``"<band>:<sha1 of its rows>"``."""
+    return [
+        f"{b}:{hashlib.sha1(hv[b * rows : (b + 1) * rows].tobytes()).hexdigest()[:16]}"
+        for b in range(bands)
+    ]
+
+
+class _Signature(CountingDoFn):
+    """doc -> ``(band key, (id, signature bytes))`` for each band."""
+
+    def __init__(self, p: MinHashParams, bands: int, rows: int):
+        self.p, self.bands, self.rows = p, bands, rows
+        self._hasher = None
+
+    def setup(self):
+        self._hasher = MinHasher(self.p)
+
+    def process(self, doc: dict):
+        hv = self._hasher(doc["text"])
         sig = hv.tobytes()
-        for b in range(self.bands):
-            band = hv[b * self.rows : (b + 1) * self.rows].tobytes()
-            key = f"{b}:{hashlib.sha1(band).hexdigest()[:16]}"
+        for key in band_keys(hv, self.bands, self.rows):
             yield key, (doc["id"], sig)
 
 

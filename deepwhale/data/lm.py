@@ -67,8 +67,8 @@ class ScorePerplexity(CountingDoFn):
 
 
 class _KeepFluent(CountingDoFn):
-    def __init__(self, max_ppl: float | None, stage: str):
-        self.max_ppl = max_ppl
+    def __init__(self, max_ppl: float | None, stage: str, histogram: bool = False):
+        self.max_ppl, self.histogram = max_ppl, histogram
         self.counters = StageCounters(stage)
 
     def process(self, doc: dict, cutoff: float | None = None) -> Iterator[dict]:
@@ -77,6 +77,10 @@ class _KeepFluent(CountingDoFn):
         if not math.isfinite(ppl):
             self.counters.drop("too_few_tokens")
             return
+        if self.histogram:  # the live monitor's buckets (deepwhale.data.monitor)
+            from deepwhale.data.monitor import ppl_bucket
+
+            self.counters.count(ppl_bucket(ppl))
         if self.max_ppl is not None and ppl > self.max_ppl:
             self.counters.drop("ppl_above_threshold")
             return
@@ -103,20 +107,26 @@ class PerplexityFilter(beam.PTransform):
     """Score (:class:`ScorePerplexity`) then keep documents with ``ppl <= max_ppl`` and/or at or
     below the ``keep_percentile``-th percentile of all scores (a global side input).
 
+    With ``histogram`` (streaming mode), each score is also counted into the live monitor's
+    bucket counters (``ppl_le_<edge>``, :func:`deepwhale.data.monitor.ppl_bucket`).
+
     Returns:
         ``(kept docs, all perplexity values)``: the second PCollection feeds the report's
         histogram. Counters under ``deepwhale.data.<stage>``.
     """
 
-    def __init__(self, params: PerplexityParams, stage: str = "perplexity"):
+    def __init__(
+        self, params: PerplexityParams, stage: str = "perplexity", histogram: bool = False
+    ):
         super().__init__()
         self.params = params
         self.stage = stage
+        self.histogram = histogram
 
     def expand(self, docs):
         scored = docs | "Score" >> beam.ParDo(ScorePerplexity(self.params))
         ppls = scored | "Values" >> beam.Map(lambda d: d["ppl"])
-        keep = _KeepFluent(self.params.max_ppl, self.stage)
+        keep = _KeepFluent(self.params.max_ppl, self.stage, self.histogram)
         if self.params.keep_percentile is None:
             kept = scored | "Keep" >> beam.ParDo(keep)
         else:

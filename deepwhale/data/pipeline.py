@@ -328,6 +328,21 @@ def build(p, cfg: PipelineConfig, out_dir: Path) -> dict:
     return outputs
 
 
+def _start_monitor(cfg: PipelineConfig, sink: Path, out_dir: Path):
+    """The live monitor of a streaming run (:mod:`deepwhale.data.monitor`), started."""
+    from deepwhale.data.monitor import WindowMonitor
+
+    s = cfg.streaming
+    names = [st.name for st in cfg.stages]
+    monitor = WindowMonitor(sink, out_dir, names, s.window_s, s.alerts, s.metrics_port)
+    try:
+        return monitor.start()
+    except OSError as e:
+        raise PipelineConfigError(
+            f"streaming.metrics_port {s.metrics_port}: cannot serve metrics ({e})"
+        ) from None
+
+
 def fingerprint(cfg: PipelineConfig) -> str:
     """SHA-1 of what determines the shards' content: the inputs, the stages with their
     parameters and the content of the domain dictionaries they read (not the runner, its
@@ -361,7 +376,7 @@ def _claim_shard_folder(cfg: PipelineConfig, folder: Path) -> None:
     """
     stamp = folder / "pipeline.json"
     want = fingerprint(cfg)
-    has_shards = any(folder.glob("shard-*.json"))
+    has_shards = any(folder.glob("**/shard-*.json"))  # streaming: in window folders
     if stamp.exists() and has_shards:
         try:
             have = json.loads(stamp.read_text()).get("fingerprint")
@@ -482,8 +497,13 @@ def run(
             if spec.sink is not None:
                 _claim_shard_folder(cfg, out_dir / spec.sink)
         say(f"running {len(cfg.stages)} stage(s) in {cfg.mode} mode with {' '.join(args)}")
-        result = p.run()
-        result.wait_until_finish()
+        monitor = _start_monitor(cfg, sink, out_dir) if cfg.mode == "streaming" else None
+        try:
+            result = p.run()
+            result.wait_until_finish()
+        finally:
+            if monitor is not None:
+                monitor.stop()
         wall = time.perf_counter() - t0
         counters = collect(result, sink)
     finally:

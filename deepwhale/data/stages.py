@@ -21,6 +21,9 @@ A :class:`StageSpec` holds everything the pipeline needs to know about a stage:
 * ``report(params, out_dir)``: after the run, the stage's fields of ``report.json``, read from
   the files it wrote (``perplexity``: the cutoff and the summary; ``tokenize``: the shard totals).
 
+``minhash_dedup`` and ``tokenize`` have a streaming form (:mod:`deepwhale.data.stream_dedup`,
+:mod:`deepwhale.data.stream_pack`); a stage with ``is_global`` and none is refused in streaming.
+
 The pipeline (:mod:`deepwhale.data.pipeline`) reads only these fields; it knows no stage by name.
 
 The built-in stages register below with :func:`register`; a script adds one the same way::
@@ -263,8 +266,16 @@ def _exact_dedup(docs, params: ExactDedupParams, ctx: StageContext):
     return docs | ctx.label >> ExactDedup(params)
 
 
-@register("minhash_dedup", params=MinHashParams, is_global=True)
+@register("minhash_dedup", params=MinHashParams)
 def _minhash_dedup(docs, params: MinHashParams, ctx: StageContext):
+    """Batch: one survivor per cluster over the whole collection. Streaming: each document
+    against the signatures seen before it, in a persistent LSH index in the output folder
+    (:mod:`deepwhale.data.stream_dedup`)."""
+    if ctx.cfg.mode == "streaming":
+        from deepwhale.data.stream_dedup import INDEX_FILE, StreamingMinHashDedup
+
+        index = str(ctx.out_dir / INDEX_FILE)
+        return docs | ctx.label >> StreamingMinHashDedup(params, index, stage=ctx.name)
     from deepwhale.data.dedup import MinHashDedup
 
     return docs | ctx.label >> MinHashDedup(params)
@@ -303,7 +314,12 @@ def _report_perplexity(params: PerplexityParams, out_dir: Path) -> dict:
 def _report_tokenize(params: TokenizeParams, out_dir: Path) -> dict:
     """``shards``: the manifest's totals (``rows``, ``tokens``, ``docs``, ``seq_len``) and the
     number of shard files."""
-    manifest = json.loads((out_dir / "shards" / "manifest.json").read_text())
+    top = out_dir / "shards" / "manifest.json"
+    if not top.exists():  # a streaming run: one manifest per window folder
+        from deepwhale.data.stream_pack import streaming_shard_totals
+
+        return {"shards": streaming_shard_totals(out_dir / "shards")}
+    manifest = json.loads(top.read_text())
     shards = {k: manifest[k] for k in ("rows", "tokens", "docs", "seq_len")}
     shards["files"] = len(manifest["shards"])
     return {"shards": shards}
@@ -321,9 +337,18 @@ PERPLEXITIES = "perplexities.json"
     report=_report_perplexity,
 )
 def _perplexity(docs, params: PerplexityParams, ctx: StageContext):
+    """Score and filter by perplexity. ``keep_percentile`` needs every score (a global side
+    input), so streaming mode refuses it: use ``max_ppl`` there."""
     from deepwhale.data.lm import PerplexityFilter
 
-    docs, ppls = docs | ctx.label >> PerplexityFilter(params)
+    if ctx.cfg.mode == "streaming" and params.keep_percentile is not None:
+        raise PipelineConfigError(
+            f"{ctx.name}.keep_percentile needs the whole collection and cannot run in "
+            "streaming mode; set max_ppl instead"
+        )
+
+    streaming = ctx.cfg.mode == "streaming"
+    docs, ppls = docs | ctx.label >> PerplexityFilter(params, histogram=streaming)
     return docs, {"ppls": ppls}
 
 
@@ -339,12 +364,19 @@ def _augment(docs, params: AugmentParams, ctx: StageContext):
 @register(
     "tokenize",
     params=TokenizeParams,
-    is_global=True,
     last=True,
     sink="shards",
     report=_report_tokenize,
 )
 def _tokenize(docs, params: TokenizeParams, ctx: StageContext):
+    """Batch: ``num_shards`` shards and one manifest. Streaming: shards per window folder,
+    each with its manifest (:mod:`deepwhale.data.stream_pack`)."""
+    if ctx.cfg.mode == "streaming":
+        from deepwhale.data.stream_pack import StreamingTokenizeAndPack
+
+        shard_dir = str(ctx.out_dir / "shards")
+        docs | ctx.label >> StreamingTokenizeAndPack(params, shard_dir, stage=ctx.name)
+        return docs
     from deepwhale.data.pack import TokenizeAndPack
 
     manifest = docs | ctx.label >> TokenizeAndPack(params, str(ctx.out_dir / "shards"))

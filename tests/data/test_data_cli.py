@@ -31,7 +31,10 @@ def _run(*args):
         ("input: x.txt\nbogus: 1", "unknown key 'bogus'"),
         ("input: {path: x.txt, format: docx}", "unknown format 'docx'"),
         ("input: x.txt\nstages: [tokenize, clean]", "'tokenize' must be the last stage"),
-        ("input: x.txt\nmode: streaming\nstages: [minhash_dedup]", "cannot run in streaming"),
+        (
+            "input: x.txt\nmode: streaming\nstages: [{perplexity: {keep_percentile: 90}}]",
+            "cannot run in streaming",
+        ),
         ("- just\n- a list", "expected a YAML mapping"),
         ("input: /nonexistent/*.txt", "no file matches"),
         (

@@ -74,3 +74,86 @@ def test_fnapi_metrics_stay_flat_over_many_bundles():
         total = fn_runner.consolidate_monitoring_infos(itertools.chain([one], total))
     (merged,) = list(total)
     assert monitoring_infos.extract_counter_value(merged) == 5001
+
+
+def _drop_in(inbox, name: str, text: str) -> None:
+    tmp = inbox.parent / f"{name}.tmp"
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, inbox / name)  # atomic: the watcher never sees half a file
+
+
+def _streaming_cfg(inbox, out, duration_s: float = 6.0):
+    return parse_config(
+        {
+            "input": {"path": str(inbox), "format": "text", "split": "document"},
+            "output": str(out),
+            "mode": "streaming",
+            "streaming": {"interval_s": 0.5, "duration_s": duration_s, "window_s": 1.0},
+            "stages": [
+                "clean",
+                {"minhash_dedup": {"threshold": 0.7}},
+                {"tokenize": {"seq_len": 32}},
+            ],
+        }
+    )
+
+
+def _after_first_shard(out, then) -> threading.Thread:
+    """Run ``then()`` in a thread once the running pipeline has written a window manifest."""
+
+    def wait_then():
+        deadline = time.monotonic() + 30
+        while not list((out / "shards").glob("window-*/manifest.json")):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
+        then()
+
+    t = threading.Thread(target=wait_then)
+    t.start()
+    return t
+
+
+def test_near_duplicate_arriving_later_is_dropped_and_windows_are_packed(tmp_path, corpus):
+    """The whole job in streaming mode: MinHash against the signatures seen so far (a
+    persistent index, so also across a restart) and tokenize+pack into per-window shard
+    folders whose manifests PackedDataset reads."""
+    from deepwhale.data.shards import PackedDataset
+
+    stories = (corpus / "en/tinystories/tinystories_sample.txt").read_text().split("<|endoftext|>")
+    original, other = stories[0].strip(), stories[1].strip()
+    near = original.replace(".", "!", 1)  # one character differs: a near-duplicate
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    _drop_in(inbox, "a-original.txt", original)
+
+    def later():
+        _drop_in(inbox, "b-near.txt", near)
+        _drop_in(inbox, "c-other.txt", other)
+
+    t = _after_first_shard(out, later)
+    report = run(_streaming_cfg(inbox, out))
+    t.join()
+    dedup = report["stages"]["minhash_dedup"]
+    assert report["stages"]["watch"]["new_files"] == 3
+    assert dedup["in"] == 3 and dedup["kept"] == 2
+    assert dedup["dropped"] == {"near_duplicate": 1}
+    manifests = sorted((out / "shards").glob("window-*/manifest.json"))
+    datasets = [PackedDataset(m.parent) for m in manifests]
+    assert sum(d.manifest["docs"] for d in datasets) == 2
+    assert report["shards"]["docs"] == 2 and report["shards"]["windows"] == len(manifests)
+    assert sum(len(d) for d in datasets) == report["shards"]["rows"] > 0
+    for d in datasets:
+        assert d[0].shape == (32,)
+        assert set(d.manifest) >= {"format", "seq_len", "vocab_size", "eos_id", "shards", "window"}
+
+    # restart on the same output: the watched files are read again (dropped as seen before),
+    # and a near-duplicate of a document from before the restart is still dropped
+    t = _after_first_shard(out, lambda: None)
+    _drop_in(inbox, "d-near-again.txt", original.replace(".", "?", 1))
+    report = run(_streaming_cfg(inbox, out, duration_s=3.0))
+    t.join()
+    dedup = report["stages"]["minhash_dedup"]
+    assert dedup.get("kept", 0) == 0
+    # a and c were written before; b (dropped before) and d are near-duplicates of a
+    assert dedup["dropped"] == {"seen_in_earlier_run": 2, "near_duplicate": 2}, dedup
