@@ -68,6 +68,7 @@ class DeepSeekModel:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         revision: str | None = None,
+        load_mtp: bool = False,
     ) -> DeepSeekModel:
         """Load a HF-layout checkpoint folder or Hub repo id (default: the bundled stories260K).
 
@@ -77,10 +78,14 @@ class DeepSeekModel:
                 (fp32 on CPU, bf16 on CUDA). FP8 checkpoints are dequantized to it.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
             revision: Hub revision for repo ids.
+            load_mtp: also load DeepSeek-V3's multi-token-prediction module into
+                ``module.mtp`` (for MTP speculative decoding,
+                :mod:`deepwhale.inference.speculative`); off by default.
 
         Raises:
             CheckpointError: missing folder, failed download (offline), truncated file, or a
-                missing / unexpected / mis-shaped tensor (names key and file).
+                missing / unexpected / mis-shaped tensor (names key and file); ``load_mtp`` for
+                a checkpoint without an MTP module.
             ConfigError: malformed or unsupported config.json.
             TokenizerError: a malformed tokenizer.json or tokenizer_config.json.
         """
@@ -88,7 +93,7 @@ class DeepSeekModel:
             raise CheckpointError("the model path is empty; pass a folder or a repo id")
         folder = resolve_checkpoint(path_or_repo_id or DEFAULT_MODEL, revision=revision)
         device = resolve_device(device)
-        module = _load_module(folder, resolve_dtype(dtype, device), device)
+        module = _load_module(folder, resolve_dtype(dtype, device), device, load_mtp)
         tokenizer = (
             Tokenizer.from_pretrained(folder) if (folder / "tokenizer.json").exists() else None
         )
@@ -410,13 +415,18 @@ def _sampling_params(params: SamplingParams | None, sampling: dict) -> SamplingP
     return params
 
 
-def _load_module(folder: Path, dtype: torch.dtype, device: str) -> CausalLM:
+def _load_module(folder: Path, dtype: torch.dtype, device: str, load_mtp: bool = False) -> CausalLM:
     """A plain or deepwhale-int8 checkpoint, by its ``quantization_config``."""
     from deepwhale.inference.quantize import is_quantized_checkpoint, load_quantized
 
     if is_quantized_checkpoint(ModelConfig.from_json_file(folder / "config.json")):
+        if load_mtp:
+            raise CheckpointError(
+                f"{folder}: load_mtp=True is not supported for deepwhale-int8 checkpoints yet; "
+                "load the unquantized checkpoint for MTP"
+            )
         return load_quantized(folder, device=device, dtype=dtype)
-    return load_model(folder, dtype=dtype, device=device)
+    return load_model(folder, dtype=dtype, device=device, load_mtp=load_mtp)
 
 
 _DEFAULT: dict[str, DeepSeekModel] = {}
