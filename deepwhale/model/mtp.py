@@ -149,6 +149,16 @@ class MultiTokenPredictor(nn.Module):
             raise IndexError(f"MTP module {k} does not exist; this model has {self.depth}")
         return self.model.layers[str(self.config.num_hidden_layers + k)]
 
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init as :meth:`CausalLM.init_weights` (normal(0, std) weights, unit norms)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+
     def forward(
         self,
         input_ids: torch.Tensor,
