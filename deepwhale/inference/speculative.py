@@ -244,7 +244,7 @@ class MTPDrafter:
             )
         device, dtype = _device_dtype(target)
         self.mtp = mtp
-        self.cache = make_mtp_cache(target.config, 1, max_seq_len, dtype=dtype, device=device)[0]
+        self.cache = make_mtp_cache(mtp.config, 1, max_seq_len, dtype=dtype, device=device)[0]
         self.device = device
         self.hidden: torch.Tensor | None = None  # (1, T, H) target states not yet fed to the MTP
         self.start = 0  # position of hidden[:, 0]
