@@ -196,3 +196,12 @@ def test_incomplete_mtp_module_names_the_missing_key(mtp_checkpoint):
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match=rf"missing.*mtp\.model\.layers\.{n}\.hnorm"):
         load_model(folder, load_mtp=True)
+
+
+def test_from_pretrained_passes_load_mtp(mtp_checkpoint):
+    from deepwhale.inference.deepseek import DeepSeekModel
+
+    _, _, folder = mtp_checkpoint
+    assert not hasattr(DeepSeekModel.from_pretrained(folder, device="cpu").module, "mtp")
+    model = DeepSeekModel.from_pretrained(folder, device="cpu", load_mtp=True)
+    assert isinstance(model.module.mtp, MultiTokenPredictor)
