@@ -172,3 +172,16 @@ def test_mtp_loaded_from_a_checkpoint_drafts(tmp_path):
     for k in (1, 3):
         got = speculative_decode(model, [1, 2, 3], 20, draft="mtp", k=k)
         assert got.tokens == greedy_decode(model, [1, 2, 3], 20)
+
+
+def test_v32_mtp_draft_matches_greedy_past_index_topk():
+    """DeepSeek-V3.2 (sparse attention, index_topk 16): the MTP layer and the verify step select
+    their top-k cached tokens like plain decoding does, so the output is still greedy's."""
+    model = _random("debug-v32", num_nextn_predict_layers=1, max_position_embeddings=128)
+    model.mtp = MultiTokenPredictor(model.config).eval()
+    model.mtp.init_weights(std=0.1, generator=torch.Generator().manual_seed(1))
+    assert type(model.mtp.layer(0).mlp).__name__ == "MoE"
+    prompt = list(range(1, 60))  # longer than index_topk
+    for k in (1, 3):
+        got = speculative_decode(model, prompt, 24, draft="mtp", k=k).tokens
+        assert got == greedy_decode(model, prompt, 24)
