@@ -1,8 +1,9 @@
-"""Greedy speculative decoding, batch 1: a draft proposes ``k`` tokens, the target verifies them
-in one forward over ``k + 1`` positions through its KV cache, and the longest prefix that matches
-the target's own greedy choice is kept, plus the target's next token (Leviathan et al. 2023,
-"Fast Inference from Transformers via Speculative Decoding", arXiv:2211.17192, greedy case;
-Chen et al. 2023, arXiv:2302.01318).
+"""Speculative decoding, batch 1: a draft proposes ``k`` tokens, the target verifies them in one
+forward over ``k + 1`` positions through its KV cache, and the longest prefix that matches the
+target's own greedy choice is kept, plus the target's next token (Leviathan et al. 2023, "Fast
+Inference from Transformers via Speculative Decoding", arXiv:2211.17192; Chen et al. 2023,
+arXiv:2302.01318). With sampling, :func:`accept_reject` applies their rejection rule instead, so
+the output keeps the target's distribution.
 
 Two drafts:
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from deepwhale.inference.generate import PromptTooLongError, decode_one_token, prefill
+from deepwhale.inference.sampling import SamplingParams, filter_logits
 from deepwhale.model.cache import make_cache
 from deepwhale.model.mtp import make_mtp_cache
 from deepwhale.model.transformer import CausalLM
@@ -104,6 +106,53 @@ def _budget(model: CausalLM, prompt_ids: list[int], max_new_tokens: int) -> int:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     return min(max_new_tokens, ctx - len(prompt_ids))
+
+
+def _argmax(logits: torch.Tensor) -> int:
+    return int(logits.argmax())
+
+
+def _probs(logits: torch.Tensor, params: SamplingParams, vocab: int) -> torch.Tensor:
+    """``(..., V')`` logits -> ``(..., vocab)`` fp32 probabilities after temperature, top-k,
+    top-p and min-p (zero past a smaller draft vocabulary)."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    probs = filter_logits(flat, params).softmax(-1)
+    if probs.shape[-1] < vocab:
+        probs = torch.nn.functional.pad(probs, (0, vocab - probs.shape[-1]))
+    return probs.reshape(*logits.shape[:-1], vocab)
+
+
+def accept_reject(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    drafts: list[int],
+    generator: torch.Generator | None = None,
+) -> tuple[int, int]:
+    """The speculative sampling rule (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023):
+    keep draft ``j`` with probability ``min(1, p_j(d_j) / q_j(d_j))``; at the first rejection
+    sample from ``norm(max(0, p_j - q_j))``; if all ``k`` are kept, sample from ``p_k``. The
+    kept tokens plus the sampled one are distributed exactly as the target samples them.
+
+    Args:
+        p: ``(k + 1, V)`` target probabilities at each draft position and one past.
+        q: ``(k, V)`` draft probabilities the drafts were sampled from.
+        drafts: the ``k`` draft tokens.
+        generator: RNG (seeded for reproducible runs).
+
+    Returns:
+        ``(a, token)``: the number of kept drafts and the token that follows them.
+    """
+    k = len(drafts)
+    for j, d in enumerate(drafts):
+        u = float(torch.rand((), generator=generator, device=p.device))
+        if u * float(q[j, d]) < float(p[j, d]):  # u < p/q without dividing by a tiny q
+            continue
+        residual = (p[j] - q[j]).clamp(min=0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: any p-sample is right
+            residual = p[j]
+        tok = torch.multinomial(residual / residual.sum(), 1, generator=generator)
+        return j, int(tok)
+    return k, int(torch.multinomial(p[k], 1, generator=generator))
 
 
 @torch.inference_mode()
@@ -203,9 +252,14 @@ class ModelDrafter:
     def observe(self, hidden: torch.Tensor, start: int) -> None:
         """Target hidden states are not used by a separate draft model."""
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
+    def propose(self, tokens: list[int], k: int, choose=None) -> list[int]:
         """Draft ``k`` tokens after ``tokens`` (the committed sequence, its last token not yet in
-        the target's cache). Feeds the draft what it has not seen, then ``k - 1`` drafts."""
+        the target's cache). Feeds the draft what it has not seen, then ``k - 1`` drafts.
+
+        ``choose(logits (V,)) -> token`` picks each draft token (default argmax); the logits of
+        each draft step are kept in ``self.logits`` (``k`` rows) for the rejection rule."""
+        choose = choose or _argmax
+        self.logits = []
         p = 0
         limit = min(len(self.fed), len(tokens))
         while p < limit and self.fed[p] == tokens[p]:
@@ -215,11 +269,13 @@ class ModelDrafter:
         pos = torch.arange(p, len(tokens), device=self.device)[None]
         ids = torch.tensor([new], device=self.device)
         logits = self.model(ids, positions=pos, caches=self.caches, last_only=True)[:, -1]
-        drafts = [int(logits[0].argmax())]
+        self.logits.append(logits[0])
+        drafts = [choose(logits[0])]
         for j in range(1, k):
             tok = torch.tensor([[drafts[-1]]], device=self.device)
             logits = decode_one_token(self.model, tok, len(tokens) + j - 1, self.caches)
-            drafts.append(int(logits[0].argmax()))
+            self.logits.append(logits[0])
+            drafts.append(choose(logits[0]))
         self.fed = tokens + drafts[:-1]
         return drafts
 
@@ -254,9 +310,12 @@ class MTPDrafter:
         ``start .. start + T - 1`` (their next tokens are committed too)."""
         self.hidden, self.start = hidden, start
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
+    def propose(self, tokens: list[int], k: int, choose=None) -> list[int]:
         """Draft ``k`` tokens after ``tokens``: the MTP module over the observed positions (their
-        next tokens ``t_{i+1}`` as input), then ``k - 1`` chained steps."""
+        next tokens ``t_{i+1}`` as input), then ``k - 1`` chained steps. ``choose`` and
+        ``self.logits`` as :meth:`ModelDrafter.propose`."""
+        choose = choose or _argmax
+        self.logits = []
         if self.hidden is None:
             raise RuntimeError("MTPDrafter.propose before observe: no target hidden states")
         s, t = self.start, self.hidden.shape[1]
@@ -268,13 +327,15 @@ class MTPDrafter:
         ids = torch.tensor([tokens[s + 1 :]], device=self.device)
         pos = torch.arange(s, s + t, device=self.device)[None]
         g, logits = self.mtp(ids, self.hidden, pos, self.cache)
-        drafts = [int(logits[0, -1].argmax())]
+        self.logits.append(logits[0, -1])
+        drafts = [choose(logits[0, -1])]
         g = g[:, -1:]
         for j in range(1, k):
             tok = torch.tensor([[drafts[-1]]], device=self.device)
             pos = torch.full((1, 1), s + t - 1 + j, device=self.device)
             g, logits = self.mtp(tok, g, pos, self.cache)
-            drafts.append(int(logits[0, -1].argmax()))
+            self.logits.append(logits[0, -1])
+            drafts.append(choose(logits[0, -1]))
         self.hidden = None
         return drafts
 
@@ -287,29 +348,44 @@ def speculative_decode(
     draft: CausalLM | str = "mtp",
     k: int = 4,
     eos_token_ids: set[int] | frozenset[int] = frozenset(),
+    params: SamplingParams | None = None,
 ) -> SpeculativeResult:
-    """Greedy speculative decoding of one sequence.
+    """Speculative decoding of one sequence: greedy by default, sampled with ``params``.
 
     Args:
-        target: the model whose greedy output is produced.
+        target: the model whose output is produced.
         prompt_ids: prompt token ids (at least one).
         max_new_tokens: budget, cut to ``max_position_embeddings - len(prompt_ids)``.
         draft: ``"mtp"`` (the target's MTP module, loaded with ``load_mtp=True``) or a
             separate draft :class:`CausalLM` with the same tokenizer.
         k: draft tokens per round (the last round drafts fewer when the budget is nearly used).
         eos_token_ids: stop before any of these (not included in the output).
+        params: None or greedy settings (``temperature=0``): greedy, token-identical to
+            :func:`greedy_decode`. Otherwise draft and target both sample with its temperature,
+            top-k, top-p and min-p, and :func:`accept_reject` keeps the output distributed as the
+            target alone would sample it; ``seed`` makes the run reproducible. Its
+            ``max_new_tokens``, ``stop`` and ``ignore_eos`` are not read here.
 
     Returns:
-        :class:`SpeculativeResult`: the tokens, equal to :func:`greedy_decode`'s, and the counters.
+        :class:`SpeculativeResult`: the tokens and the counters.
 
     Raises:
         PromptTooLongError: an empty prompt, or one that fills the context.
         ValueError: ``k < 1``, ``max_new_tokens < 1``, an unknown ``draft`` string, a target
-            without an MTP module for ``"mtp"``, or a draft whose vocabulary is larger than the
-            target's or whose context is too short.
+            without an MTP module for ``"mtp"``, a draft whose vocabulary is larger than the
+            target's or whose context is too short, or repetition / presence / frequency
+            penalties in ``params`` (they depend on the history, not supported here).
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k (draft tokens per round) must be an integer >= 1, got {k!r}")
+    sampled = params is not None and not params.greedy
+    if sampled and (
+        params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
+    ):
+        raise ValueError(
+            "speculative sampling does not apply repetition, presence or frequency penalties; "
+            "leave them at their defaults"
+        )
     budget = _budget(target, prompt_ids, max_new_tokens)
     max_len = len(prompt_ids) + budget
     if isinstance(draft, str):
@@ -324,10 +400,19 @@ def speculative_decode(
             )
         drafter = ModelDrafter(draft, max_len)
     device, dtype = _device_dtype(target)
+    vocab = target.config.vocab_size
+    generator = params.make_generator(device) if sampled else None
+
+    def choose(logits: torch.Tensor) -> int:  # one token from (V,) logits
+        if not sampled:
+            return int(logits.argmax())
+        probs = _probs(logits, params, vocab)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
     caches = make_cache(target.config, 1, max_len, dtype=dtype, device=device)
     stats = SpeculativeStats()
     h = target.hidden_states(torch.tensor([prompt_ids], device=device), caches=caches)
-    first = int(target.lm_head(h[:, -1])[0].argmax())
+    first = choose(target.lm_head(h[:, -1])[0])
     if first in eos_token_ids:
         return SpeculativeResult([], stats)
     tokens = list(prompt_ids) + [first]
@@ -336,16 +421,22 @@ def speculative_decode(
     while len(out) < budget:
         n = len(tokens) - 1  # position of the newest token, not in the target's cache yet
         k_round = min(k, budget - len(out))
-        drafts = drafter.propose(tokens, k_round)
+        drafts = drafter.propose(tokens, k_round, choose)
         ids = torch.tensor([[tokens[-1], *drafts]], device=device)
         pos = torch.arange(n, n + k_round + 1, device=device)[None]
         h = target.hidden_states(ids, positions=pos, caches=caches)  # (1, k+1, H)
-        best = target.lm_head(h)[0].argmax(-1).tolist()  # the target's greedy token after each
-        a = 0
-        while a < k_round and drafts[a] == best[a]:
-            a += 1
+        logits = target.lm_head(h)[0]  # (k+1, V): the target's next-token logits after each
+        if sampled:
+            q = _probs(torch.stack(drafter.logits), params, vocab)
+            a, nxt = accept_reject(_probs(logits, params, vocab), q, drafts, generator)
+        else:
+            best = logits.argmax(-1).tolist()
+            a = 0
+            while a < k_round and drafts[a] == best[a]:
+                a += 1
+            nxt = best[a]
         stats.record(k_round, a)
-        new = drafts[:a] + [best[a]]
+        new = drafts[:a] + [nxt]
         for j, tok in enumerate(new):
             if tok in eos_token_ids:
                 return SpeculativeResult((out + new[:j])[:budget], stats)

@@ -147,8 +147,8 @@ def test_mtp_first_draft_equals_a_cache_free_recompute(target, monkeypatch):
     seen = []
     propose = speculative.MTPDrafter.propose
 
-    def spy(self, tokens, k):
-        drafts = propose(self, tokens, k)
+    def spy(self, tokens, k, choose=None):
+        drafts = propose(self, tokens, k, choose)
         seen.append((list(tokens), drafts[0]))
         return drafts
 
@@ -185,3 +185,93 @@ def test_v32_mtp_draft_matches_greedy_past_index_topk():
     for k in (1, 3):
         got = speculative_decode(model, prompt, 24, draft="mtp", k=k).tokens
         assert got == greedy_decode(model, prompt, 24)
+
+
+# ------------------------------------------------------------------ sampling (rejection rule)
+def _tv(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 0.5 * float((a - b).abs().sum())
+
+
+def test_accept_reject_keeps_the_target_distribution():
+    """Leviathan et al.'s rule with fixed rows p0, p1 and a draft far from them: the first two
+    output tokens are distributed as p0 x p1 (seeded, 20,000 trials)."""
+    from deepwhale.inference.speculative import accept_reject
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.1, 0.1, 0.2, 0.2, 0.4], [0.2] * 5])
+    q = torch.tensor([[0.05, 0.1, 0.15, 0.2, 0.5], [0.4, 0.3, 0.1, 0.1, 0.1]])
+    assert _tv(p[0], q[0]) > 0.4 and _tv(p[1], q[1]) > 0.4  # a rule that keeps drafts would fail
+    counts = torch.zeros(5, 5)
+    trials = 20_000
+    for _ in range(trials):
+        drafts = [int(torch.multinomial(q[j], 1, generator=g)) for j in range(2)]
+        a, tok = accept_reject(p, q, drafts, g)
+        out = (drafts[:a] + [tok])[:2]
+        if len(out) < 2:  # rejected at 0: the next token would come from the next round
+            out.append(int(torch.multinomial(p[1], 1, generator=g)))
+        counts[out[0], out[1]] += 1
+    assert _tv(counts.flatten() / trials, torch.outer(p[0], p[1]).flatten()) < 0.03
+
+
+def _exact_marginals(model: CausalLM, prompt: list[int], n: int, temperature: float):
+    """P(t_j) for j = 1..n under plain sampling, by enumerating every prefix (tiny vocabulary)."""
+    v = model.config.vocab_size
+    marg, paths, probs = [], [[]], torch.ones(1)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + pth for pth in paths]))[:, -1]
+        step = (logits / temperature).softmax(-1) * probs[:, None]  # (paths, V)
+        marg.append(step.sum(0))
+        paths = [pth + [t] for pth in paths for t in range(v)]
+        probs = step.flatten()
+    return marg
+
+
+def test_speculative_sampling_matches_plain_sampling_marginals():
+    """End to end, seeded: tokens 1-3 sampled speculatively with a different draft model have the
+    target's marginals (exact, by enumeration), not the draft's."""
+    from deepwhale.inference.sampling import SamplingParams
+
+    tgt = _random("debug-llama", seed=4, vocab_size=6)
+    with torch.no_grad():
+        tgt.lm_head.weight.mul_(3)  # distinct, not degenerate, distributions
+    drf = _random("debug-llama", seed=5, vocab_size=6)
+    with torch.no_grad():
+        drf.lm_head.weight.mul_(3)
+    prompt, temp, runs = [1, 2, 3], 0.8, 800
+    exact = _exact_marginals(tgt, prompt, 3, temp)
+    draft_m = _exact_marginals(drf, prompt, 3, temp)
+    assert max(_tv(a, b) for a, b in zip(exact[1:], draft_m[1:], strict=True)) > 0.2
+    counts = torch.zeros(3, 6)
+    accepted = 0
+    for seed in range(runs):
+        params = SamplingParams(temperature=temp, seed=seed)
+        r = speculative_decode(tgt, prompt, 3, draft=drf, k=2, params=params)
+        accepted += r.stats.accepted
+        for j, t in enumerate(r.tokens):
+            counts[j, t] += 1
+    assert 0 < accepted < 2 * runs  # both branches of the rule ran
+    for j in range(3):
+        assert _tv(counts[j] / runs, exact[j]) < 0.06, j
+
+
+def test_speculative_sampling_is_seeded_and_self_draft_accepts_all(target):
+    from deepwhale.inference.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=3)
+    a = speculative_decode(target, PROMPTS[0], 30, draft=target, k=3, params=params)
+    b = speculative_decode(target, PROMPTS[0], 30, draft=target, k=3, params=params)
+    c = speculative_decode(target, PROMPTS[0], 30, draft="mtp", k=3, params=params)
+    assert a.tokens == b.tokens and len(a.tokens) == 30 and len(c.tokens) == 30
+    assert a.stats.acceptance_rate > 0.95  # p == q up to rounding: drafts are kept
+    other = SamplingParams(temperature=0.9, top_p=0.95, seed=4)
+    assert (
+        speculative_decode(target, PROMPTS[0], 30, draft=target, k=3, params=other).tokens
+        != a.tokens
+    )
+    greedy = SamplingParams(temperature=0)
+    assert speculative_decode(target, PROMPTS[0], 20, k=2, params=greedy).tokens == greedy_decode(
+        target, PROMPTS[0], 20
+    )
+    with pytest.raises(ValueError, match="does not apply repetition"):
+        speculative_decode(target, [1], 4, params=SamplingParams(repetition_penalty=1.2))
