@@ -25,6 +25,7 @@ from deepwhale.inference.embeddings import embed
 from deepwhale.inference.engine import Engine, Request
 from deepwhale.inference.generate import GenerationChunk, PromptTooLongError, generate_stream
 from deepwhale.inference.sampling import SamplingParams
+from deepwhale.inference.speculative import SpeculativeStats, speculative_decode
 from deepwhale.lora import apply_lora, merge_lora, save_adapter  # noqa: F401  (public API)
 from deepwhale.model.config import ModelConfig
 from deepwhale.model.transformer import CausalLM
@@ -207,6 +208,50 @@ class DeepSeekModel:
     ) -> str:
         """Generate and return the new text (prompt excluded); see :meth:`stream`."""
         return "".join(chunk.text for chunk in self.stream(prompt, params, **sampling))
+
+    def generate_speculative(
+        self,
+        prompt: str | list[dict] | list[int],
+        draft: str | Path | DeepSeekModel | CausalLM = "mtp",
+        k: int = 4,
+        params: SamplingParams | None = None,
+        **sampling,
+    ) -> tuple[str, SpeculativeStats]:
+        """Generate with speculative decoding (:mod:`deepwhale.inference.speculative`): greedy
+        output identical to :meth:`generate` at ``temperature=0``; sampled output distributed as
+        the target samples.
+
+        Args:
+            prompt: as :meth:`stream`.
+            draft: ``"mtp"`` (this model's MTP module: ``from_pretrained(..., load_mtp=True)``),
+                a draft :class:`DeepSeekModel` / :class:`CausalLM` with the same tokenizer, or a
+                folder or repo id to load one from (same device and dtype as this model).
+            k: draft tokens per round.
+            params, sampling: as :meth:`stream`; ``stop`` strings cut the text after decoding.
+
+        Returns:
+            ``(text, stats)``: the new text and the :class:`SpeculativeStats` (acceptance).
+
+        Raises:
+            PromptTooLongError, TypeError: as :meth:`stream`.
+            ValueError: as :func:`~deepwhale.inference.speculative.speculative_decode` (no MTP
+                module, a mismatched draft, penalties with sampling).
+            CheckpointError: a draft folder that does not load.
+        """
+        params = _sampling_params(params, sampling)
+        tok = self._require_tokenizer()
+        ids = self.encode_prompt(prompt)
+        if isinstance(draft, DeepSeekModel):
+            draft = draft.module
+        elif isinstance(draft, Path) or (isinstance(draft, str) and draft != "mtp"):
+            dtype = next(self.module.parameters()).dtype
+            draft = DeepSeekModel.from_pretrained(draft, dtype=dtype, device=self.device).module
+        self.module.eval()
+        eos = frozenset() if params.ignore_eos else frozenset(tok.eos_token_ids)
+        result = speculative_decode(self.module, ids, params.max_new_tokens, draft, k, eos, params)
+        text = tok.decode(result.tokens, skip_special_tokens=True)
+        cuts = [i for s in params.stop if (i := text.find(s)) >= 0]
+        return (text[: min(cuts)] if cuts else text), result.stats
 
     # ------------------------------------------------------------------ embeddings
     def embed(

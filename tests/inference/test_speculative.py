@@ -275,3 +275,27 @@ def test_speculative_sampling_is_seeded_and_self_draft_accepts_all(target):
     )
     with pytest.raises(ValueError, match="does not apply repetition"):
         speculative_decode(target, [1], 4, params=SamplingParams(repetition_penalty=1.2))
+
+
+def test_facade_generate_speculative_equals_generate():
+    from deepwhale.checkpoint.hub import DEFAULT_MODEL
+    from deepwhale.inference.deepseek import DeepSeekModel
+
+    model = DeepSeekModel.from_pretrained(device="cpu")
+    kw = dict(temperature=0, max_new_tokens=48)
+    plain = model.generate("Once upon a time", **kw)
+    text, stats = model.generate_speculative(
+        "Once upon a time", draft=truncated_draft(model.module, 2), k=3, **kw
+    )
+    assert text == plain and stats.rounds > 0
+    # a draft folder (here the same model: every draft is kept), and stop strings
+    stop = plain.split()[5]
+    text, stats = model.generate_speculative(
+        "Once upon a time", draft=DEFAULT_MODEL, k=4, stop=[stop], **kw
+    )
+    assert (
+        text == model.generate("Once upon a time", stop=[stop], **kw) == plain[: plain.find(stop)]
+    )
+    assert stats.acceptance_rate == 1.0
+    with pytest.raises(ValueError, match="no MTP module"):
+        model.generate_speculative("Once", max_new_tokens=4)
