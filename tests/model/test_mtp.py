@@ -205,3 +205,20 @@ def test_from_pretrained_passes_load_mtp(mtp_checkpoint):
     assert not hasattr(DeepSeekModel.from_pretrained(folder, device="cpu").module, "mtp")
     model = DeepSeekModel.from_pretrained(folder, device="cpu", load_mtp=True)
     assert isinstance(model.module.mtp, MultiTokenPredictor)
+
+
+def test_int8_save_of_a_model_with_mtp_leaves_the_mtp_out(mtp_checkpoint, tmp_path_factory):
+    from deepwhale.inference.quantize import load_quantized, quantize_model
+
+    _, _, folder = mtp_checkpoint
+    model = load_model(folder, load_mtp=True)
+    quantize_model(model, "int8")
+    out = tmp_path_factory.mktemp("int8")
+    from deepwhale.checkpoint.quantized import save_quantized
+
+    save_quantized(model, out)
+    assert not any(k.startswith("mtp.") for k in load_file(str(out / "model.safetensors")))
+    again = load_quantized(out)
+    ids = _ids(model.config.vocab_size, batch=1)
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
