@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from deepwhale.checkpoint.hub import DEFAULT_MODEL  # noqa: E402
 from deepwhale.checkpoint.io import load_model  # noqa: E402
+from deepwhale.inference.sampling import SamplingParams  # noqa: E402
 from deepwhale.inference.speculative import (  # noqa: E402
     greedy_decode,
     speculative_decode,
@@ -161,6 +162,27 @@ def measure(target, prompts, n_tokens, k, draft, repeats) -> dict:
     }
 
 
+def sampled_acceptance(target, prompts, n_tokens, k, temperature, seeds=3) -> dict:
+    """Acceptance under the rejection rule when sampling at ``temperature`` (no tokens/s: the
+    output is random, there is no identical plain run to time against)."""
+    drafted = accepted = rounds = 0
+    for seed in range(seeds):
+        for p in prompts:
+            params = SamplingParams(temperature=temperature, seed=seed)
+            s = speculative_decode(target, p, n_tokens, draft="mtp", k=k, params=params).stats
+            drafted, accepted, rounds = (
+                drafted + s.drafted,
+                accepted + s.accepted,
+                rounds + s.rounds,
+            )
+    return {
+        "k": k,
+        "temperature": temperature,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "tokens_per_round": (accepted + rounds) / rounds if rounds else 0.0,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON line")
@@ -193,6 +215,7 @@ def main() -> None:
             rows.append({"draft": name, **measure(tgt, ps, args.tokens, k, draft, args.repeats)})
             bar.update()
     bar.close()
+    sampled = [sampled_acceptance(target, prompts, args.tokens, k, 1.0) for k in args.k]
     res = {
         "threads": torch.get_num_threads(),
         "tokens": args.tokens,
@@ -201,6 +224,7 @@ def main() -> None:
         "mtp_distill_steps": args.mtp_steps,
         "mtp_distill_seconds": train_s,
         "rows": rows,
+        "mtp_sampled": sampled,
         "deepseek_v3_reported": {"second_token_acceptance": "0.85-0.90", "tps_ratio": 1.8},
     }
     if args.json:
@@ -220,6 +244,11 @@ def main() -> None:
             f"{r['draft']:<15}{r['k']:>3}{r['acceptance_rate']:>8.1%}"
             f"{r['first_token_acceptance']:>8.1%}{r['tokens_per_round']:>10.2f}"
             f"{r['greedy_tps']:>11.0f}{r['speculative_tps']:>10.0f}{r['ratio']:>6.2f}x"
+        )
+    for r in sampled:
+        print(
+            f"mtp, sampled at temperature {r['temperature']:g} (rejection rule), k={r['k']}: "
+            f"acceptance {r['acceptance_rate']:.1%}, {r['tokens_per_round']:.2f} tokens per round"
         )
     print("DeepSeek-V3 (tech report §5.4.3): 85-90% second-token acceptance, 1.8x tokens/s")
 
