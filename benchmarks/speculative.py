@@ -2,15 +2,18 @@
 decoding, measured side by side in one run (interleaved repeats) on the same target.
 
 No target/draft pair of real checkpoints ships in ``../shared/data`` (its only model is
-stories260K), so the drafts are built from the real, bundled stories260K target:
+stories260K), so the drafts are built from two real, bundled, trained targets: stories260K
+(llama2.c, 260K parameters) and ``deepwhale-demo`` (DeepSeek-V3 shape, MLA + DeepSeekMoE, 5.8M
+parameters, trained by the demo recipe):
 
-* ``early-exit-L``: the target's own first ``L`` of 5 layers, final norm and head
+* ``early-exit-L``: the target's own first ``L`` layers, final norm and head
   (:func:`~deepwhale.inference.speculative.truncated_draft`), a separate draft model;
-* ``mtp``: a multi-token-prediction module (DeepSeek-V3 §2.2) trained here by self-distillation:
-  on sequences the target samples, the module at position ``i`` (``h_i`` and ``t_{i+1}``) learns
-  the target's own next-token distribution at ``i + 1`` (the embedding and head are the target's,
-  frozen, as DeepSeek-V3 shares them); ``--mtp-steps`` AdamW steps, seconds on a CPU;
-* ``v3-random-mtp``: a random debug-v3 model with a random MTP module: acceptance is near zero,
+* ``mtp``: a multi-token-prediction module (DeepSeek-V3 §2.2; for deepwhale-demo an MLA + MoE
+  layer, the released V3 MTP's shape) trained here by self-distillation: on sequences the target
+  samples, the module at position ``i`` (``h_i`` and ``t_{i+1}``) learns the target's own
+  next-token distribution at ``i + 1`` (the embedding and head are the target's, frozen, as
+  DeepSeek-V3 shares them); ``--mtp-steps`` / ``--demo-mtp-steps`` AdamW steps on the CPU;
+* ``random mtp``: a random debug-v3 model with a random MTP module: acceptance is near zero,
   so its ratio is the overhead floor of a draft that is always wrong.
 
 Output tokens are checked identical to greedy for every run. DeepSeek-V3 (§5.4.3) reports 85-90%
@@ -38,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deepwhale.checkpoint.hub import DEFAULT_MODEL  # noqa: E402
+from deepwhale.checkpoint.hub import DEFAULT_MODEL, bundled  # noqa: E402
 from deepwhale.checkpoint.io import load_model  # noqa: E402
 from deepwhale.inference.sampling import SamplingParams  # noqa: E402
 from deepwhale.inference.speculative import (  # noqa: E402
@@ -71,7 +74,8 @@ def sample_corpus(target: CausalLM, n_seq: int, length: int, seed: int = 0) -> t
     """``(n_seq, length)`` token sequences the target samples at temperature 1 from BOS."""
     g = torch.Generator().manual_seed(seed)
     caches = make_cache(target.config, n_seq, length)
-    tokens = torch.full((n_seq, 1), target.config.bos_token_id or 1)
+    bos = target.config.bos_token_id
+    tokens = torch.full((n_seq, 1), 1 if bos is None else bos)
     logits = target(tokens, caches=caches)[:, -1]
     for t in range(1, length):
         nxt = torch.multinomial(logits.float().softmax(-1), 1, generator=g)
@@ -97,18 +101,17 @@ def distill_mtp(target: CausalLM, steps: int, quiet: bool, seed: int = 0) -> Mul
     layer.embed_tokens.weight.requires_grad_(False)
     layer.shared_head.head.weight.requires_grad_(False)
     data = sample_corpus(target, 256, 128, seed)
-    with torch.no_grad():
-        hidden = target.hidden_states(data)
-        soft = target.lm_head(hidden).float().softmax(-1)
     opt = torch.optim.AdamW([p for p in mtp.parameters() if p.requires_grad], lr=2e-3)
     g = torch.Generator().manual_seed(seed + 1)
     bar = _progress(quiet, steps, "distil MTP")
     mtp.train()
     for _ in range(steps):
         idx = torch.randint(0, data.shape[0], (32,), generator=g)
-        ids, h = data[idx, 1:-1], hidden[idx, :-2]  # t_{i+1} and h_i
-        _, logits = mtp(ids, h)
-        loss = -(soft[idx, 1:-1] * F.log_softmax(logits.float(), -1)).sum(-1).mean()
+        with torch.no_grad():
+            hidden = target.hidden_states(data[idx])
+            soft = target.lm_head(hidden[:, 1:-1]).float().softmax(-1)  # the target at i + 1
+        _, logits = mtp(data[idx, 1:-1], hidden[:, :-2])  # t_{i+1} and h_i
+        loss = -(soft * F.log_softmax(logits.float(), -1)).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -190,38 +193,58 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per prompt")
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="draft tokens per round")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
-    ap.add_argument("--mtp-steps", type=int, default=1000, help="MTP self-distillation steps")
+    ap.add_argument(
+        "--mtp-steps", type=int, default=1000, help="MTP distillation steps, stories260K"
+    )
+    ap.add_argument(
+        "--demo-mtp-steps", type=int, default=600, help="MTP distillation steps, deepwhale-demo"
+    )
     args = ap.parse_args()
+    train_s: dict[str, float] = {}
 
-    target = load_model(DEFAULT_MODEL)
-    tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
-    prompts = [tok.encode(p) for p in PROMPTS]
-    t0 = time.perf_counter()
-    target.mtp = distill_mtp(target, args.mtp_steps, args.quiet)
-    train_s = time.perf_counter() - t0
+    targets = {}
+    for name, folder, exits, steps in (
+        ("stories260K", DEFAULT_MODEL, (1, 2), args.mtp_steps),
+        ("deepwhale-demo", bundled("deepwhale-demo"), (2,), args.demo_mtp_steps),
+    ):
+        model = load_model(folder)
+        tok = Tokenizer.from_pretrained(folder)
+        t0 = time.perf_counter()
+        model.mtp = distill_mtp(model, steps, args.quiet)
+        targets[name] = (model, [tok.encode(p) for p in PROMPTS], exits)
+        train_s[name] = time.perf_counter() - t0
     v3 = CausalLM(flavour_config("debug-v3", num_nextn_predict_layers=1)).eval()
     v3.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
     v3.mtp = MultiTokenPredictor(v3.config).eval()
     v3.mtp.init_weights(std=0.1, generator=torch.Generator().manual_seed(1))
     v3_prompts = [[1, *range(10 + 7 * i, 20 + 7 * i)] for i in range(len(PROMPTS))]
 
-    cases = [("mtp", target, "mtp", prompts)]
-    cases += [(f"early-exit-{n}", target, truncated_draft(target, n), prompts) for n in (1, 2)]
-    cases.append(("v3-random-mtp", v3, "mtp", v3_prompts))
+    cases = []
+    for name, (model, prompts, exits) in targets.items():
+        cases.append((name, "mtp", model, "mtp", prompts))
+        cases += [
+            (name, f"early-exit-{n}", model, truncated_draft(model, n), prompts) for n in exits
+        ]
+    cases.append(("random debug-v3", "random mtp", v3, "mtp", v3_prompts))
     rows = []
     bar = _progress(args.quiet, len(cases) * len(args.k), "measure")
-    for name, tgt, draft, ps in cases:
+    for tname, name, tgt, draft, ps in cases:
         for k in args.k:
-            rows.append({"draft": name, **measure(tgt, ps, args.tokens, k, draft, args.repeats)})
+            row = measure(tgt, ps, args.tokens, k, draft, args.repeats)
+            rows.append({"target": tname, "draft": name, **row})
             bar.update()
     bar.close()
-    sampled = [sampled_acceptance(target, prompts, args.tokens, k, 1.0) for k in args.k]
+    sampled = [
+        {"target": name, **sampled_acceptance(model, prompts, args.tokens, k, 1.0)}
+        for name, (model, prompts, _) in targets.items()
+        for k in args.k
+    ]
     res = {
         "threads": torch.get_num_threads(),
         "tokens": args.tokens,
         "prompts": len(PROMPTS),
-        "target": "stories260K (bundled, pretrained)",
-        "mtp_distill_steps": args.mtp_steps,
+        "targets": "stories260K (llama2.c, 260K) and deepwhale-demo (DeepSeek-V3 shape, 5.8M)",
+        "mtp_distill_steps": {"stories260K": args.mtp_steps, "deepwhale-demo": args.demo_mtp_steps},
         "mtp_distill_seconds": train_s,
         "rows": rows,
         "mtp_sampled": sampled,
@@ -230,24 +253,26 @@ def main() -> None:
     if args.json:
         print(json.dumps(res))
         return
+    secs = ", ".join(f"{n} {t:.0f}s" for n, t in train_s.items())
     print(
-        f"target stories260K (v3-random-mtp: random debug-v3), {args.tokens} new tokens x "
-        f"{len(PROMPTS)} prompts, {res['threads']} threads, MTP distilled {args.mtp_steps} steps "
-        f"in {train_s:.0f}s; outputs identical to greedy in every run"
+        f"{args.tokens} new tokens x {len(PROMPTS)} prompts, {res['threads']} threads, MTP "
+        f"distilled {args.mtp_steps} / {args.demo_mtp_steps} steps ({secs}); outputs identical "
+        "to greedy in every run"
     )
     print(
-        f"{'draft':<15}{'k':>3}{'accept':>8}{'1st tok':>8}{'tok/round':>10}"
+        f"{'target':<16}{'draft':<13}{'k':>3}{'accept':>8}{'1st tok':>8}{'tok/round':>10}"
         f"{'greedy t/s':>11}{'spec t/s':>10}{'ratio':>7}"
     )
     for r in rows:
         print(
-            f"{r['draft']:<15}{r['k']:>3}{r['acceptance_rate']:>8.1%}"
+            f"{r['target']:<16}{r['draft']:<13}{r['k']:>3}{r['acceptance_rate']:>8.1%}"
             f"{r['first_token_acceptance']:>8.1%}{r['tokens_per_round']:>10.2f}"
             f"{r['greedy_tps']:>11.0f}{r['speculative_tps']:>10.0f}{r['ratio']:>6.2f}x"
         )
     for r in sampled:
         print(
-            f"mtp, sampled at temperature {r['temperature']:g} (rejection rule), k={r['k']}: "
+            f"{r['target']} mtp, sampled at temperature {r['temperature']:g} (rejection rule), "
+            f"k={r['k']}: "
             f"acceptance {r['acceptance_rate']:.1%}, {r['tokens_per_round']:.2f} tokens per round"
         )
     print("DeepSeek-V3 (tech report §5.4.3): 85-90% second-token acceptance, 1.8x tokens/s")
