@@ -17,9 +17,10 @@ from safetensors.torch import save_file
 
 from deepwhale.atomic import atomic_write, write_json  # noqa: F401  (re-exported)
 from deepwhale.checkpoint.hub import CheckpointError
-from deepwhale.checkpoint.keys import dequantize_fp8, hf_to_ours, is_skipped
+from deepwhale.checkpoint.keys import dequantize_fp8, hf_to_ours, is_mtp_key, is_skipped
 from deepwhale.model.config import ModelConfig
 from deepwhale.model.layers import RotaryEmbedding
+from deepwhale.model.mtp import MultiTokenPredictor
 from deepwhale.model.transformer import CausalLM
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -33,6 +34,9 @@ FP32_KEYS = (
 )
 _FP32_KEYS = FP32_KEYS  # the old private name
 _FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+#: where :func:`load_model` puts the MTP modules on the model (``model.mtp``); the module's own
+#: keys are the checkpoint's (``model.layers.{n}.*``), so ours are ``mtp.`` + the HF key
+MTP_PREFIX = "mtp."
 
 
 def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, Path]]:
@@ -81,6 +85,7 @@ def load_model(
     folder: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    load_mtp: bool = False,
 ) -> CausalLM:
     """Load ``config.json`` + safetensors from ``folder`` into a :class:`CausalLM`.
 
@@ -88,6 +93,10 @@ def load_model(
         folder: a local checkpoint folder (see :func:`deepwhale.checkpoint.hub.resolve_checkpoint`).
         dtype: parameter dtype (router weights stay fp32). FP8 weights are dequantized to it.
         device: target device.
+        load_mtp: also load DeepSeek-V3's multi-token-prediction modules
+            (``model.layers.{num_hidden_layers + k}.*``, DeepSeek-V3 §2.2) into ``model.mtp``, a
+            :class:`~deepwhale.model.mtp.MultiTokenPredictor`. By default they are skipped and the
+            model has no ``mtp`` attribute.
 
     Returns:
         The model in eval mode.
@@ -95,13 +104,25 @@ def load_model(
     Raises:
         ConfigError: config.json is missing, malformed or unsupported.
         CheckpointError: a truncated or unreadable file, or a missing, unexpected or wrongly
-            shaped tensor (the message names the key and the file).
+            shaped tensor (the message names the key and the file); with ``load_mtp``, a
+            checkpoint without MTP modules (``num_nextn_predict_layers`` 0, not a DeepSeek-V3
+            family model, or no ``model.layers.{n}.*`` tensors).
     """
     folder = Path(folder)
     config = ModelConfig.from_json_file(folder / "config.json")
     files, key_to_file = checkpoint_files(folder)
+    mtp = config.num_nextn_predict_layers if config.model_type.startswith("deepseek_v3") else 0
+    if load_mtp and not mtp:
+        raise CheckpointError(
+            f"{folder}: load_mtp=True, but this checkpoint has no multi-token-prediction module "
+            f"(model_type {config.model_type!r}, num_nextn_predict_layers "
+            f"{config.num_nextn_predict_layers}); MTP modules exist for DeepSeek-V3/V3.2 "
+            "checkpoints that ship them"
+        )
     with torch.device("meta"):
         model = CausalLM(config)
+        if load_mtp:
+            model.mtp = MultiTokenPredictor(config)
     expected = model.state_dict()
     tied = config.tie_word_embeddings
     block = tuple((config.quantization_config or {}).get("weight_block_size", (128, 128)))
@@ -109,7 +130,6 @@ def load_model(
     loaded: dict[str, torch.Tensor] = {}
     source: dict[str, Path] = {}
     unexpected: list[str] = []
-    mtp = config.num_nextn_predict_layers if config.model_type.startswith("deepseek_v3") else 0
     for file in files:
         with _open(file, load_device) as f:
             for key in f.keys():
@@ -119,7 +139,8 @@ def load_model(
                         f"{file}: holds tensor {key!r}, but the index maps it to "
                         f"{where.name if where else 'no file'}; the index and shards disagree"
                     )
-                if is_skipped(key, config.num_hidden_layers, mtp):
+                in_mtp = is_mtp_key(key, config.num_hidden_layers, mtp)
+                if in_mtp and not load_mtp or is_skipped(key, config.num_hidden_layers):
                     continue
                 tensor = _read(f, key, file)
                 if tensor.dtype in _FP8:
@@ -130,6 +151,7 @@ def load_model(
                         "floating point (fp32/bf16/fp16, or FP8 with weight_scale_inv)"
                     )
                 for ours, t in hf_to_ours(key, tensor):
+                    ours = MTP_PREFIX + ours if in_mtp else ours
                     if ours not in expected:
                         unexpected.append(f"{ours} (in {file.name})")
                         continue
@@ -156,6 +178,13 @@ def load_model(
         )
     needed = set(expected) - ({"lm_head.weight"} if tied else set())
     missing = sorted(needed - set(loaded))
+    if load_mtp and not any(k.startswith(MTP_PREFIX) for k in loaded):
+        n = config.num_hidden_layers
+        raise CheckpointError(
+            f"{folder}: load_mtp=True and config.json sets num_nextn_predict_layers={mtp}, but "
+            f"{', '.join(p.name for p in files)} hold no MTP tensors (model.layers.{n}.*); the "
+            "checkpoint was saved without its MTP module, load it with load_mtp=False"
+        )
     if missing:
         raise CheckpointError(
             f"{folder}: {len(missing)} tensor(s) missing from {', '.join(p.name for p in files)}, "
@@ -172,6 +201,8 @@ def load_model(
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = RotaryEmbedding(config, device=load_device)
+    if load_mtp:
+        model.mtp.rotary_emb = RotaryEmbedding(config, device=load_device)
     return model.to(device).eval()
 
 
@@ -221,6 +252,7 @@ def save_model(
         state.pop("lm_head.weight", None)
     tensors = {}
     for k, v in state.items():
+        k = k.removeprefix(MTP_PREFIX)  # a loaded MTP module: back to model.layers.{n}.*
         if dtype is not None and v.is_floating_point() and not k.endswith(FP32_KEYS):
             v = v.to(dtype)
         tensors[k] = v

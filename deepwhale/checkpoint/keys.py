@@ -6,7 +6,9 @@ Our module names mirror the HF checkpoint keys, so the map is the identity excep
   ``(E, 2I, H)`` and ``mlp.experts.down_proj`` ``(E, H, I)`` are split into the Hub's one tensor
   per expert, ``mlp.experts.{j}.{gate,up,down}_proj.weight``;
 * DeepSeek-V3's multi-token-prediction layers (``model.layers.{n}`` with ``n >=
-  num_hidden_layers``), which inference does not use, are skipped;
+  num_hidden_layers``, :func:`is_mtp_key`) are skipped unless the loader is asked for them
+  (``load_model(..., load_mtp=True)``); then they load by identity into
+  :class:`~deepwhale.model.mtp.MultiTokenPredictor`, whose keys are the checkpoint's;
 * FP8 block scales (``*.weight_scale_inv``) are consumed by dequantization, not loaded.
 
 Reference for the FP8 format: DeepSeek-V3 ``inference/convert.py`` and ``fp8_cast_bf16.py``
@@ -51,14 +53,20 @@ def hf_to_ours(key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tens
             yield f"{prefix}.{j}.down_proj.weight", tensor[j]
 
 
+def is_mtp_key(key: str, num_hidden_layers: int, num_mtp_layers: int) -> bool:
+    """True for a key of DeepSeek-V3's multi-token-prediction modules, layers
+    ``num_hidden_layers .. num_hidden_layers + num_mtp_layers - 1`` (DeepSeek-V3 §2.2)."""
+    idx = layer_index(key)
+    return idx is not None and num_hidden_layers <= idx < num_hidden_layers + num_mtp_layers
+
+
 def is_skipped(key: str, num_hidden_layers: int, num_mtp_layers: int = 0) -> bool:
     """True for keys inference ignores: rotary caches, FP8 scale tensors, and DeepSeek-V3's
     multi-token-prediction layers ``num_hidden_layers .. num_hidden_layers + num_mtp_layers - 1``.
     Any other layer past the config's depth is not skipped, so it is reported as unexpected."""
     if key.endswith(IGNORED_SUFFIXES) or key.endswith("weight_scale_inv"):
         return True
-    idx = layer_index(key)
-    return idx is not None and num_hidden_layers <= idx < num_hidden_layers + num_mtp_layers
+    return is_mtp_key(key, num_hidden_layers, num_mtp_layers)
 
 
 def dequantize_fp8(

@@ -48,7 +48,8 @@ def save_quantized(
     ``X.weight_scale`` fp32 ``(out,)``, everything else as in :func:`~deepwhale.checkpoint.io.
     save_model` (tied ``lm_head.weight`` omitted unless the head is quantized). Files are written
     to a temporary name and renamed; above ``max_shard_size`` bytes, shards plus
-    ``model.safetensors.index.json``.
+    ``model.safetensors.index.json``. An attached MTP module (``module.mtp``, from
+    ``load_model(..., load_mtp=True)``) is not written: int8 checkpoints do not carry one yet.
 
     Returns:
         The written weight files.
@@ -57,7 +58,7 @@ def save_quantized(
         ValueError: the module is not quantized.
     """
     qcfg = quantization_config(module)
-    state = module.state_dict()
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("mtp.")}
     if module.config.tie_word_embeddings and not qcfg["lm_head"]:
         state.pop("lm_head.weight", None)
     cfg = module.config.to_hf()

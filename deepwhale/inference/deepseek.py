@@ -25,6 +25,7 @@ from deepwhale.inference.embeddings import embed
 from deepwhale.inference.engine import Engine, Request
 from deepwhale.inference.generate import GenerationChunk, PromptTooLongError, generate_stream
 from deepwhale.inference.sampling import SamplingParams
+from deepwhale.inference.speculative import SpeculativeStats, speculative_decode
 from deepwhale.lora import apply_lora, merge_lora, save_adapter  # noqa: F401  (public API)
 from deepwhale.model.config import ModelConfig
 from deepwhale.model.transformer import CausalLM
@@ -68,6 +69,7 @@ class DeepSeekModel:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         revision: str | None = None,
+        load_mtp: bool = False,
     ) -> DeepSeekModel:
         """Load a HF-layout checkpoint folder or Hub repo id (default: the bundled stories260K).
 
@@ -77,10 +79,14 @@ class DeepSeekModel:
                 (fp32 on CPU, bf16 on CUDA). FP8 checkpoints are dequantized to it.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
             revision: Hub revision for repo ids.
+            load_mtp: also load DeepSeek-V3's multi-token-prediction module into
+                ``module.mtp`` (for MTP speculative decoding,
+                :mod:`deepwhale.inference.speculative`); off by default.
 
         Raises:
             CheckpointError: missing folder, failed download (offline), truncated file, or a
-                missing / unexpected / mis-shaped tensor (names key and file).
+                missing / unexpected / mis-shaped tensor (names key and file); ``load_mtp`` for
+                a checkpoint without an MTP module.
             ConfigError: malformed or unsupported config.json.
             TokenizerError: a malformed tokenizer.json or tokenizer_config.json.
         """
@@ -88,7 +94,7 @@ class DeepSeekModel:
             raise CheckpointError("the model path is empty; pass a folder or a repo id")
         folder = resolve_checkpoint(path_or_repo_id or DEFAULT_MODEL, revision=revision)
         device = resolve_device(device)
-        module = _load_module(folder, resolve_dtype(dtype, device), device)
+        module = _load_module(folder, resolve_dtype(dtype, device), device, load_mtp)
         tokenizer = (
             Tokenizer.from_pretrained(folder) if (folder / "tokenizer.json").exists() else None
         )
@@ -202,6 +208,50 @@ class DeepSeekModel:
     ) -> str:
         """Generate and return the new text (prompt excluded); see :meth:`stream`."""
         return "".join(chunk.text for chunk in self.stream(prompt, params, **sampling))
+
+    def generate_speculative(
+        self,
+        prompt: str | list[dict] | list[int],
+        draft: str | Path | DeepSeekModel | CausalLM = "mtp",
+        k: int = 4,
+        params: SamplingParams | None = None,
+        **sampling,
+    ) -> tuple[str, SpeculativeStats]:
+        """Generate with speculative decoding (:mod:`deepwhale.inference.speculative`): greedy
+        output identical to :meth:`generate` at ``temperature=0``; sampled output distributed as
+        the target samples.
+
+        Args:
+            prompt: as :meth:`stream`.
+            draft: ``"mtp"`` (this model's MTP module: ``from_pretrained(..., load_mtp=True)``),
+                a draft :class:`DeepSeekModel` / :class:`CausalLM` with the same tokenizer, or a
+                folder or repo id to load one from (same device and dtype as this model).
+            k: draft tokens per round.
+            params, sampling: as :meth:`stream`; ``stop`` strings cut the text after decoding.
+
+        Returns:
+            ``(text, stats)``: the new text and the :class:`SpeculativeStats` (acceptance).
+
+        Raises:
+            PromptTooLongError, TypeError: as :meth:`stream`.
+            ValueError: as :func:`~deepwhale.inference.speculative.speculative_decode` (no MTP
+                module, a mismatched draft, penalties with sampling).
+            CheckpointError: a draft folder that does not load.
+        """
+        params = _sampling_params(params, sampling)
+        tok = self._require_tokenizer()
+        ids = self.encode_prompt(prompt)
+        if isinstance(draft, DeepSeekModel):
+            draft = draft.module
+        elif isinstance(draft, Path) or (isinstance(draft, str) and draft != "mtp"):
+            dtype = next(self.module.parameters()).dtype
+            draft = DeepSeekModel.from_pretrained(draft, dtype=dtype, device=self.device).module
+        self.module.eval()
+        eos = frozenset() if params.ignore_eos else frozenset(tok.eos_token_ids)
+        result = speculative_decode(self.module, ids, params.max_new_tokens, draft, k, eos, params)
+        text = tok.decode(result.tokens, skip_special_tokens=True)
+        cuts = [i for s in params.stop if (i := text.find(s)) >= 0]
+        return (text[: min(cuts)] if cuts else text), result.stats
 
     # ------------------------------------------------------------------ embeddings
     def embed(
@@ -410,13 +460,18 @@ def _sampling_params(params: SamplingParams | None, sampling: dict) -> SamplingP
     return params
 
 
-def _load_module(folder: Path, dtype: torch.dtype, device: str) -> CausalLM:
+def _load_module(folder: Path, dtype: torch.dtype, device: str, load_mtp: bool = False) -> CausalLM:
     """A plain or deepwhale-int8 checkpoint, by its ``quantization_config``."""
     from deepwhale.inference.quantize import is_quantized_checkpoint, load_quantized
 
     if is_quantized_checkpoint(ModelConfig.from_json_file(folder / "config.json")):
+        if load_mtp:
+            raise CheckpointError(
+                f"{folder}: load_mtp=True is not supported for deepwhale-int8 checkpoints yet; "
+                "load the unquantized checkpoint for MTP"
+            )
         return load_quantized(folder, device=device, dtype=dtype)
-    return load_model(folder, dtype=dtype, device=device)
+    return load_model(folder, dtype=dtype, device=device, load_mtp=load_mtp)
 
 
 _DEFAULT: dict[str, DeepSeekModel] = {}
